@@ -1,0 +1,32 @@
+"""pypeft_fast: fused, memory-lean y = x·Wᵀ + x·ΔWᵀ for PEFT training.
+
+Public functional API (x: (..., in); weight: (out, in), frozen; bias: (out,) or None)::
+
+    lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, backend="auto")
+    kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto")
+    phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto")
+    sparse_linear(x, weight, bias, values, indices, scaling=1.0, backend="auto")
+
+Importing never initialises CUDA; optional backends (the native extension, Triton) register
+themselves when they load and log why when they cannot.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import families as _families  # noqa: F401  (registers the four families)
+from . import backends as _backends  # noqa: F401  (registers optional native/Triton kernels)
+from .families.kronecker import kronecker_linear
+from .families.lowrank import lowrank_linear
+from .families.phm import phm_linear
+from .families.sparse import sparse_linear
+from .registry import BACKENDS, FAMILIES
+
+__version__ = "0.1.0"
+
+logging.getLogger("pypeft_fast").addHandler(logging.NullHandler())
+
+__all__ = [
+    "lowrank_linear", "kronecker_linear", "phm_linear", "sparse_linear",
+    "BACKENDS", "FAMILIES", "__version__",
+]

@@ -1,0 +1,32 @@
+"""Factors given either as one tensor or as a low-rank pair ``(L, R)`` meaning ``L @ R``.
+
+A pair's product is factor-sized (never ΔW-sized), so it is formed with plain autograd and the
+fused op sees a dense factor; gradients reach L and R through that product.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..validate import check_param, fail, shape_str
+
+
+def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tensor:
+    """``f`` or ``L @ R`` for a pair, after checking the pair's inner dimensions agree."""
+    dim = 3 if batched else 2
+    if isinstance(f, (tuple, list)):
+        if len(f) != 2:
+            fail(where, f"{arg} must be a tensor or a pair (L, R), got a sequence of {len(f)}")
+        L, R = f
+        check_param(where, f"{arg}[0]", L, dim=dim)
+        check_param(where, f"{arg}[1]", R, dim=dim)
+        if L.shape[-1] != R.shape[-2] or (batched and L.shape[0] != R.shape[0]):
+            fail(where, f"{arg} = L @ R needs L (..., m, k) and R (..., k, n) with matching k"
+                        f"{' and batch' if batched else ''}; got L {shape_str(L)}, R {shape_str(R)}")
+        return L @ R
+    check_param(where, arg, f, dim=dim)
+    return f
+
+
+def factor_tensors(f) -> tuple:
+    """The leaf tensors of a factor given as a tensor or a pair (for device checks)."""
+    return tuple(f) if isinstance(f, (tuple, list)) else (f,)

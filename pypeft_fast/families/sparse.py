@@ -1,0 +1,209 @@
+"""Sparse-masked family (SparseAdapter, SHiRA, sparse fine-tuning): ΔW = s·(M ⊙ D).
+
+``values: (nnz,)`` at ``indices: (2, nnz)`` int64 = (row in [0, out), col in [0, in)) — SHiRA's
+layout. ΔW is never built:
+
+    forward   y  += s · x @ ΔWᵀ             SpMM over the CSR of ΔW            (2·n·nnz FLOPs)
+    backward  dx += s · gy @ ΔW             SpMM over the CSR of ΔWᵀ (the CSC of ΔW)
+              dv[e] = s · Σₙ gy[n, row_e] · x[n, col_e]     SDDMM: nnz dot products of length n
+
+The CSR/CSC layout of a mask is built (and the indices validated) once per ``indices`` tensor
+and cached; each step only gathers ``values`` into CSR order (nnz elements).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .. import registry
+from ..function import DeltaLinearFunction
+from ..validate import (
+    check_base, check_same_device, check_scaling, compute_dtype, fail, shape_str,
+)
+from ._accumulate import add_into
+
+FAMILY = "sparse"
+
+
+@dataclass(frozen=True)
+class SparseHP:
+    scaling: float
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """CSR of ΔW (rows sorted) and of ΔWᵀ, built once per mask.
+
+    ``csr_perm[k]`` is the position in the user's ``values`` of the k-th CSR entry (likewise
+    ``csc_perm``); ``row_ptr (out+1,)``/``csr_col (nnz,)`` and ``col_ptr (in+1,)``/``csc_row``.
+    """
+
+    csr_perm: torch.Tensor
+    row_ptr: torch.Tensor
+    csr_col: torch.Tensor
+    csc_perm: torch.Tensor
+    col_ptr: torch.Tensor
+    csc_row: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.csr_perm, self.row_ptr, self.csr_col, self.csc_perm, self.col_ptr, self.csc_row)
+
+    @property
+    def nnz(self) -> int:
+        return self.csr_col.numel()
+
+
+def _compressed(major, minor, n_major, n_minor):
+    """Sort entries by (major, minor); returns (perm, ptr (n_major+1,), minor indices sorted)."""
+    perm = torch.argsort(major * n_minor + minor)
+    counts = torch.bincount(major, minlength=n_major)
+    ptr = torch.zeros(n_major + 1, dtype=torch.int64, device=major.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return perm, ptr, minor[perm]
+
+
+def build_layout(indices: torch.Tensor, out_features: int, in_features: int) -> SparseLayout:
+    rows, cols = indices[0], indices[1]
+    csr_perm, row_ptr, csr_col = _compressed(rows, cols, out_features, in_features)
+    csc_perm, col_ptr, csc_row = _compressed(cols, rows, in_features, out_features)
+    return SparseLayout(csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row)
+
+
+def validate_indices(where: str, indices, out_features: int, in_features: int) -> None:
+    if not isinstance(indices, torch.Tensor):
+        fail(where, f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64:
+        fail(where, f"indices has dtype {indices.dtype}; expected torch.int64")
+    if indices.dim() != 2 or indices.shape[0] != 2:
+        fail(where, f"indices has shape {shape_str(indices)}; expected (2, nnz) = (rows, cols)")
+    if indices.numel() == 0:
+        return
+    rows, cols = indices[0], indices[1]
+    for arg, v, hi in (("rows (indices[0])", rows, out_features), ("cols (indices[1])", cols, in_features)):
+        lo_v, hi_v = int(v.min()), int(v.max())
+        if lo_v < 0 or hi_v >= hi:
+            fail(where, f"{arg} span [{lo_v}, {hi_v}]; expected values in [0, {hi}) for weight "
+                        f"({out_features}, {in_features})")
+    flat = rows * in_features + cols
+    uniq = torch.unique(flat)
+    if uniq.numel() != flat.numel():
+        fail(where, f"indices hold {flat.numel() - uniq.numel()} duplicated (row, col) entries; "
+                    "each position of the mask may appear once")
+
+
+# One validated layout per indices tensor (keyed weakly; rebuilt if the tensor is modified).
+_LAYOUTS = WeakIdKeyDictionary()
+
+
+def layout_for(where: str, indices: torch.Tensor, out_features: int, in_features: int) -> SparseLayout:
+    key = (indices._version, out_features, in_features, indices.device)
+    hit = _LAYOUTS.get(indices)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    validate_indices(where, indices, out_features, in_features)
+    layout = build_layout(indices, out_features, in_features)
+    _LAYOUTS[indices] = (key, layout)
+    return layout
+
+
+def delta_weight(values, indices, shape, scaling: float = 1.0) -> torch.Tensor:
+    """Materialised ΔW (out, in) with ``values`` at ``indices``. Reference, tests, merging only."""
+    dw = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return dw.index_put((indices[0], indices[1]), values) * scaling
+
+
+# --- torch-path primitives, as custom ops so torch.compile sees them through a fake kernel ---
+
+@torch.library.custom_op("pypeft_fast::torch_spmm_csr_t", mutates_args=())
+def torch_spmm_csr_t(row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n_cols: int,
+                     x: torch.Tensor) -> torch.Tensor:
+    """``x @ Sᵀ`` for S (rows, n_cols) in CSR and dense x (n, n_cols): returns (n, rows)."""
+    rows = row_ptr.numel() - 1
+    if val.numel() == 0:
+        return x.new_zeros((x.shape[0], rows))
+    S = torch.sparse_csr_tensor(row_ptr, col, val, (rows, n_cols), check_invariants=False)
+    return torch.sparse.mm(S, x.t()).t().contiguous()
+
+
+@torch_spmm_csr_t.register_fake
+def _(row_ptr, col, val, n_cols, x):
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+@torch.library.custom_op("pypeft_fast::torch_sddmm_csr", mutates_args=())
+def torch_sddmm_csr(row_ptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """``out[k] = Σₙ a[n, row_k] · b[n, col_k]`` for the CSR entries k: (nnz,)."""
+    nnz = col.numel()
+    if nnz == 0:
+        return a.new_zeros((0,))
+    pattern = torch.sparse_csr_tensor(row_ptr, col, a.new_zeros(nnz), (a.shape[1], b.shape[1]),
+                                      check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, a.t(), b, beta=0.0).values()
+
+
+@torch_sddmm_csr.register_fake
+def _(row_ptr, col, a, b):
+    return a.new_empty((col.shape[0],))
+
+
+class TorchSparse:
+    """SpMM forward, SpMM + SDDMM backward, through torch's sparse CSR kernels."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        (values,) = params
+        csr_perm, row_ptr, csr_col, *_ = aux
+        cd = compute_dtype(x2d, values)
+        y = torch.nn.functional.linear(x2d, weight, bias)
+        v = values.to(cd)[csr_perm] * hp.scaling
+        delta = torch.ops.pypeft_fast.torch_spmm_csr_t(row_ptr, csr_col, v, hp.in_features, x2d.to(cd))
+        return add_into(y, delta), ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        (values,) = params
+        csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row = aux
+        cd = compute_dtype(x2d, values)
+        gyc = gy2d.to(cd)
+        dx = dv = None
+        if needs_dx:
+            v = values.to(cd)[csc_perm] * hp.scaling
+            delta = torch.ops.pypeft_fast.torch_spmm_csr_t(col_ptr, csc_row, v, hp.out_features, gyc)
+            dx = add_into(gy2d @ weight, delta)
+        if needs_dparams[0]:
+            g_csr = torch.ops.pypeft_fast.torch_sddmm_csr(row_ptr, csr_col, gyc, x2d.to(cd))
+            dv = torch.empty_like(g_csr).index_copy_(0, csr_perm, g_csr).mul_(hp.scaling)
+            dv = dv.to(values.dtype)
+        return dx, (dv,)
+
+
+registry.register_family(FAMILY, delta_weight)
+registry.register_kernels(FAMILY, "torch", TorchSparse)
+
+
+def sparse_linear(x, weight, bias, values, indices, scaling=1.0, backend="auto", *, name=None):
+    """``y = x·Wᵀ + b + x·(s·M⊙D)ᵀ`` with ``values (nnz,)`` at ``indices (2, nnz)`` int64."""
+    where = name or "sparse_linear"
+    out_f, in_f = check_base(where, x, weight, bias)
+    device = check_same_device(where, x=x, weight=weight, bias=bias, values=values, indices=indices)
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        fail(where, f"values must be a 1-D tensor (nnz,), got "
+                    f"{shape_str(values) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        fail(where, f"values has dtype {values.dtype}; expected a floating dtype")
+    if torch.compiler.is_compiling():
+        layout = build_layout(indices, out_f, in_f)  # validated and cached in eager mode only
+    else:
+        layout = layout_for(where, indices, out_f, in_f)
+    if values.shape[0] != layout.nnz:
+        fail(where, f"values has shape {shape_str(values)}; expected ({layout.nnz},) to match "
+                    f"indices {shape_str(indices)}")
+    scaling = check_scaling(where, scaling)
+    _, kernels = registry.resolve(FAMILY, backend, device)
+    hp = SparseHP(scaling, out_f, in_f)
+    return DeltaLinearFunction.apply(kernels, hp, 1, x, weight, bias, values, *layout.tensors())

@@ -1,0 +1,47 @@
+"""``python -m pypeft_fast info``: library versions and, per family, which backends can run."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import platform
+
+import torch
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    import pypeft_fast
+    from pypeft_fast import backends, registry
+
+    lines = [f"pypeft_fast {pypeft_fast.__version__}", f"python       {platform.python_version()}"]
+    for dist in ("torch", "triton", "peft", "transformers"):
+        lines.append(f"{dist:<13}{_version(dist)}")
+    # torch.cuda.is_available() does not create a CUDA context.
+    lines.append(f"cuda         {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}")
+    native = importlib.util.find_spec("pypeft_fast._C") is not None
+    lines.append(f"native ext   {'built' if native else 'not built'}")
+    for name, err in backends.LOAD_ERRORS.items():
+        lines.append(f"  {name} backend: {err}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        lines.append(f"\nbackends on {device} (auto picks the first usable one marked *):")
+        for fam, table in registry.usable_backends(device).items():
+            chosen, _ = registry.resolve(fam, "auto", device)
+            lines.append(f"  {fam}:")
+            for backend, why in table.items():
+                mark = "*" if backend == chosen else " "
+                lines.append(f"   {mark} {backend:<7}{'usable' if why is None else 'no — ' + why}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="pypeft-fast info", description=__doc__).parse_args(argv)
+    print(report())
+    return 0
