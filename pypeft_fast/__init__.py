@@ -20,6 +20,7 @@ from .families.kronecker import kronecker_linear
 from .families.lowrank import lowrank_linear
 from .families.phm import phm_linear
 from .families.sparse import sparse_linear
+from .patch import PatchReport, patch, unpatch
 from .registry import BACKENDS, FAMILIES
 
 __version__ = "0.1.0"
@@ -28,5 +29,6 @@ logging.getLogger("pypeft_fast").addHandler(logging.NullHandler())
 
 __all__ = [
     "lowrank_linear", "kronecker_linear", "phm_linear", "sparse_linear",
+    "patch", "unpatch", "PatchReport",
     "BACKENDS", "FAMILIES", "__version__",
 ]
