@@ -15,7 +15,7 @@ def fail(where: str, message: str) -> None:
 
 
 def shape_str(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+    return str(tuple(int(d) for d in t.shape))
 
 
 def check_base(where: str, x, weight, bias) -> tuple[int, int]:
@@ -51,8 +51,7 @@ def check_param(where: str, arg: str, t, expected_shape: tuple | None = None, di
     if dim is not None and t.dim() != dim:
         fail(where, f"{arg} must be {dim}-D, got shape {shape_str(t)}")
     if expected_shape is not None and tuple(t.shape) != tuple(expected_shape):
-        exp = "(" + ", ".join(str(d) for d in expected_shape) + ")"
-        fail(where, f"{arg} has shape {shape_str(t)}; expected {exp}")
+        fail(where, f"{arg} has shape {shape_str(t)}; expected {tuple(expected_shape)}")
     if t.dim() > 0 and 0 in t.shape:
         fail(where, f"{arg} has an empty dimension, shape {shape_str(t)} (rank 0 is not allowed)")
 

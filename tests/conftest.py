@@ -6,7 +6,3 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")

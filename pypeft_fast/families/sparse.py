@@ -12,6 +12,7 @@ and cached; each step only gathers ``values`` into CSR order (nnz elements).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,12 @@ def delta_weight(values, indices, shape, scaling: float = 1.0) -> torch.Tensor:
     return dw.index_put((indices[0], indices[1]), values) * scaling
 
 
+def _csr(row_ptr, col, val, shape):
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(row_ptr, col, val, shape, check_invariants=False)
+
+
 # --- torch-path primitives, as custom ops so torch.compile sees them through a fake kernel ---
 
 @torch.library.custom_op("pypeft_fast::torch_spmm_csr_t", mutates_args=())
@@ -125,7 +132,7 @@ def torch_spmm_csr_t(row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor
     rows = row_ptr.numel() - 1
     if val.numel() == 0:
         return x.new_zeros((x.shape[0], rows))
-    S = torch.sparse_csr_tensor(row_ptr, col, val, (rows, n_cols), check_invariants=False)
+    S = _csr(row_ptr, col, val, (rows, n_cols))
     return torch.sparse.mm(S, x.t()).t().contiguous()
 
 
@@ -141,8 +148,7 @@ def torch_sddmm_csr(row_ptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor,
     nnz = col.numel()
     if nnz == 0:
         return a.new_zeros((0,))
-    pattern = torch.sparse_csr_tensor(row_ptr, col, a.new_zeros(nnz), (a.shape[1], b.shape[1]),
-                                      check_invariants=False)
+    pattern = _csr(row_ptr, col, a.new_zeros(nnz), (a.shape[1], b.shape[1]))
     return torch.sparse.sampled_addmm(pattern, a.t(), b, beta=0.0).values()
 
 

@@ -1,0 +1,38 @@
+"""Packaging: the CLI, lean import, and the Triton kernels living inside the package."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+
+def test_info_lists_versions_and_backends_with_reasons():
+    out = subprocess.run([sys.executable, "-m", "pypeft_fast", "info"], capture_output=True, text=True, check=True).stdout
+    for word in ("torch", "triton", "peft", "transformers", "lowrank", "kronecker", "phm", "sparse"):
+        assert word in out
+    assert "usable" in out
+    assert "no — " in out  # e.g. cuda on this machine, with the reason
+
+
+def test_import_initialises_no_cuda():
+    code = ("import torch, pypeft_fast; import sys; "
+            "sys.exit(1 if torch.cuda.is_initialized() else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernels_are_a_subpackage_not_a_top_level_module():
+    import pypeft_fast.kernels  # noqa: F401
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or "pypeft_fast" not in (spec.origin or ""), (
+        "a top-level `kernels` module from this project would shadow Hugging Face's `kernels`")
+
+
+def test_cli_rejects_unknown_command():
+    r = subprocess.run([sys.executable, "-m", "pypeft_fast", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+def test_every_family_is_registered_with_a_torch_path(family):
+    import pypeft_fast as pf
+    assert "torch" in pf.FAMILIES[family].backends
