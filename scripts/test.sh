@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: sets everything up on a fresh machine, then runs the whole test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k lowrank`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. "${VENV:-.venv}/bin/activate"
+export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
+python -m pytest tests -q "$@"
