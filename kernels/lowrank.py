@@ -1,0 +1,290 @@
+"""Low-rank (LoRA) Triton kernels: ``y = x·Wᵀ + b + s·drop(x)·Aᵀ·Bᵀ`` with ΔW never formed.
+
+Shapes: x (n, in), W (out, in) frozen, A (r, in), B (out, r); u = keep·(m⊙x)·Aᵀ (n, r),
+keep = 1/(1-p), m the Philox mask of :mod:`pypeft_fast.philox` regenerated in-kernel.
+
+Kernels (jit → launcher → op)::
+
+    _lowrank_fwd_kernel    one frozen-GEMM tile y = X·Wop + b, its K-loop also accumulating
+                           u = X·C for the tile's rows (FUSE_U), epilogue + mask?(s·u·D).
+                           Forward:  X = x,  Wop = Wᵀ, C = Aᵀ, D = Bᵀ          → y, u
+                           dx:       X = gy, Wop = W,  C = B,  D = A, mask on → dx = gy·W + drop'(s·gy·B·A), t = gy·B
+    _lowrank_skinny_kernel out (P, Q) = α·Σ_k mask?(L)[p, k]·mask?(R)[k, q], split-K partials
+                           u (dropout > 0):  L = x (masked), R = Aᵀ           (n, r)
+                           dA = s·keep·tᵀ·(m⊙x)                             (r, in)
+                           dB = s·gyᵀ·u                                      (out, r)
+
+With dropout the forward projection u is a skinny pass of its own (one Philox call per 8
+elements of x, once) instead of being fused into the K-loop, where every one of the out/BLOCK_N
+column tiles would regenerate the mask. Nothing of size n×in is stored besides x; u and t are
+(n, r) fp32.
+
+Launchers: :func:`lowrank_fwd`, :func:`lowrank_bwd`; ops ``pypeft_fast::lowrank_fwd`` and
+``pypeft_fast::lowrank_bwd`` (``torch.library.triton_op``, so torch.compile sees the kernels).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._utils import (
+    _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
+    input_precision, interpreting, rank_block, split_count, torch_acc_dtype, upcast_flag,
+)
+
+
+def gemm_configs():
+    """Frozen-GEMM tile configs. One under the interpreter (autotuning several needs a GPU
+    driver). GPU list: H100/H200 bf16 GEMM tiles; each is compile-checked for spills by
+    tests/test_triton_compile.py (registers/shared memory in bench/NOTES.md)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=3),
+    ]
+
+
+def skinny_blocks():
+    """(big-side block, K block) of the skinny reductions; the rank side is one block."""
+    return (64, 64) if interpreting() else (128, 64)
+
+
+@triton.jit
+def _lowrank_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, c_ptr, d_ptr, u_ptr, y_ptr, seed_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_ck, stride_cr, stride_dr, stride_dn,
+    stride_um, stride_ur, stride_ym, stride_yn,
+    scaling, keep_scale, threshold,
+    HAS_BIAS: tl.constexpr, FUSE_U: tl.constexpr, STORE_U: tl.constexpr, DROPOUT: tl.constexpr,
+    GROUPED_RNG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y (M, N) = X·Wop + bias + mask?(s·U·D).  X (M, K), Wop (K, N), C (K, R), D (R, N), U (M, R).
+
+    FUSE_U: U = X·C accumulated in the main K-loop (and stored by the pid_n == 0 tiles when
+    STORE_U); else U is read from u_ptr. DROPOUT: the rank product is masked per output element
+    (row m, col n of an (M, N) input) and scaled by keep_scale — the dx pass of dropout-LoRA.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    acc, u = _frozen_gemm_mainloop(x_ptr, w_ptr, c_ptr, offs_m, offs_n, M, N, K, R,
+                                   stride_xm, stride_xk, stride_wk, stride_wn, stride_ck,
+                                   stride_cr, ACC, FUSE_U, UPCAST, PREC,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+    u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur
+    u_mask = m_ok[:, None] & r_ok[None, :]
+    if FUSE_U:
+        if STORE_U:
+            if pid_n == 0:
+                tl.store(u_ptrs, _cast_out(u, u_ptr.dtype.element_ty, UPCAST), mask=u_mask)
+    else:
+        u = tl.load(u_ptrs, mask=u_mask, other=0.0).to(ACC)
+    d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n[None, :] * stride_dn,
+                mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    if UPCAST:
+        d = d.to(ACC)
+    delta = _mma(u * scaling, d, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PREC)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = _keep_mask(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N,
+                          GROUPED_RNG)
+        delta = tl.where(keep, delta * keep_scale, 0.0)
+    acc += delta
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_lowrank_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R"])(
+    _lowrank_fwd_kernel)
+
+
+@triton.jit
+def _lowrank_skinny_kernel(
+    l_ptr, r_ptr, out_ptr, seed_ptr,
+    P, Q, K, K_PER_SPLIT, row_len,
+    stride_lp, stride_lk, stride_rk, stride_rq, stride_os, stride_op, stride_oq,
+    alpha, threshold,
+    DROP: tl.constexpr, GROUPED_RNG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[split] (P, Q) = α·Σ_{k in split} L'[p, k]·R'[k, q], one side small (the rank).
+
+    DROP = 1: L is the dropout input x, masked at element (p, k) of an (·, row_len) tensor;
+    DROP = 2: R is, at (k, q); 0: no mask. Grid (P tiles, Q tiles, splits of K).
+    """
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ok = offs_p < P
+    q_ok = offs_q < Q
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if DROP != 0:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_hi
+        lt = tl.load(l_ptr + offs_p[:, None] * stride_lp + kk[None, :] * stride_lk,
+                     mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        rt = tl.load(r_ptr + kk[:, None] * stride_rk + offs_q[None, :] * stride_rq,
+                     mask=k_ok[:, None] & q_ok[None, :], other=0.0)
+        if UPCAST:
+            lt = lt.to(ACC)
+            rt = rt.to(ACC)
+        if DROP == 1:
+            keep = _keep_mask(seed, offs_p, k0, row_len, threshold, BLOCK_P, BLOCK_K, GROUPED_RNG)
+            lt = tl.where(keep, lt, 0.0)
+        if DROP == 2:
+            keep = _keep_mask(seed, kk, pid_q * BLOCK_Q, row_len, threshold, BLOCK_K, BLOCK_Q,
+                              GROUPED_RNG)
+            rt = tl.where(keep, rt, 0.0)
+        acc = _mma(lt, rt, acc, PREC)
+    tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+             _cast_out(acc * alpha, out_ptr.dtype.element_ty, UPCAST), mask=p_ok[:, None] & q_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+def _dropout_args(dropout: float):
+    """(threshold, keep_scale) of :mod:`pypeft_fast.philox` for p = dropout."""
+    from pypeft_fast.philox import keep_threshold
+    return keep_threshold(dropout), 1.0 / (1.0 - dropout)
+
+
+def _skinny(L, R, P, Q, K, strides_l, strides_r, alpha, *, drop=0, seed=None, row_len=1,
+            threshold=0, out_dtype):
+    """α·L'·R' (P, Q) in out_dtype (fp32/fp64), the small side (P or Q) in one rank block."""
+    if P == 0 or Q == 0:
+        return torch.zeros((P, Q), dtype=out_dtype, device=L.device)
+    big, block_k = skinny_blocks()
+    block_p = rank_block(P) if P <= Q else big
+    block_q = rank_block(Q) if P > Q else big
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    splits = split_count(tiles, K, block_k, L.device)
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), block_k), splits) * block_k
+    splits = max(1, triton.cdiv(K, k_per_split))
+    ws = torch.empty((splits, P, Q), dtype=out_dtype, device=L.device)
+    grouped = drop != 0 and row_len % 8 == 0
+    grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)
+    wrap_triton(_lowrank_skinny_kernel)[grid](
+        L, R, ws, seed if seed is not None else ws,
+        P, Q, K, k_per_split, row_len,
+        *strides_l, *strides_r, ws.stride(0), ws.stride(1), ws.stride(2),
+        alpha, threshold,
+        DROP=drop, GROUPED_RNG=grouped, ACC=acc_dtype(L, R, ws), UPCAST=upcast_flag(L, R),
+        PREC=input_precision(L, R), BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k,
+    )
+    return ws[0] if splits == 1 else ws.sum(0)
+
+
+def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R, scaling,
+          *, fuse_u, store_u, dropout, keep_scale, threshold):
+    grouped = dropout and N % 8 == 0
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(_lowrank_fwd_autotuned)[grid](
+        X, w_strides[0], bias if bias is not None else y, C, D, u, y,
+        seed if seed is not None else u,
+        M, N, K, R,
+        X.stride(0), X.stride(1), w_strides[1], w_strides[2], *c_strides, *d_strides,
+        u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+        scaling, keep_scale, threshold,
+        HAS_BIAS=bias is not None, FUSE_U=fuse_u, STORE_U=store_u, DROPOUT=dropout,
+        GROUPED_RNG=grouped, ACC=acc_dtype(X, w_strides[0], C, D), UPCAST=upcast_flag(X, C, D),
+        PREC=input_precision(X, C, D), BLOCK_R=rank_block(R),
+    )
+
+
+@triton_op("pypeft_fast::lowrank_fwd", mutates_args={})
+def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                A: torch.Tensor, B: torch.Tensor, seed: Optional[torch.Tensor],
+                scaling: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n, in), weight (out, in), bias (out,) or None, A (r, in), B (out, r), seed: 0-d int64
+    on x's device (dropout > 0). Returns y (n, out) in x's dtype and u = drop(x)·Aᵀ (n, r) fp32
+    (fp64 for fp64 inputs), saved for dB."""
+    n, k = x.shape
+    out_f, r = weight.shape[0], A.shape[0]
+    check_int32_indexing(x, weight)
+    y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
+    drop = dropout > 0.0
+    threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
+    # With dropout, u is a pass of its own (the mask generated once, not once per column tile).
+    separate_u = drop or out_f == 0
+    if separate_u:
+        u = _skinny(x, A, n, r, k, (x.stride(0), x.stride(1)), (A.stride(1), A.stride(0)),
+                    keep_scale, drop=1 if drop else 0, seed=seed, row_len=k,
+                    threshold=threshold, out_dtype=torch_acc_dtype(x, A, B))
+    else:
+        u = torch.empty((n, r), dtype=torch_acc_dtype(x, A, B), device=x.device)
+    if n > 0 and out_f > 0:
+        _gemm(x, (weight, weight.stride(1), weight.stride(0)), bias, A,
+              (A.stride(1), A.stride(0)), B, (B.stride(1), B.stride(0)), u, y, None,
+              n, out_f, k, r, scaling, fuse_u=not separate_u, store_u=not separate_u,
+              dropout=False, keep_scale=1.0, threshold=0)
+    return y, u
+
+
+@triton_op("pypeft_fast::lowrank_bwd", mutates_args={})
+def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+                B: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
+                dropout: float, needs_dx: bool, need_dA: bool,
+                need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gy (n, out); u from :func:`lowrank_fwd`. Returns (dx (n, in), dA (r, in), dB (out, r));
+    a gradient not asked for comes back as an empty (0,) tensor.
+
+    dx = gy·W + drop'(s·(gy·B)·A) in one GEMM whose K-loop also yields t = gy·B (n, r);
+    dA = s·keep·tᵀ·(m⊙x) and dB = s·gyᵀ·u are skinny split-K reductions over n.
+    """
+    n, out_f = gy.shape
+    k, r = weight.shape[1], A.shape[0]
+    check_int32_indexing(x, weight, gy)
+    drop = dropout > 0.0
+    threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
+    cd = torch_acc_dtype(x, A, B)
+    empty = gy.new_empty((0,))
+    dx, dA, dB = empty, empty, empty
+    t = None
+    if needs_dx:
+        dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    if needs_dx and n > 0 and k > 0:
+        t = torch.empty((n, r), dtype=cd, device=x.device)
+        _gemm(gy, (weight, weight.stride(0), weight.stride(1)), None, B,
+              (B.stride(0), B.stride(1)), A, (A.stride(0), A.stride(1)), t, dx, seed,
+              n, k, out_f, r, scaling, fuse_u=True, store_u=need_dA, dropout=drop,
+              keep_scale=keep_scale, threshold=threshold)
+    elif need_dA:
+        t = _skinny(gy, B, n, r, out_f, (gy.stride(0), gy.stride(1)), (B.stride(0), B.stride(1)),
+                    1.0, out_dtype=cd)
+    if need_dA:
+        dA = _skinny(t, x, r, k, n, (t.stride(1), t.stride(0)), (x.stride(0), x.stride(1)),
+                     scaling * keep_scale, drop=2 if drop else 0, seed=seed, row_len=k,
+                     threshold=threshold, out_dtype=cd).to(A.dtype)
+    if need_dB:
+        dB = _skinny(gy, u, out_f, r, n, (gy.stride(1), gy.stride(0)), (u.stride(0), u.stride(1)),
+                     scaling, out_dtype=cd).to(B.dtype)
+    return dx, dA, dB

@@ -1,0 +1,112 @@
+"""The Triton backend: registers the kernels of ``kernels/`` (the subpackage
+``pypeft_fast.kernels``) for the four families, and its availability probe.
+
+Usable on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+first imported (the kernels are decorated in interpreter mode then; CI proves them that way).
+Importing this module never initialises CUDA. Without triton it logs why and registers nothing,
+so the torch path keeps working and ``backend="triton"`` raises with that reason.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import registry
+
+log = logging.getLogger("pypeft_fast")
+
+
+def _import_kernels():
+    """``pypeft_fast.kernels`` when installed (wheel or editable); from a source checkout that
+    was not installed (``kernels/`` beside ``pypeft_fast/``), the same package loaded by path."""
+    try:
+        return importlib.import_module("pypeft_fast.kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "pypeft_fast.kernels":
+            raise
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    if not (root / "__init__.py").is_file():
+        raise ModuleNotFoundError("pypeft_fast.kernels is not installed and no kernels/ folder "
+                                  f"sits at {root}", name="pypeft_fast.kernels")
+    spec = importlib.util.spec_from_file_location(
+        "pypeft_fast.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pypeft_fast.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["pypeft_fast.kernels"]
+        raise
+    return module
+
+
+try:
+    import triton  # noqa: F401
+except ImportError as _e:  # the torch path keeps working; `info` shows the reason
+    TRITON_IMPORT_ERROR: str | None = f"{type(_e).__name__}: {_e}"
+    log.info("pypeft_fast: Triton backend disabled: %s", TRITON_IMPORT_ERROR)
+else:
+    TRITON_IMPORT_ERROR = None
+
+if TRITON_IMPORT_ERROR is None:
+    _import_kernels()
+    from pypeft_fast.kernels import lowrank as _lowrank  # noqa: E402
+    from pypeft_fast.kernels._utils import interpreting  # noqa: E402
+
+    # Kernels are decorated for the interpreter or for the GPU when they are defined.
+    _INTERPRET_AT_IMPORT = interpreting()
+
+
+def probe(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else why not."""
+    if TRITON_IMPORT_ERROR is not None:
+        return f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1" and _INTERPRET_AT_IMPORT:
+            return None
+        return ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                "before anything imports triton")
+    return f"no Triton kernels for device type {device.type!r}"
+
+
+def _seed(aux, hp, device):
+    return aux[0].to(device, non_blocking=True) if hp.dropout > 0.0 else None
+
+
+def _none_if_empty(t: torch.Tensor, wanted: bool):
+    return t if wanted else None
+
+
+class TritonLowRank:
+    """``pypeft_fast::lowrank_fwd`` / ``lowrank_bwd`` (kernels/lowrank.py)."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        A, B = params
+        y, u = torch.ops.pypeft_fast.lowrank_fwd(x2d, weight, bias, A, B,
+                                                 _seed(aux, hp, x2d.device), hp.scaling, hp.dropout)
+        return y, (u,)
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A, B = params
+        (u,) = extras
+        need_dA, need_dB = bool(needs_dparams[0]), bool(needs_dparams[1])
+        dx, dA, dB = torch.ops.pypeft_fast.lowrank_bwd(
+            gy2d, x2d, weight, A, B, u, _seed(aux, hp, x2d.device), hp.scaling, hp.dropout,
+            bool(needs_dx), need_dA, need_dB)
+        return _none_if_empty(dx, needs_dx), (_none_if_empty(dA, need_dA),
+                                              _none_if_empty(dB, need_dB))
+
+
+if TRITON_IMPORT_ERROR is None:
+    registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
+    registry.register_availability("triton", probe)
