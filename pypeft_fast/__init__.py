@@ -22,6 +22,7 @@ from .families.phm import phm_linear
 from .families.sparse import sparse_linear
 from .patch import PatchReport, patch, unpatch
 from .registry import BACKENDS, FAMILIES
+from .inject import DeltaConfig, inject  # noqa: E402  (pf.inject: our families in any model)
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "lowrank_linear", "kronecker_linear", "phm_linear", "sparse_linear",
     "patch", "unpatch", "PatchReport",
     "BACKENDS", "FAMILIES", "__version__",
+    "DeltaConfig", "inject",
 ]
