@@ -431,6 +431,13 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
         entry = LayerEntry(name, method, layer_type, adapter, reason or PATCHED, installed)
         plan.append((module, entry, server if installed else None))
 
+    # Already patched layers keep their entry (and its live counters), refreshed: every report
+    # returned for this model then shows the same numbers.
+    for i, (module, entry, server) in enumerate(plan):
+        old = module.__dict__.get(_STATE_ATTR)
+        if old is not None and server is not None:
+            old.entry.adapter, old.entry.status = entry.adapter, entry.status
+            plan[i] = (module, old.entry, server)
     entries = [e for _, e, _ in plan]
     report = PatchReport(entries, kept)
     if strict and report.unsupported:
@@ -441,9 +448,7 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
     for module, entry, server in plan:
         if server is None:
             continue
-        old = module.__dict__.get(_STATE_ATTR)
-        if old is not None:  # already patched: keep the original forward, refresh the entry
-            old.entry = entry
+        if _STATE_ATTR in module.__dict__:  # already patched: keep the original forward
             continue
         saved = module.__dict__.get("forward")
         state = _LayerState(entry, server, saved)
