@@ -10,8 +10,9 @@ import torch
 from ..validate import check_param, fail, shape_str
 
 
-def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tensor:
-    """``f`` or ``L @ R`` for a pair, after checking the pair's inner dimensions agree."""
+def check_factor(where: str, arg: str, f, batched: bool = False):
+    """Checks ``f`` (a tensor, or a pair whose inner dimensions agree); returns it with a pair
+    as a tuple. ``factor_shape`` gives the shape it stands for."""
     dim = 3 if batched else 2
     if isinstance(f, (tuple, list)):
         if len(f) != 2:
@@ -22,9 +23,21 @@ def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tens
         if L.shape[-1] != R.shape[-2] or (batched and L.shape[0] != R.shape[0]):
             fail(where, f"{arg} = L @ R needs L (..., m, k) and R (..., k, n) with matching k"
                         f"{' and batch' if batched else ''}; got L {shape_str(L)}, R {shape_str(R)}")
-        return L @ R
+        return (L, R)
     check_param(where, arg, f, dim=dim)
     return f
+
+
+def factor_shape(f) -> tuple:
+    if isinstance(f, tuple):
+        return (*f[0].shape[:-1], f[1].shape[-1])
+    return tuple(f.shape)
+
+
+def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tensor:
+    """``f`` or ``L @ R`` for a pair (factor-sized), after checking it."""
+    f = check_factor(where, arg, f, batched)
+    return f[0] @ f[1] if isinstance(f, tuple) else f
 
 
 def factor_tensors(f) -> tuple:

@@ -47,12 +47,16 @@ def stacked_factors(A3, B3, dtype, scaling):
 
 
 def _apply_A(A_rows, x2d, a_in, b_in, dtype):
-    """U = A_rows @ Xₙ for every row n: (n, a_out·h, b_in)."""
-    X3 = x2d.to(dtype).reshape(x2d.shape[0], a_in, b_in)
-    return torch.matmul(A_rows, X3)
+    """U = A_rows @ Xₙ for every row n: (n, a_out·h, b_in). ``bmm`` on an expanded (stride-0)
+    A: torch.matmul's 2-D @ 3-D path would first copy A n times."""
+    n = x2d.shape[0]
+    X3 = x2d.to(dtype).reshape(n, a_in, b_in)
+    return torch.bmm(A_rows.expand(n, *A_rows.shape), X3)
 
 
 class TorchKronSum:
+    """Dense factors: params (A (h, a_out, a_in), B (h, b_out, b_in))."""
+
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
         A3, B3 = params
@@ -78,16 +82,137 @@ class TorchKronSum:
         gY = gy2d.to(cd).reshape(n * a_out, b_out)
         dx = dA = dB = None
         if needs_dx or need_dA:
-            V = (gY @ B_cols).mul_(hp.scaling).view(n, a_out * h, b_in)
+            V = (gY @ (B_cols * hp.scaling)).view(n, a_out * h, b_in)
         if needs_dx:
-            dX = torch.matmul(A_rows.t(), V)  # (n, a_in, b_in)
-            dx = add_into(gy2d @ weight, dX.view(n, a_in * b_in))
+            dx = gy2d @ weight
+            At = A_rows.t().expand(n, a_in, a_out * h)
+            if dx.dtype == cd:
+                dx.view(n, a_in, b_in).baddbmm_(At, V)
+            else:
+                dx = add_into(dx, torch.bmm(At, V).view(n, a_in * b_in))
         if need_dA:
             X3 = x2d.to(cd).reshape(n, a_in, b_in)
-            dA_rows = torch.einsum("nrl,njl->rj", V, X3)
+            dA_rows = torch.bmm(V, X3.transpose(1, 2)).sum(0)  # Σₙ Vₙ·Xₙᵀ
             dA = dA_rows.view(a_out, h, a_in).transpose(0, 1).to(A3.dtype)
         if need_dB:
             U = _apply_A(A_rows * hp.scaling, x2d, a_in, b_in, cd)
             dB_cols = gY.t() @ U.view(n * a_out, h * b_in)
             dB = dB_cols.view(b_out, h, b_in).transpose(0, 1).to(B3.dtype)
         return dx, (dA, dB)
+
+
+class TorchKronSumFactoredB:
+    """B given as rank-k factors Bₕ = Sₕ·Tₕ (Compacter's fast weights, LoKr's w2_a/w2_b), kept
+    factored: params (A (h, a_out, a_in), S (h, b_out, k), T (h, k, b_in)).
+
+    With T_cols[l, (h,c)] = T[h,c,l] and S_cols[m, (h,c)] = S[h,m,c]::
+
+        Z  = X (n·a_in, b_in) @ T_cols              (n, a_in, h, k)       one GEMM
+        M[n,i,h,c] = Σⱼ A[h,i,j] Z[n,j,h,c]         (n, a_out, h, k)      small
+        Y += s · M (n·a_out, h·k) @ S_colsᵀ         one GEMM into y
+
+    Backward (G = s·gY @ S_cols): dS_cols = s·gYᵀ·M, dZ = Σᵢ A[h,i,j] G[n,i,h,c],
+    dA = Σₙ,c G·Z, dX += dZ @ T_colsᵀ (one GEMM into dx), dT_cols = Xᵀ·dZ. Z and M are
+    recomputed (n·(a_in + a_out)·h·k elements, small). Cost per row: k·h·(in + a_out·a_in + out)
+    multiply-adds instead of h·a_out·b_in·(a_in + b_out) with B formed densely.
+    """
+
+    @staticmethod
+    def _cols(S3, T3, dtype):
+        h, b_out, k = S3.shape
+        b_in = T3.shape[2]
+        S_cols = S3.to(dtype).transpose(0, 1).reshape(b_out, h * k)
+        T_cols = T3.to(dtype).permute(2, 0, 1).reshape(b_in, h * k)
+        return S_cols, T_cols
+
+    @staticmethod
+    def _ZM(x2d, A3, T_cols, k, dtype):
+        h, a_out, a_in = A3.shape
+        n = x2d.shape[0]
+        Z = (x2d.to(dtype).reshape(n * a_in, -1) @ T_cols).view(n, a_in, h, k)
+        M = torch.einsum("hij,njhc->nihc", A3.to(dtype), Z)
+        return Z, M.reshape(n * a_out, h * k)
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        A3, S3, T3 = params
+        h, a_out, a_in = A3.shape
+        b_out, k = S3.shape[1], S3.shape[2]
+        n = x2d.shape[0]
+        cd = compute_dtype(x2d, *params)
+        S_cols, T_cols = cls._cols(S3, T3, cd)
+        _, M = cls._ZM(x2d, A3, T_cols, k, cd)
+        y = F.linear(x2d, weight, bias)
+        y = addmm_into(y.view(n * a_out, b_out), M, S_cols.t(), alpha=hp.scaling)
+        return y.view(n, a_out * b_out), ()
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A3, S3, T3 = params
+        h, a_out, a_in = A3.shape
+        b_out, k = S3.shape[1], S3.shape[2]
+        b_in = T3.shape[2]
+        n = x2d.shape[0]
+        need_dA, need_dS, need_dT = needs_dparams
+        cd = compute_dtype(x2d, *params)
+        S_cols, T_cols = cls._cols(S3, T3, cd)
+        gY = gy2d.to(cd).reshape(n * a_out, b_out)
+        Z, M = cls._ZM(x2d, A3, T_cols, k, cd)
+        G = (gY @ S_cols).mul_(hp.scaling).view(n, a_out, h, k)
+        dx = dA = dS = dT = None
+        if need_dS:
+            dS = (gY.t() @ M).mul_(hp.scaling).view(b_out, h, k).transpose(0, 1).to(S3.dtype)
+        if need_dA:
+            dA = torch.einsum("nihc,njhc->hij", G, Z).to(A3.dtype)
+        if needs_dx or need_dT:
+            dZ = torch.einsum("hij,nihc->njhc", A3.to(cd), G).reshape(n * a_in, h * k)
+            if needs_dx:
+                dx = gy2d @ weight
+                dx = addmm_into(dx.view(n * a_in, b_in), dZ, T_cols.t()).view(n, a_in * b_in)
+            if need_dT:
+                dT_cols = x2d.to(cd).reshape(n * a_in, b_in).t() @ dZ
+                dT = dT_cols.view(b_in, h, k).permute(1, 2, 0).to(T3.dtype)
+        return dx, (dA, dS, dT)
+
+
+def factored_is_cheaper(A3_shape, b_shape, k) -> bool:
+    """Multiply-adds per row of x: factored B vs B formed densely (see the classes above)."""
+    h, a_out, a_in = A3_shape
+    b_out, b_in = b_shape
+    dense = h * a_out * b_in * (a_in + b_out)
+    factored = h * k * (a_in * b_in + a_out * a_in + a_out * b_out)
+    return factored < dense
+
+
+class TorchKronSumKernels:
+    """The torch path for both parameter layouts: 2 params (A, B) or 3 (A, S, T)."""
+
+    factored_b = True  # accepts B as (S, T); backends without this get B = S @ T formed
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        impl = TorchKronSumFactoredB if len(params) == 3 else TorchKronSum
+        return impl.forward(x2d, weight, bias, params, aux, hp)
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        impl = TorchKronSumFactoredB if len(params) == 3 else TorchKronSum
+        return impl.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
+
+
+def apply_kron_sum(family, x, weight, bias, A3, B, scaling, backend, device):
+    """Runs ``family``'s kernels on A3 (h, a_out, a_in) and B — a tensor (h, b_out, b_in) or a
+    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend supports it and it
+    is cheaper, else formed (factor-sized, never ΔW-sized)."""
+    from .. import registry
+    from ..function import DeltaLinearFunction
+
+    _, kernels = registry.resolve(family, backend, device)
+    hp = KronSumHP(scaling)
+    if isinstance(B, tuple):
+        S, T = B
+        if getattr(kernels, "factored_b", False) and factored_is_cheaper(
+                A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
+            return DeltaLinearFunction.apply(kernels, hp, 3, x, weight, bias, A3, S, T)
+        B = S @ T
+    return DeltaLinearFunction.apply(kernels, hp, 2, x, weight, bias, A3, B)

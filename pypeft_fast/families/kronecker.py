@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from ..function import DeltaLinearFunction
-from ..validate import check_base, check_same_device, check_scaling, fail, shape_str
-from .factors import compose_factor, factor_tensors
-from .kron_sum import KronSumHP, TorchKronSum
+from ..validate import check_base, check_same_device, check_scaling, fail
+from .factors import check_factor, compose_factor, factor_shape, factor_tensors
+from .kron_sum import TorchKronSumKernels, apply_kron_sum
 
 FAMILY = "kronecker"
 
@@ -25,7 +24,7 @@ def delta_weight(A, B, scaling: float = 1.0) -> torch.Tensor:
 
 
 registry.register_family(FAMILY, delta_weight)
-registry.register_kernels(FAMILY, "torch", TorchKronSum)
+registry.register_kernels(FAMILY, "torch", TorchKronSumKernels)
 
 
 def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None):
@@ -35,13 +34,12 @@ def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name
     device = check_same_device(where, x=x, weight=weight, bias=bias,
                                **{f"A[{i}]": t for i, t in enumerate(factor_tensors(A))},
                                **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
-    A = compose_factor(where, "A", A)
-    B = compose_factor(where, "B", B)
-    (a_out, a_in), (b_out, b_in) = A.shape, B.shape
+    A = compose_factor(where, "A", A)  # A is the small factor: form it
+    B = check_factor(where, "B", B)    # B may stay factored (see kron_sum.apply_kron_sum)
+    (a_out, a_in), (b_out, b_in) = A.shape, factor_shape(B)
     if a_out * b_out != out_f or a_in * b_in != in_f:
-        fail(where, f"A {shape_str(A)} ⊗ B {shape_str(B)} gives ({a_out * b_out}, {a_in * b_in}); "
+        fail(where, f"A {tuple(A.shape)} ⊗ B {(b_out, b_in)} gives ({a_out * b_out}, {a_in * b_in}); "
                     f"expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
-    _, kernels = registry.resolve(FAMILY, backend, device)
-    return DeltaLinearFunction.apply(kernels, KronSumHP(scaling), 2, x, weight, bias,
-                                     A.unsqueeze(0), B.unsqueeze(0))
+    B3 = (B[0].unsqueeze(0), B[1].unsqueeze(0)) if isinstance(B, tuple) else B.unsqueeze(0)
+    return apply_kron_sum(FAMILY, x, weight, bias, A.unsqueeze(0), B3, scaling, backend, device)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from .. import registry
-from ..function import DeltaLinearFunction
 from ..validate import check_base, check_param, check_same_device, check_scaling, fail, shape_str
-from .factors import compose_factor, factor_tensors
-from .kron_sum import KronSumHP, TorchKronSum
+from .factors import check_factor, factor_shape, factor_tensors
+from .kron_sum import TorchKronSumKernels, apply_kron_sum
 
 FAMILY = "phm"
 
@@ -24,7 +23,7 @@ def delta_weight(A, B, scaling: float = 1.0) -> torch.Tensor:
 
 
 registry.register_family(FAMILY, delta_weight)
-registry.register_kernels(FAMILY, "torch", TorchKronSum)
+registry.register_kernels(FAMILY, "torch", TorchKronSumKernels)
 
 
 def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None):
@@ -34,15 +33,15 @@ def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None)
     device = check_same_device(where, x=x, weight=weight, bias=bias, A=A,
                                **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
     check_param(where, "A", A, dim=3)
-    B = compose_factor(where, "B", B, batched=True)
+    B = check_factor(where, "B", B, batched=True)
     n, a_out, a_in = A.shape
-    if B.shape[0] != n:
-        fail(where, f"A has {n} terms (shape {shape_str(A)}) but B has {B.shape[0]} "
-                    f"(shape {shape_str(B)}); expected the same leading n")
-    _, b_out, b_in = B.shape
+    b_shape = factor_shape(B)
+    if b_shape[0] != n:
+        fail(where, f"A has {n} terms (shape {shape_str(A)}) but B has {b_shape[0]} "
+                    f"(shape {b_shape}); expected the same leading n")
+    _, b_out, b_in = b_shape
     if a_out * b_out != out_f or a_in * b_in != in_f:
-        fail(where, f"Σ A[i] ⊗ B[i] with A {shape_str(A)}, B {shape_str(B)} gives "
+        fail(where, f"Σ A[i] ⊗ B[i] with A {shape_str(A)}, B {b_shape} gives "
                     f"({a_out * b_out}, {a_in * b_in}); expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
-    _, kernels = registry.resolve(FAMILY, backend, device)
-    return DeltaLinearFunction.apply(kernels, KronSumHP(scaling), 2, x, weight, bias, A, B)
+    return apply_kron_sum(FAMILY, x, weight, bias, A, B, scaling, backend, device)

@@ -1,0 +1,79 @@
+"""Shared benchmark harness: layer shapes from real model configs, timing, FLOP formulas, the
+environment row. Every bench/bench_<family>.py uses it, so speed and memory runs share one
+setup factory per op and every result row records device, versions and date.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    model: str
+    layer: str
+    n: int        # tokens per step (batch × sequence)
+    in_f: int
+    out_f: int
+
+
+# The end-to-end benchmark's default model (Llama architecture: hidden 1024, intermediate 2752,
+# batch 4 × 256 tokens): one entry per distinct projection shape.
+SHAPES = {
+    "llama-1024/attn": LayerShape("llama-h1024-i2752", "q/k/v/o_proj", 4 * 256, 1024, 1024),
+    "llama-1024/up": LayerShape("llama-h1024-i2752", "gate/up_proj", 4 * 256, 1024, 2752),
+    "llama-1024/down": LayerShape("llama-h1024-i2752", "down_proj", 4 * 256, 2752, 1024),
+}
+
+
+def median_time(fn, *, warmup: int = 2, reps: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds (CPU: synchronous; CUDA: synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def frozen_linear_flops(s: LayerShape, needs_dx: bool = True) -> float:
+    """Forward y = x·Wᵀ plus, in backward, dx = gy·W (W frozen: no weight gradient)."""
+    return 2.0 * s.n * s.in_f * s.out_f * (2 if needs_dx else 1)
+
+
+def environment() -> dict:
+    def v(d):
+        try:
+            return _md.version(d)
+        except _md.PackageNotFoundError:
+            return None
+    return {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": v("torch"), "triton": v("triton"), "peft": v("peft"), "transformers": v("transformers"),
+        "pypeft_fast": v("pypeft_fast"),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
