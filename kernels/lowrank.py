@@ -9,7 +9,7 @@ Kernels (jit → launcher → op)::
                            u = X·C for the tile's rows (FUSE_U), epilogue + mask?(s·u·D).
                            Forward:  X = x,  Wop = Wᵀ, C = Aᵀ, D = Bᵀ          → y, u
                            dx:       X = gy, Wop = W,  C = B,  D = A, mask on → dx = gy·W + drop'(s·gy·B·A), t = gy·B
-    _lowrank_skinny_kernel out (P, Q) = α·Σ_k mask?(L)[p, k]·mask?(R)[k, q], split-K partials
+    _strided_matmul_kernel (kernels/_matmul.py) α·mask?(L)·mask?(R), split-K partials:
                            u (dropout > 0):  L = x (masked), R = Aᵀ           (n, r)
                            dA = s·keep·tᵀ·(m⊙x)                             (r, in)
                            dB = s·gyᵀ·u                                      (out, r)
@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    input_precision, interpreting, rank_block, split_count, torch_acc_dtype, upcast_flag,
+    input_precision, interpreting, rank_block, torch_acc_dtype, upcast_flag,
 )
 
 
@@ -54,11 +55,6 @@ def gemm_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                       num_warps=4, num_stages=3),
     ]
-
-
-def skinny_blocks():
-    """(big-side block, K block) of the skinny reductions; the rank side is one block."""
-    return (64, 64) if interpreting() else (128, 64)
 
 
 @triton.jit
@@ -119,54 +115,6 @@ _lowrank_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", 
     _lowrank_fwd_kernel)
 
 
-@triton.jit
-def _lowrank_skinny_kernel(
-    l_ptr, r_ptr, out_ptr, seed_ptr,
-    P, Q, K, K_PER_SPLIT, row_len,
-    stride_lp, stride_lk, stride_rk, stride_rq, stride_os, stride_op, stride_oq,
-    alpha, threshold,
-    DROP: tl.constexpr, GROUPED_RNG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[split] (P, Q) = α·Σ_{k in split} L'[p, k]·R'[k, q], one side small (the rank).
-
-    DROP = 1: L is the dropout input x, masked at element (p, k) of an (·, row_len) tensor;
-    DROP = 2: R is, at (k, q); 0: no mask. Grid (P tiles, Q tiles, splits of K).
-    """
-    pid_p = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_ok = offs_p < P
-    q_ok = offs_q < Q
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if DROP != 0:
-        seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < k_hi
-        lt = tl.load(l_ptr + offs_p[:, None] * stride_lp + kk[None, :] * stride_lk,
-                     mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        rt = tl.load(r_ptr + kk[:, None] * stride_rk + offs_q[None, :] * stride_rq,
-                     mask=k_ok[:, None] & q_ok[None, :], other=0.0)
-        if UPCAST:
-            lt = lt.to(ACC)
-            rt = rt.to(ACC)
-        if DROP == 1:
-            keep = _keep_mask(seed, offs_p, k0, row_len, threshold, BLOCK_P, BLOCK_K, GROUPED_RNG)
-            lt = tl.where(keep, lt, 0.0)
-        if DROP == 2:
-            keep = _keep_mask(seed, kk, pid_q * BLOCK_Q, row_len, threshold, BLOCK_K, BLOCK_Q,
-                              GROUPED_RNG)
-            rt = tl.where(keep, rt, 0.0)
-        acc = _mma(lt, rt, acc, PREC)
-    tl.store(out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
-             _cast_out(acc * alpha, out_ptr.dtype.element_ty, UPCAST), mask=p_ok[:, None] & q_ok[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -179,28 +127,11 @@ def _dropout_args(dropout: float):
 
 def _skinny(L, R, P, Q, K, strides_l, strides_r, alpha, *, drop=0, seed=None, row_len=1,
             threshold=0, out_dtype):
-    """α·L'·R' (P, Q) in out_dtype (fp32/fp64), the small side (P or Q) in one rank block."""
-    if P == 0 or Q == 0:
-        return torch.zeros((P, Q), dtype=out_dtype, device=L.device)
-    big, block_k = skinny_blocks()
-    block_p = rank_block(P) if P <= Q else big
-    block_q = rank_block(Q) if P > Q else big
-    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    splits = split_count(tiles, K, block_k, L.device)
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), block_k), splits) * block_k
-    splits = max(1, triton.cdiv(K, k_per_split))
-    ws = torch.empty((splits, P, Q), dtype=out_dtype, device=L.device)
-    grouped = drop != 0 and row_len % 8 == 0
-    grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)
-    wrap_triton(_lowrank_skinny_kernel)[grid](
-        L, R, ws, seed if seed is not None else ws,
-        P, Q, K, k_per_split, row_len,
-        *strides_l, *strides_r, ws.stride(0), ws.stride(1), ws.stride(2),
-        alpha, threshold,
-        DROP=drop, GROUPED_RNG=grouped, ACC=acc_dtype(L, R, ws), UPCAST=upcast_flag(L, R),
-        PREC=input_precision(L, R), BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k,
-    )
-    return ws[0] if splits == 1 else ws.sum(0)
+    """α·L'·R' (P, Q) in out_dtype (fp32/fp64), plain strides ((p, k) of L, (k, q) of R)."""
+    out = torch.empty((P, Q), dtype=out_dtype, device=L.device)
+    return strided_matmul(L, R, P, Q, K, lp=strides_l[0], lk=strides_l[1], rk=strides_r[0],
+                          rq=strides_r[1], out=out, op=out.stride(0), oq=out.stride(1),
+                          alpha=alpha, drop=drop, seed=seed, row_len=row_len, threshold=threshold)
 
 
 def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R, scaling,

@@ -57,6 +57,7 @@ else:
 if TRITON_IMPORT_ERROR is None:
     _import_kernels()
     from pypeft_fast.kernels import lowrank as _lowrank  # noqa: E402
+    from pypeft_fast.kernels import sparse as _sparse  # noqa: E402
     from pypeft_fast.kernels._utils import interpreting  # noqa: E402
 
     # Kernels are decorated for the interpreter or for the GPU when they are defined.
@@ -107,6 +108,28 @@ class TritonLowRank:
                                               _none_if_empty(dB, need_dB))
 
 
+class TritonSparse:
+    """``pypeft_fast::sparse_fwd`` / ``sparse_bwd`` (kernels/sparse.py); aux is the mask's
+    SparseLayout tensors (csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row)."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        (values,) = params
+        csr_perm, row_ptr, csr_col = aux[:3]
+        y = torch.ops.pypeft_fast.sparse_fwd(x2d, weight, bias, values, csr_perm, row_ptr,
+                                             csr_col, hp.scaling)
+        return y, ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        (values,) = params
+        need_dv = bool(needs_dparams[0])
+        dx, dv = torch.ops.pypeft_fast.sparse_bwd(gy2d, x2d, weight, values, *aux, hp.scaling,
+                                                  bool(needs_dx), need_dv)
+        return _none_if_empty(dx, needs_dx), (_none_if_empty(dv, need_dv),)
+
+
 if TRITON_IMPORT_ERROR is None:
     registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
+    registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
     registry.register_availability("triton", probe)

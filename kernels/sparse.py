@@ -1,0 +1,196 @@
+"""Sparse-masked (SHiRA / SparseAdapter) Triton kernels: ``y = x·(W + s·ΔW)ᵀ + b`` with ΔW given
+by ``values (nnz,)`` on the mask's CSR (and ΔWᵀ's CSR = the mask's CSC), never densified.
+
+Kernels (jit → launcher → op)::
+
+    _sparse_fwd_kernel    frozen-GEMM tile y = X·Wop + b where every W tile is loaded and the
+                          mask entries falling into it are added (s·v) before the MMA: the CSR
+                          row of each of the tile's BLOCK_N output rows is walked in step with
+                          the K-loop (columns are sorted), so each entry is touched once per
+                          row tile and the MMA count is that of the frozen GEMM alone.
+                          Forward: X = x,  Wop = Wᵀ, rows = CSR of ΔW   → y
+                          dx:      X = gy, Wop = W,  rows = CSR of ΔWᵀ  → dx = gy·(W + s·ΔW)
+    _sparse_sddmm_kernel  dv[e] = s·Σₙ gy[n, row_e]·x[n, col_e] over the nnz only: a block of
+                          entries per program (row found by binary search in row_ptr), the
+                          n-reduction split over a grid axis.
+
+Precision: W + s·ΔW is formed in fp32 and rounded once to the activation dtype for the MMA
+(one extra rounding only where the mask has entries). Launchers :func:`sparse_fwd`,
+:func:`sparse_bwd`; ops ``pypeft_fast::sparse_fwd`` / ``pypeft_fast::sparse_bwd``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._utils import (
+    _cast_out, _mma, _tile_ids, acc_dtype, check_int32_indexing, input_precision, interpreting,
+    split_count, torch_acc_dtype, upcast_flag,
+)
+from .lowrank import gemm_configs
+
+
+def sddmm_blocks():
+    """(entries per program, rows per n-step)."""
+    return (64, 32) if interpreting() else (128, 32)
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, ptr_ptr, idx_ptr, perm_ptr, val_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y (M, N) = X·(Wop + s·S) + bias. X (M, K), Wop (K, N) by strides; S (K, N) sparse, given
+    per output column n as a compressed list: entries ptr[n] .. ptr[n+1] with K-index idx[e]
+    (sorted) and value val[perm[e]]."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    cur = tl.load(ptr_ptr + offs_n, mask=n_ok, other=0).to(tl.int32)
+    end = tl.load(ptr_ptr + offs_n + 1, mask=n_ok, other=0).to(tl.int32)
+    col = tl.load(idx_ptr + cur, mask=cur < end, other=0).to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(ACC)
+        active = (cur < end) & (col < k0 + BLOCK_K)
+        if tl.max(active.to(tl.int32), axis=0) > 0:
+            wf = w.to(ACC)
+            while tl.max(active.to(tl.int32), axis=0) > 0:
+                v = tl.load(val_ptr + tl.load(perm_ptr + cur, mask=active, other=0),
+                            mask=active, other=0.0).to(ACC)
+                hit = (kk[:, None] == col[None, :]) & active[None, :]
+                wf += tl.where(hit, v[None, :] * scaling, 0.0)
+                cur += active.to(tl.int32)
+                col = tl.load(idx_ptr + cur, mask=cur < end, other=0).to(tl.int32)
+                active = (cur < end) & (col < k0 + BLOCK_K)
+            w = wf.to(x.dtype)
+        elif UPCAST:
+            w = w.to(ACC)
+        acc = _mma(x, w, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_sparse_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])(
+    _sparse_fwd_kernel)
+
+
+@triton.jit
+def _sparse_sddmm_kernel(
+    gy_ptr, x_ptr, row_ptr, col_ptr, perm_ptr, out_ptr,
+    M, NNZ, N_ROWS, SEARCH_STEPS, M_PER_SPLIT,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_os,
+    scaling,
+    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out[split, perm[e]] = s·Σ_{m in split} gy[m, row_e]·x[m, col_e] for CSR entries e."""
+    pid_e = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < NNZ
+    col = tl.load(col_ptr + e, mask=e_ok, other=0).to(tl.int32)
+    # row_e = the r with row_ptr[r] <= e < row_ptr[r + 1]; invariant row_ptr[lo] <= e < row_ptr[hi]
+    lo = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    hi = tl.zeros((BLOCK_E,), dtype=tl.int32) + N_ROWS
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(row_ptr + mid, mask=e_ok, other=0) <= e
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    m_lo = pid_s * M_PER_SPLIT
+    m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
+    acc = tl.zeros((BLOCK_E,), dtype=ACC)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        ok = (offs_m < m_hi)[:, None] & e_ok[None, :]
+        g = tl.load(gy_ptr + offs_m[:, None] * stride_gm + lo[None, :] * stride_gn, mask=ok,
+                    other=0.0).to(ACC)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk, mask=ok,
+                     other=0.0).to(ACC)
+        acc += tl.sum(g * xv, axis=0)
+    dst = tl.load(perm_ptr + e, mask=e_ok, other=0)
+    tl.store(out_ptr + pid_s * stride_os + dst, acc * scaling, mask=e_ok)
+
+
+def _gemm(X, w, w_strides, bias, ptr, idx, perm, values, y, M, N, K, scaling):
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(_sparse_fwd_autotuned)[grid](
+        X, w, bias if bias is not None else y, ptr, idx, perm, values, y,
+        M, N, K, X.stride(0), X.stride(1), w_strides[0], w_strides[1], y.stride(0), y.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, ACC=acc_dtype(X, w, values), UPCAST=upcast_flag(X, w, values),
+        PREC=input_precision(X, w),
+    )
+
+
+@triton_op("pypeft_fast::sparse_fwd", mutates_args={})
+def sparse_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               values: torch.Tensor, csr_perm: torch.Tensor, row_ptr: torch.Tensor,
+               csr_col: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x (n, in), weight (out, in), values (nnz,) in the user's order; CSR of ΔW: row_ptr
+    (out+1,), csr_col (nnz,), csr_perm (nnz,) (CSR position → index in values). → y (n, out)."""
+    n, k = x.shape
+    out_f = weight.shape[0]
+    check_int32_indexing(x, weight)
+    y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
+    if n > 0 and out_f > 0:
+        _gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, row_ptr, csr_col, csr_perm,
+              values, y, n, out_f, k, scaling)
+    return y
+
+
+@triton_op("pypeft_fast::sparse_bwd", mutates_args={})
+def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor,
+               csr_perm: torch.Tensor, row_ptr: torch.Tensor, csr_col: torch.Tensor,
+               csc_perm: torch.Tensor, col_ptr: torch.Tensor, csc_row: torch.Tensor,
+               scaling: float, needs_dx: bool,
+               needs_dv: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (n, in) = gy·(W + s·ΔW), dv (nnz,) = s·SDDMM(gy, x) in values' order); a gradient
+    not asked for comes back as an empty (0,) tensor."""
+    n, out_f = gy.shape
+    k = weight.shape[1]
+    check_int32_indexing(x, weight, gy)
+    dx = dv = gy.new_empty((0,))
+    if needs_dx:
+        dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
+        if n > 0 and k > 0:
+            _gemm(gy, weight, (weight.stride(0), weight.stride(1)), None, col_ptr, csc_row,
+                  csc_perm, values, dx, n, k, out_f, scaling)
+    if needs_dv:
+        nnz = csr_col.numel()
+        cd = torch_acc_dtype(x, values)
+        block_e, block_m = sddmm_blocks()
+        tiles = triton.cdiv(nnz, block_e)
+        splits = split_count(tiles, n, block_m, gy.device)
+        m_per_split = triton.cdiv(triton.cdiv(max(n, 1), block_m), splits) * block_m
+        splits = max(1, triton.cdiv(n, m_per_split))
+        ws = torch.empty((splits, nnz), dtype=cd, device=gy.device)
+        if nnz > 0:
+            wrap_triton(_sparse_sddmm_kernel)[(tiles, splits)](
+                gy, x, row_ptr, csr_col, csr_perm, ws,
+                n, nnz, out_f, max(1, (out_f - 1).bit_length() + 1), m_per_split,
+                gy.stride(0), gy.stride(1), x.stride(0), x.stride(1), ws.stride(0),
+                scaling, ACC=acc_dtype(x, values), BLOCK_E=block_e, BLOCK_M=block_m,
+            )
+        dv = (ws[0] if splits == 1 else ws.sum(0)).to(values.dtype)
+    return dx, dv
