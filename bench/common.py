@@ -77,3 +77,59 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+# --- one runner for every family: providers side by side, modes forward / backward / full ---
+
+def _flat(P):
+    return [t for p in P for t in (p if isinstance(p, tuple) else (p,))]
+
+
+def time_modes(call, x, P, gy) -> dict:
+    """Median seconds for ``forward`` (no graph), ``full`` (forward + backward) and their
+    difference ``backward``."""
+    def fwd():
+        with torch.no_grad():
+            call(x, P)
+
+    def full():
+        x.grad = None
+        for t in _flat(P):
+            t.grad = None
+        call(x, P).backward(gy)
+
+    t_fwd, t_full = median_time(fwd), median_time(full)
+    return {"forward": t_fwd, "full": t_full, "backward": t_full - t_fwd}
+
+
+def run_family_bench(family: str, make, shapes: list[str], providers: list[str], flops) -> list[dict]:
+    """``make(shape) -> (x, W, P, {provider: call(x, P)})``; ``flops(shape, P)`` = the delta's
+    forward+backward FLOPs. Prints one table; returns the rows (with the environment)."""
+    env = environment()
+    rows = []
+    for key in shapes:
+        s = SHAPES[key]
+        x, W, P, calls = make(s)
+        gy = torch.randn(s.n, s.out_f, dtype=x.dtype)
+        base = None
+        for prov in providers:
+            if prov not in calls:
+                continue
+            t = time_modes(calls[prov], x, P, gy)
+            if prov == "frozen":
+                base = t["full"]
+            extra = flops(s, P) if prov != "frozen" else 0.0
+            rows.append({"family": family, "shape": key, "provider": prov, **{k: v * 1e3 for k, v in t.items()},
+                         "over_frozen_%": None if base is None else 100 * (t["full"] / base - 1),
+                         "delta_GFLOP/s": extra / max(t["full"] - (base or 0), 1e-9) / 1e9 if extra else None,
+                         **env})
+    print(f"\n{family}: times in ms (median), overhead of forward+backward over the frozen layer")
+    print_table(rows, ["shape", "provider", "forward", "backward", "full", "over_frozen_%", "delta_GFLOP/s"])
+    print(f"device {env['device']}, torch {env['torch']}, {env['date']}")
+    return rows
+
+
+def available_backends(family: str) -> list[str]:
+    from pypeft_fast import registry
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [b for b in registry.BACKENDS if registry.why_unavailable(family, b, dev) is None]
