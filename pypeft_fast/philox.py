@@ -97,6 +97,17 @@ def dropout_rows(x2d: torch.Tensor, seed: torch.Tensor, p: float, dtype=None,
     return out
 
 
+def keep_rows(seed: torch.Tensor, n: int, k: int, p: float, device=None) -> torch.Tensor:
+    """The bool keep-mask of an (n, k) input (a transient: 1 byte per element)."""
+    return keep_mask(seed, n * k, p, device=device).view(n, k)
+
+
+def apply_keep(t: torch.Tensor, keep: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """``t ⊙ keep / (1-p)`` (in place on ``t`` when ``inplace``)."""
+    out = t.mul_(keep) if inplace else t * keep
+    return out.mul_(1.0 / (1.0 - p))
+
+
 def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh 63-bit seed from torch's default CPU generator (restored by checkpointing)."""
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)

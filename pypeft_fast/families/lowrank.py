@@ -9,11 +9,12 @@ Forward::
 Backward (t = s·gy·B, (n, r))::
 
     dx = gy·W + drop'(t·A)        drop'(z) = z ⊙ m / (1-p)   (same mask, rebuilt from the seed)
-    dA = tᵀ·drop(x)               drop(x) rebuilt from x and the seed, used, dropped
+    dA = tᵀ·drop(x)               drop(x) rebuilt from x and the mask, used, dropped
     dB = s·gyᵀ·u
 
 Saved: x (the caller's tensor), u (n×r, float32) and the 8-byte seed. The dropped copy of x and
-its mask are never kept.
+its mask are never kept between forward and backward; backward rebuilds the mask once (a
+transient bool n×in) for both dx and dA.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..function import DeltaLinearFunction
-from ..philox import draw_seed, dropout_rows
+from ..philox import apply_keep, draw_seed, dropout_rows, keep_rows
 from ..validate import (
-    check_base, check_param, check_same_device, check_scaling, compute_dtype, fail, shape_str,
+    check_base, check_param, check_same_device, check_scaling, compute_dtype, fail,
 )
 from ._accumulate import add_into, addmm_into
 
@@ -70,17 +71,20 @@ class TorchLowRank:
         cd = compute_dtype(x2d, A, B)
         gyc = gy2d.to(cd)
         dx = dA = dB = None
+        keep = None
         if needs_dx or need_dA:
             t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
+            if hp.dropout:  # the forward's mask, rebuilt once for both uses
+                keep = keep_rows(aux[0], *x2d.shape, hp.dropout, device=x2d.device)
         if needs_dx:
             dx = gy2d @ weight
-            if hp.dropout == 0.0:
+            if keep is None:
                 dx = addmm_into(dx, t, A.to(cd))
             else:
-                z = t @ A.to(cd)
-                dx = add_into(dx, dropout_rows(z, aux[0], hp.dropout, out=z))
+                dx = add_into(dx, apply_keep(t @ A.to(cd), keep, hp.dropout, inplace=True))
         if need_dA:
-            dA = (t.t() @ _dropped(x2d, aux, hp, cd)).to(A.dtype)
+            xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, hp.dropout)
+            dA = (t.t() @ xd).to(A.dtype)
         if need_dB:
             dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)
         return dx, (dA, dB)
@@ -125,4 +129,4 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     )
 
 
-__all__ = ["lowrank_linear", "delta_weight", "LowRankHP", "TorchLowRank", "shape_str"]
+__all__ = ["lowrank_linear", "delta_weight", "LowRankHP", "TorchLowRank"]
