@@ -56,6 +56,7 @@ else:
 
 if TRITON_IMPORT_ERROR is None:
     _import_kernels()
+    from pypeft_fast.kernels import kronecker as _kronecker  # noqa: E402
     from pypeft_fast.kernels import lowrank as _lowrank  # noqa: E402
     from pypeft_fast.kernels import sparse as _sparse  # noqa: E402
     from pypeft_fast.kernels._utils import interpreting  # noqa: E402
@@ -108,6 +109,25 @@ class TritonLowRank:
                                               _none_if_empty(dB, need_dB))
 
 
+class TritonKronSum:
+    """``pypeft_fast::kron_sum_fwd`` / ``kron_sum_bwd`` (kernels/kronecker.py), for both the
+    kronecker (h = 1) and phm families; params A (h, a_out, a_in), B (h, b_out, b_in)."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        A, B = params
+        return torch.ops.pypeft_fast.kron_sum_fwd(x2d, weight, bias, A, B, hp.scaling), ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A, B = params
+        need_dA, need_dB = bool(needs_dparams[0]), bool(needs_dparams[1])
+        dx, dA, dB = torch.ops.pypeft_fast.kron_sum_bwd(gy2d, x2d, weight, A, B, hp.scaling,
+                                                       bool(needs_dx), need_dA, need_dB)
+        return _none_if_empty(dx, needs_dx), (_none_if_empty(dA, need_dA),
+                                              _none_if_empty(dB, need_dB))
+
+
 class TritonSparse:
     """``pypeft_fast::sparse_fwd`` / ``sparse_bwd`` (kernels/sparse.py); aux is the mask's
     SparseLayout tensors (csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row)."""
@@ -132,4 +152,6 @@ class TritonSparse:
 if TRITON_IMPORT_ERROR is None:
     registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
     registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
+    registry.register_kernels("kronecker", "triton", TritonKronSum, auto=True)
+    registry.register_kernels("phm", "triton", TritonKronSum, auto=True)
     registry.register_availability("triton", probe)
