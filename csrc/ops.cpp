@@ -1,0 +1,35 @@
+// The one list of native ops: schemas (TORCH_LIBRARY) and their CPU implementations.
+// CUDA implementations register in the .cu files (TORCH_LIBRARY_IMPL(pypeft_fast, CUDA, m));
+// fake (meta) implementations for torch.compile are in pypeft_fast/_ops.py, which also holds
+// these schema strings and checks them against the loaded library.
+//
+// Names do not clash with the torch-path custom ops pypeft_fast::torch_spmm_csr_t and
+// pypeft_fast::torch_sddmm_csr (pypeft_fast/families/sparse.py).
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(pypeft_fast, m) {
+  // sparse: S (R, C) in CSR; x (n, C); a (n, R), b (n, C)
+  m.def("sparse_spmm_csr_t(Tensor row_ptr, Tensor col, Tensor val, int n_cols, Tensor x) -> Tensor");
+  m.def("sparse_spmm_csr_t_acc(Tensor(a!) out, Tensor row_ptr, Tensor col, Tensor val, Tensor x) -> ()");
+  m.def("sparse_sddmm_csr(Tensor row_ptr, Tensor col, Tensor a, Tensor b) -> Tensor");
+  // Philox dropout (pypeft_fast/philox.py) and the fused low-rank dropout path
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+  m.def("philox_keep_mask(Tensor seed, int numel, float p, int start=0) -> Tensor");
+  m.def("philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor");
+  m.def("lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor");
+  m.def("lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
+  using namespace pypeft_fast;
+  m.impl("sparse_spmm_csr_t", &sparse_spmm_csr_t_cpu);
+  m.impl("sparse_spmm_csr_t_acc", &sparse_spmm_csr_t_acccpu);
+  m.impl("sparse_sddmm_csr", &sparse_sddmm_csr_cpu);
+  m.impl("philox4x32_10", &philox4x32_10_cpu);
+  m.impl("philox_keep_mask", &philox_keep_mask_cpu);
+  m.impl("philox_dropout", &philox_dropout_cpu);
+  m.impl("lowrank_dropout_down", &lowrank_dropout_down_cpu);
+  m.impl("lowrank_dropout_bwd", &lowrank_dropout_bwd_cpu);
+}

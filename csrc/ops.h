@@ -1,0 +1,29 @@
+// Declarations of the CPU and CUDA implementations registered in ops.cpp / *_cuda.cu.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace pypeft_fast {
+
+// sparse (csrc/sparse/)
+at::Tensor sparse_spmm_csr_t_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
+                                 const at::Tensor& val, int64_t n_cols, const at::Tensor& x);
+void sparse_spmm_csr_t_acccpu(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col,
+                               const at::Tensor& val, const at::Tensor& x);
+at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
+                                const at::Tensor& a, const at::Tensor& b);
+
+// Philox dropout and the fused low-rank dropout path (csrc/lowrank/)
+at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key);
+at::Tensor philox_keep_mask_cpu(const at::Tensor& seed, int64_t numel, double p, int64_t start);
+at::Tensor philox_dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p,
+                              std::optional<at::ScalarType> dtype);
+at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
+                                    const at::Tensor& seed, double p);
+at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,
+                                   const at::Tensor& seed, double p,
+                                   const std::optional<at::Tensor>& dx, bool need_dA);
+
+}  // namespace pypeft_fast

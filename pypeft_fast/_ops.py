@@ -1,0 +1,120 @@
+"""The native ops (``torch.ops.pypeft_fast.*`` from ``csrc/``): schemas and fake kernels, in one place.
+
+The schemas are defined in C++ (``csrc/ops.cpp``, ``TORCH_LIBRARY(pypeft_fast, m)``); this module
+lists the same strings, checks them against the loaded library (a stale ``_C`` built from other
+sources is refused, not half-used) and registers the fake (meta) implementations that let
+``torch.compile`` trace through the ops. Shapes (S: (R, C) in CSR, nnz stored entries)::
+
+    sparse_spmm_csr_t(row_ptr (R+1,), col (nnz,), val (nnz,), n_cols=C, x (n, C)) -> (n, R)
+        x · Sᵀ in val's dtype (float32/float64); x may be any float dtype.
+    sparse_spmm_csr_t_acc(out (n, R)!, row_ptr, col, val, x (n, C)) -> ()
+        out += x · Sᵀ in place, summed in val's dtype and rounded once to out's dtype.
+    sparse_sddmm_csr(row_ptr (R+1,), col (nnz,), a (n, R), b (n, C)) -> (nnz,)
+        out[k] = Σₙ a[n, row_k] · b[n, col_k], float64 if a or b is, else float32.
+    philox4x32_10(counter (m, 4) int64, key (2,) int64) -> (m, 4) int64      [CPU]
+        Random123 Philox4x32-10 on uint32 words held in int64.
+    philox_keep_mask(seed 0-d int64, numel, p, start=0) -> (numel,) bool     [CPU]
+        pypeft_fast.philox.keep_mask, from csrc/common/philox.h.
+    philox_dropout(x, seed, p, dtype=None) -> like x
+        x ⊙ keep / (1-p) over x's row-major flat index, in dtype (default x's).
+    lowrank_dropout_down(x (n, in), A (r, in), seed, p) -> u (n, r)
+        u = drop(x) · Aᵀ in A's dtype (float32/float64), drop(x) never stored.
+    lowrank_dropout_bwd(t (n, r), x (n, in), A (r, in), seed, p, dx (n, in)!?, need_dA) -> dA
+        dx += drop(t · A) in place (if dx given); dA = tᵀ · drop(x) (r, in) if need_dA else (0,).
+
+``seed`` is a 0-d int64 CPU tensor; ``p`` in [0, 1). Index tensors are trusted beyond their
+shapes: the sparse family validates a mask once, when it builds its layout.
+"""
+from __future__ import annotations
+
+import torch
+
+ABI_VERSION = 1
+"""Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``."""
+
+SCHEMAS = {
+    "sparse_spmm_csr_t": "sparse_spmm_csr_t(Tensor row_ptr, Tensor col, Tensor val, int n_cols, Tensor x) -> Tensor",
+    "sparse_spmm_csr_t_acc": "sparse_spmm_csr_t_acc(Tensor(a!) out, Tensor row_ptr, Tensor col, Tensor val, Tensor x) -> ()",
+    "sparse_sddmm_csr": "sparse_sddmm_csr(Tensor row_ptr, Tensor col, Tensor a, Tensor b) -> Tensor",
+    "philox4x32_10": "philox4x32_10(Tensor counter, Tensor key) -> Tensor",
+    "philox_keep_mask": "philox_keep_mask(Tensor seed, int numel, float p, int start=0) -> Tensor",
+    "philox_dropout": "philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor",
+    "lowrank_dropout_down": "lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor",
+    "lowrank_dropout_bwd": "lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor",
+}
+
+
+def check_schemas() -> None:
+    """Raise ImportError unless the loaded library defines exactly the schemas listed here."""
+    problems = []
+    for name, schema in SCHEMAS.items():
+        try:
+            got = str(getattr(torch.ops.pypeft_fast, name).default._schema)
+        except (AttributeError, RuntimeError):
+            problems.append(f"{name}: missing")
+            continue
+        if got != f"pypeft_fast::{schema}":
+            problems.append(f"{name}: library has {got!r}, expected 'pypeft_fast::{schema}'")
+    if problems:
+        raise ImportError("pypeft_fast._C does not match pypeft_fast/_ops.py (stale build? "
+                          "rebuild with `pip install --no-build-isolation -e .`): " + "; ".join(problems))
+
+
+def _acc_dtype(*ts):
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def register_fakes() -> None:
+    """Fake (meta) kernels: output shapes/dtypes, with the C++ checks' shape conditions."""
+    lib = "pypeft_fast::"
+
+    @torch.library.register_fake(lib + "sparse_spmm_csr_t")
+    def _(row_ptr, col, val, n_cols, x):
+        torch._check(x.dim() == 2 and x.shape[1] == n_cols,
+                     lambda: f"sparse_spmm_csr_t: x has shape {tuple(x.shape)}; expected (n, {n_cols})")
+        torch._check(val.shape == col.shape, lambda: "sparse_spmm_csr_t: val and col differ in shape")
+        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1), dtype=val.dtype)
+
+    @torch.library.register_fake(lib + "sparse_spmm_csr_t_acc")
+    def _(out, row_ptr, col, val, x):
+        torch._check(out.dim() == 2 and out.shape[0] == x.shape[0]
+                     and out.shape[1] == row_ptr.shape[0] - 1,
+                     lambda: f"sparse_spmm_csr_t_acc: out has shape {tuple(out.shape)}; expected "
+                             f"({x.shape[0]}, {row_ptr.shape[0] - 1})")
+        return None
+
+    @torch.library.register_fake(lib + "sparse_sddmm_csr")
+    def _(row_ptr, col, a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[0],
+                     lambda: f"sparse_sddmm_csr: a {tuple(a.shape)} and b {tuple(b.shape)} "
+                             "must be 2-D with the same number of rows")
+        torch._check(a.shape[1] == row_ptr.shape[0] - 1,
+                     lambda: f"sparse_sddmm_csr: a has shape {tuple(a.shape)}; expected "
+                             f"(n, {row_ptr.shape[0] - 1})")
+        return a.new_empty((col.shape[0],), dtype=_acc_dtype(a, b))
+
+    @torch.library.register_fake(lib + "philox4x32_10")
+    def _(counter, key):
+        return torch.empty_like(counter)
+
+    @torch.library.register_fake(lib + "philox_keep_mask")
+    def _(seed, numel, p, start=0):
+        return torch.empty((numel,), dtype=torch.bool, device=seed.device)
+
+    @torch.library.register_fake(lib + "philox_dropout")
+    def _(x, seed, p, dtype=None):
+        return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+    @torch.library.register_fake(lib + "lowrank_dropout_down")
+    def _(x, A, seed, p):
+        torch._check(x.dim() == 2 and A.dim() == 2 and A.shape[1] == x.shape[1],
+                     lambda: f"lowrank_dropout_down: A has shape {tuple(A.shape)} but x has shape "
+                             f"{tuple(x.shape)}; expected A: (r, {x.shape[-1]})")
+        return x.new_empty((x.shape[0], A.shape[0]), dtype=A.dtype)
+
+    @torch.library.register_fake(lib + "lowrank_dropout_bwd")
+    def _(t, x, A, seed, p, dx, need_dA):
+        torch._check(t.shape[0] == x.shape[0] and t.shape[1] == A.shape[0],
+                     lambda: f"lowrank_dropout_bwd: t has shape {tuple(t.shape)}; expected "
+                             f"({x.shape[0]}, {A.shape[0]})")
+        return A.new_empty(A.shape) if need_dA else A.new_empty((0,))

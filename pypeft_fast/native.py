@@ -1,0 +1,145 @@
+"""The native backends: loads ``pypeft_fast._C`` (``csrc/``) and registers its kernels.
+
+* ``cpp``  — the C++ CPU kernels (at::parallel_for, ISA-cloned vector loops);
+* ``cuda`` — the CUDA kernels, when ``_C`` was built with them (``_C.build_info()``).
+
+The ops dispatch on the tensors' device, so one :class:`Kernels` class per family serves both
+backends; the frozen GEMMs stay ATen's (MKL / cuBLAS), the structured parts go native.
+A missing ``_C`` raises ModuleNotFoundError, a broken or stale one ImportError;
+``pypeft_fast.backends`` logs either and the torch path keeps working.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from . import _ops, registry
+from .families._accumulate import addmm_into
+from .families.lowrank import TorchLowRank
+from .validate import compute_dtype
+
+log = logging.getLogger("pypeft_fast")
+
+try:
+    from . import _C
+except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(
+        "pypeft_fast._C is not built (build it with `pip install --no-build-isolation -e .`)",
+        name="pypeft_fast._C",
+    ) from e
+except (ImportError, OSError) as e:  # undefined symbols: built against another torch
+    raise ImportError(f"pypeft_fast._C failed to load ({e}); rebuild it against torch "
+                      f"{torch.__version__} with `pip install --no-build-isolation -e .`") from e
+
+BUILD_INFO: dict = _C.build_info()
+if BUILD_INFO.get("abi") != _ops.ABI_VERSION:
+    raise ImportError(f"pypeft_fast._C has ABI {BUILD_INFO.get('abi')}, this Python code expects "
+                      f"{_ops.ABI_VERSION}: rebuild with `pip install --no-build-isolation -e .`")
+if BUILD_INFO.get("torch_version") != torch.__version__:
+    raise ImportError(f"pypeft_fast._C was built against torch {BUILD_INFO.get('torch_version')} "
+                      f"but torch {torch.__version__} is running: rebuild with "
+                      "`pip install --no-build-isolation -e .`")
+_ops.check_schemas()
+_ops.register_fakes()
+WITH_CUDA: bool = bool(BUILD_INFO.get("with_cuda"))
+ops = torch.ops.pypeft_fast
+
+
+class NativeSparse:
+    """Sparse family: y += x·(sΔW)ᵀ and dx += gy·(sΔW) by the native SpMM (accumulating into the
+    frozen GEMM's output, no n×out temporary), dv by the native SDDMM."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        (values,) = params
+        csr_perm, row_ptr, csr_col, *_ = aux
+        cd = compute_dtype(x2d, values)
+        y = F.linear(x2d, weight, bias)
+        v = values.to(cd)[csr_perm] * hp.scaling
+        ops.sparse_spmm_csr_t_acc(y, row_ptr, csr_col, v, x2d)
+        return y, ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        (values,) = params
+        csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row = aux
+        cd = compute_dtype(x2d, values)
+        dx = dv = None
+        if needs_dx:
+            dx = gy2d @ weight
+            v = values.to(cd)[csc_perm] * hp.scaling
+            ops.sparse_spmm_csr_t_acc(dx, col_ptr, csc_row, v, gy2d)
+        if needs_dparams[0]:
+            a, b = (gy2d, x2d) if x2d.dtype == cd or cd != torch.float64 else (gy2d.to(cd), x2d.to(cd))
+            g_csr = ops.sparse_sddmm_csr(row_ptr, csr_col, a, b)
+            dv = torch.empty_like(g_csr).index_copy_(0, csr_perm, g_csr).mul_(hp.scaling)
+            dv = dv.to(values.dtype)
+        return dx, (dv,)
+
+
+class NativeLowRank:
+    """Low-rank family with dropout: the mask is generated inside the kernels that read x
+    (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
+    ``dA = tᵀ·drop(x)``). Without dropout there is nothing to fuse: the torch kernels run."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        if hp.dropout == 0.0:
+            return TorchLowRank.forward(x2d, weight, bias, params, aux, hp)
+        A, B = params
+        cd = compute_dtype(x2d, A, B)
+        u = ops.lowrank_dropout_down(x2d, A.to(cd), aux[0], hp.dropout)
+        y = F.linear(x2d, weight, bias)
+        y = addmm_into(y, u, B.to(cd).t(), alpha=hp.scaling)
+        return y, (u,)
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if hp.dropout == 0.0:
+            return TorchLowRank.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                         needs_dparams)
+        A, B = params
+        (u,) = extras
+        need_dA, need_dB = needs_dparams
+        cd = compute_dtype(x2d, A, B)
+        gyc = gy2d.to(cd)
+        dx = dA = dB = None
+        if needs_dx:
+            dx = gy2d @ weight
+        if needs_dx or need_dA:
+            t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
+            dA = ops.lowrank_dropout_bwd(t, x2d, A.to(cd), aux[0], hp.dropout, dx, bool(need_dA))
+            dA = dA.to(A.dtype) if need_dA else None
+        if need_dB:
+            dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)
+        return dx, (dA, dB)
+
+
+def _cpp_probe(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpp kernels run on CPU tensors (use backend='cuda' or 'auto' on {device.type})"
+    return None
+
+
+def _cuda_probe(device: torch.device) -> str | None:
+    if not WITH_CUDA:
+        return "pypeft_fast._C was built without CUDA kernels (CPU-only torch, no nvcc, or PYPEFT_FAST_SKIP_CUDA=1)"
+    if device.type != "cuda":
+        return "the cuda kernels run on CUDA tensors"
+    return None
+
+
+registry.register_availability("cpp", _cpp_probe)
+registry.register_availability("cuda", _cuda_probe)
+
+# auto=True only where bench/ measured the cpp kernels faster than the torch path on CPU.
+# bench/bench_sparse.py, llama-1024 shapes, 2-core Xeon (AVX-512), fp32: see bench/NOTES.md.
+registry.register_kernels("sparse", "cpp", NativeSparse, auto=True)
+# bench/bench_lowrank.py, dropout 0.05: see bench/NOTES.md. (dropout 0 runs the torch kernels.)
+registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
+if WITH_CUDA:
+    # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
+    registry.register_kernels("sparse", "cuda", NativeSparse, auto=False)
+    registry.register_kernels("lowrank", "cuda", NativeLowRank, auto=False)
