@@ -1,0 +1,326 @@
+"""Op-level tests of the native kernels (``csrc/`` → ``torch.ops.pypeft_fast.*``).
+
+Every op: ``torch.library.opcheck`` (schema, fake kernel, autograd registration); numbers
+against float64 dense references on ragged shapes with the flash-attention rule of
+tests/numerics.py (error ≤ 2 × plain PyTorch's error in the same dtype + eps); Philox bit for bit
+against pypeft_fast/philox.py and Random123's known answers; argument errors that name shapes;
+the build info. Family-level outputs and gradients of backend="cpp" are tested by
+tests/test_<family>.py, which parametrize over every usable backend.
+
+Skipped when ``pypeft_fast._C`` is not built, unless PYPEFT_FAST_REQUIRE_NATIVE=1 (CI sets it:
+there a missing build is a failure, not a skip).
+"""
+import os
+
+import pytest
+import torch
+
+from numerics import assert_within as _assert_within, rand
+
+try:
+    from pypeft_fast import native
+except ImportError as e:  # not built, or a stale build refused by native.py
+    if os.environ.get("PYPEFT_FAST_REQUIRE_NATIVE") == "1":
+        raise
+    pytest.skip(f"native extension unavailable: {e}", allow_module_level=True)
+
+from pypeft_fast import philox  # noqa: E402
+from pypeft_fast.families.sparse import build_layout  # noqa: E402
+
+ops = torch.ops.pypeft_fast
+DEVICES = ["cpu"] + (["cuda"] if native.WITH_CUDA and torch.cuda.is_available() else [])
+
+# (n tokens, C = in, R = out): ragged on purpose.
+SHAPES = [(97, 37, 53), (6, 123, 431), (1025, 59, 111), (1, 8, 3)]
+
+
+def assert_within(name, got, ref, base, dtype):
+    """tests/numerics.py's rule; in float64 plain PyTorch *is* the reference (its error is 0),
+    so there a reduction-length-aware bound replaces it: 1e-12 relative to the largest |ref|."""
+    if dtype == torch.float64:
+        assert got.dtype == torch.float64, f"{name}: dtype {got.dtype}, expected float64"
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        torch.testing.assert_close(got, ref.to(got.device), rtol=0, atol=1e-12 * max(scale, 1.0),
+                                   msg=lambda m: f"{name}: {m}")
+        return
+    _assert_within(name, got, ref, base, dtype)
+
+
+def _mask(R, C, nnz, seed):
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(R * C, generator=g)[:nnz]
+    return torch.stack([flat // C, flat % C])
+
+
+def _sparse_case(n, C, R, density, seed, device="cpu"):
+    nnz = max(0, min(R * C, round(density * R * C)))
+    idx = _mask(R, C, nnz, seed)
+    layout = build_layout(idx.to(device), R, C)
+    vals = rand(nnz, seed=seed + 1)
+    S = torch.zeros(R, C, dtype=torch.float64)
+    S[idx[0], idx[1]] = vals
+    return layout, vals.to(device), S.to(device)
+
+
+# ---------------------------------------------------------------- sparse: SpMM and SDDMM
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                         (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_spmm_matches_dense(device, shape, x_dtype, acc):
+    n, C, R = shape
+    layout, vals, S = _sparse_case(n, C, R, 0.2, seed=n + C)
+    x = rand(n, C, seed=7).to(device=device, dtype=x_dtype)
+    v = vals[layout.csr_perm].to(acc)
+    ref = x.double() @ S.t()
+    base = x.to(acc) @ S.to(acc).t()
+    got = ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, v, C, x)
+    assert_within("spmm x·Sᵀ", got, ref, base, acc)
+    # transpose direction (backward dx): gy (n, R) · S over the CSR of Sᵀ
+    gy = rand(n, R, seed=8).to(device=device, dtype=x_dtype)
+    vt = vals[layout.csc_perm].to(acc)
+    got_t = ops.sparse_spmm_csr_t(layout.col_ptr, layout.csc_row, vt, R, gy)
+    assert_within("spmm gy·S", got_t, gy.double() @ S, gy.to(acc) @ S.to(acc), acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_spmm_accumulates_into_out_rounding_once(device, out_dtype):
+    n, C, R = 97, 37, 53
+    layout, vals, S = _sparse_case(n, C, R, 0.3, seed=3)
+    x = rand(n, C, seed=4).to(device=device, dtype=out_dtype)
+    y0 = rand(n, R, seed=5).to(device=device, dtype=out_dtype)
+    y = y0.clone()
+    ops.sparse_spmm_csr_t_acc(y, layout.row_ptr, layout.csr_col, vals[layout.csr_perm].float(), x)
+    ref = y0.double() + x.double() @ S.t()
+    base = (y0.float() + x.float() @ S.float().t()).to(out_dtype)  # summed in fp32, rounded once
+    assert_within("spmm_acc", y, ref, base, out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("density", [0.0, 1 / (53 * 37), 0.05, 1.0])
+def test_spmm_and_sddmm_mask_densities(device, density):
+    n, C, R = 97, 37, 53
+    layout, vals, S = _sparse_case(n, C, R, density, seed=11, device=device)
+    x = rand(n, C, seed=12).to(device=device, dtype=torch.float32)
+    gy = rand(n, R, seed=13).to(device=device, dtype=torch.float32)
+    y = ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, vals[layout.csr_perm].float(), C, x)
+    assert_within("spmm", y, x.double() @ S.t(), x @ S.float().t(), torch.float32)
+    g = ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, gy, x)
+    rows, cols = layout_rows_cols(layout, R)
+    full64, full32 = gy.double().t() @ x.double(), gy.t() @ x
+    assert_within("sddmm", g, full64[rows, cols], full32[rows, cols], torch.float32)
+
+
+def layout_rows_cols(layout, R):
+    """(row, col) of each CSR entry, in CSR order."""
+    counts = layout.row_ptr[1:] - layout.row_ptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(R, device=counts.device), counts)
+    return rows, layout.csr_col
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                       (torch.bfloat16, torch.float32)])
+def test_sddmm_matches_dense(device, shape, dtype, acc):
+    n, C, R = shape
+    layout, _, _ = _sparse_case(n, C, R, 0.2, seed=2 * n + R, device=device)
+    a = rand(n, R, seed=21).to(device=device, dtype=dtype)
+    b = rand(n, C, seed=22).to(device=device, dtype=dtype)
+    rows, cols = layout_rows_cols(layout, R)
+    ref = (a.double().t() @ b.double())[rows, cols]
+    base = (a.to(acc).t() @ b.to(acc))[rows, cols]
+    got = ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, a, b)
+    assert_within("sddmm", got, ref, base, acc)
+
+
+def test_sddmm_accumulates_in_float64_when_an_input_is():
+    layout, _, _ = _sparse_case(33, 20, 30, 0.3, seed=5)
+    a, b = rand(33, 30, seed=1), rand(33, 20, seed=2).float()
+    assert ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, a, b).dtype == torch.float64
+
+
+def test_sparse_ops_name_the_bad_argument_and_shapes():
+    layout, vals, _ = _sparse_case(9, 7, 5, 0.5, seed=1)
+    v = vals[layout.csr_perm].float()
+    with pytest.raises(RuntimeError, match=r"sparse_spmm_csr_t: x has shape \[9, 6\]; expected \(n, 7\)"):
+        ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, v, 7, torch.randn(9, 6))
+    with pytest.raises(RuntimeError, match=r"val has shape \[3\] but col has shape"):
+        ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, v[:3], 7, torch.randn(9, 7))
+    with pytest.raises(RuntimeError, match=r"val has dtype BFloat16; expected float32 or float64"):
+        ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, v.bfloat16(), 7, torch.randn(9, 7))
+    with pytest.raises(RuntimeError, match=r"out has shape \[9, 4\]; expected \(9, 5\)"):
+        ops.sparse_spmm_csr_t_acc(torch.zeros(9, 4), layout.row_ptr, layout.csr_col, v, torch.randn(9, 7))
+    with pytest.raises(RuntimeError, match=r"sparse_sddmm_csr: a has shape \[9, 4\]; expected \(n, 5\)"):
+        ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, torch.randn(9, 4), torch.randn(9, 7))
+    with pytest.raises(RuntimeError, match=r"b has shape \[8, 7\] but a has shape \[9, 5\]"):
+        ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, torch.randn(9, 5), torch.randn(8, 7))
+    with pytest.raises(RuntimeError, match=r"row_ptr has dtype Int; expected Long"):
+        ops.sparse_sddmm_csr(layout.row_ptr.int(), layout.csr_col, torch.randn(9, 5), torch.randn(9, 7))
+
+
+# ---------------------------------------------------------------- Philox: bit for bit
+
+
+# Random123 kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def test_philox_random123_known_answers():
+    counter = torch.tensor([c for c, _, _ in KAT], dtype=torch.int64)
+    for i, (_, key, expected) in enumerate(KAT):
+        got = ops.philox4x32_10(counter[i : i + 1], torch.tensor(key, dtype=torch.int64))
+        assert tuple(got[0].tolist()) == expected, f"KAT {i}: {[hex(v) for v in got[0].tolist()]}"
+
+
+def test_philox_matches_the_python_definition_on_many_counters():
+    g = torch.arange(0, 5000, 7, dtype=torch.int64) * 0x10001 + (1 << 33)  # uses both counter words
+    seed = torch.tensor(0x1234_5678_9ABC_DEF, dtype=torch.int64)
+    key = torch.stack([seed & 0xFFFFFFFF, seed >> 32])
+    counter = torch.stack([g & 0xFFFFFFFF, g >> 32, torch.zeros_like(g), torch.zeros_like(g)], 1)
+    got = ops.philox4x32_10(counter, key)
+    want = torch.stack(philox.philox4x32(g & 0xFFFFFFFF, g >> 32, seed), 1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 987654321, 2**63 - 1, 0x7F3A_0000_0000_0001])
+@pytest.mark.parametrize("start,numel", [(0, 1), (0, 1000), (3, 777), (13, 5), (2**33 + 5, 131)])
+@pytest.mark.parametrize("p", [0.05, 0.37, 0.5])
+def test_keep_mask_is_bit_exact(seed, start, numel, p):
+    s = torch.tensor(seed, dtype=torch.int64)
+    assert torch.equal(ops.philox_keep_mask(s, numel, p, start), philox.keep_mask(s, numel, p, start=start))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(37, 27), (1, 1), (5, 1031), (257, 3)])
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, None), (torch.float64, None),
+                                               (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float32)])
+def test_dropout_is_bit_exact_to_the_torch_path(device, shape, x_dtype, out_dtype):
+    seed = torch.tensor(20261121, dtype=torch.int64)
+    x = rand(*shape, seed=3).to(device=device, dtype=x_dtype)
+    got = ops.philox_dropout(x, seed, 0.1, out_dtype)
+    want = philox.dropout_rows(x, seed, 0.1, dtype=out_dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_dropout_keep_rate():
+    keep = ops.philox_keep_mask(torch.tensor(5), 1 << 20, 0.05)
+    assert abs(keep.float().mean().item() - (1 - philox.keep_threshold(0.05) / 65536)) < 1e-3
+
+
+# ---------------------------------------------------------------- fused low-rank dropout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,r", [(97, 37, 5), (1, 8, 1), (300, 1031, 16), (33, 7, 3)])
+@pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                         (torch.bfloat16, torch.float32)])
+def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc):
+    p, seed = 0.3, torch.tensor(77 + n, dtype=torch.int64)
+    x = rand(n, k, seed=1).to(device=device, dtype=x_dtype)
+    A = rand(r, k, seed=2).to(device=device, dtype=acc)
+    t = rand(n, r, seed=3).to(device=device, dtype=acc)
+    keep = philox.keep_mask(seed, n * k, p).view(n, k).to(device).double() / (1 - p)
+    xd64 = x.double() * keep
+    xd = philox.dropout_rows(x, seed, p, dtype=acc)  # plain PyTorch, same dtype
+
+    u = ops.lowrank_dropout_down(x, A, seed, p)
+    assert_within("u = drop(x)·Aᵀ", u, xd64 @ A.double().t(), xd @ A.t(), acc)
+
+    dx0 = rand(n, k, seed=4).to(device=device, dtype=x_dtype)
+    dx = dx0.clone()
+    dA = ops.lowrank_dropout_bwd(t, x, A, seed, p, dx, True)
+    assert_within("dA = tᵀ·drop(x)", dA, t.double().t() @ xd64, t.t() @ xd, acc)
+    z = t @ A
+    base_dx = (philox.dropout_rows(z, seed, p, out=z) + dx0.to(acc)).to(x_dtype)
+    assert_within("dx += drop(t·A)", dx, dx0.double() + (t.double() @ A.double()) * keep, base_dx, x_dtype)
+
+    # each output alone
+    assert ops.lowrank_dropout_bwd(t, x, A, seed, p, None, True).shape == (r, k)
+    dx2 = dx0.clone()
+    assert ops.lowrank_dropout_bwd(t, x, A, seed, p, dx2, False).numel() == 0
+    assert torch.equal(dx2, dx)
+
+
+def test_lowrank_ops_name_the_bad_argument_and_shapes():
+    s = torch.tensor(1)
+    with pytest.raises(RuntimeError, match=r"lowrank_dropout_down: A has shape \[4, 9\] but x has shape \[3, 8\]"):
+        ops.lowrank_dropout_down(torch.randn(3, 8), torch.randn(4, 9), s, 0.1)
+    with pytest.raises(RuntimeError, match=r"p must be in \[0, 1\), got 1"):
+        ops.lowrank_dropout_down(torch.randn(3, 8), torch.randn(4, 8), s, 1.0)
+    with pytest.raises(RuntimeError, match=r"seed must be a 0-d int64 CPU tensor, got shape \[1\]"):
+        ops.philox_dropout(torch.randn(3), torch.tensor([1]), 0.1)
+    with pytest.raises(RuntimeError, match=r"t has shape \[3, 5\]; expected \(3, 4\)"):
+        ops.lowrank_dropout_bwd(torch.randn(3, 5), torch.randn(3, 8), torch.randn(4, 8), s, 0.1, None, True)
+    with pytest.raises(RuntimeError, match=r"dx has shape \[3, 7\]; expected \(3, 8\) like x"):
+        ops.lowrank_dropout_bwd(torch.randn(3, 4), torch.randn(3, 8), torch.randn(4, 8), s, 0.1,
+                                torch.zeros(3, 7), True)
+
+
+# ---------------------------------------------------------------- opcheck on every op
+
+
+def _opcheck_cases():
+    layout, vals, _ = _sparse_case(13, 11, 9, 0.3, seed=9)
+    v = vals[layout.csr_perm].float()
+    x, gy = torch.randn(13, 11), torch.randn(13, 9)
+    s = torch.tensor(42)
+    A, t = torch.randn(3, 11), torch.randn(13, 3)
+    ctr = torch.randint(0, 2**32, (5, 4), dtype=torch.int64)
+    return {
+        "sparse_spmm_csr_t": (layout.row_ptr, layout.csr_col, v, 11, x),
+        "sparse_spmm_csr_t_acc": (torch.randn(13, 9), layout.row_ptr, layout.csr_col, v, x),
+        "sparse_sddmm_csr": (layout.row_ptr, layout.csr_col, gy, x),
+        "philox4x32_10": (ctr, torch.tensor([7, 9], dtype=torch.int64)),
+        "philox_keep_mask": (s, 100, 0.2, 3),
+        "philox_dropout": (x.bfloat16(), s, 0.2, torch.float32),
+        "lowrank_dropout_down": (x, A, s, 0.2),
+        "lowrank_dropout_bwd": (t, x, A, s, 0.2, torch.randn(13, 11), True),
+    }
+
+
+def test_opcheck_covers_every_op():
+    from pypeft_fast import _ops
+    assert set(_opcheck_cases()) == set(_ops.SCHEMAS)
+
+
+@pytest.mark.parametrize("name", sorted(_opcheck_cases()))
+def test_opcheck(name):
+    torch.library.opcheck(getattr(ops, name).default, _opcheck_cases()[name])
+
+
+def test_opcheck_bwd_without_dx():
+    s = torch.tensor(42)
+    torch.library.opcheck(ops.lowrank_dropout_bwd.default,
+                          (torch.randn(6, 2), torch.randn(6, 5), torch.randn(2, 5), s, 0.5, None, True))
+
+
+# ---------------------------------------------------------------- build info and registration
+
+
+def test_build_info_matches_the_running_torch():
+    info = native._C.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert info["abi"] == native._ops.ABI_VERSION
+    assert info["with_cuda"] == native.WITH_CUDA
+    assert info["openmp"] == torch.backends.openmp.is_available()
+    if info["with_cuda"]:
+        assert info["cuda_version"] == torch.version.cuda and info["cuda_archs"]
+
+
+def test_cpp_backend_is_registered_and_probed():
+    from pypeft_fast import registry
+    for family in ("sparse", "lowrank"):
+        assert registry.why_unavailable(family, "cpp", torch.device("cpu")) is None
+        assert "CPU tensors" in registry.why_unavailable(family, "cpp", torch.device("cuda"))
+    if not native.WITH_CUDA:
+        assert "not built with CUDA" in registry.why_unavailable("sparse", "cuda", torch.device("cuda"))
