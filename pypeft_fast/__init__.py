@@ -22,7 +22,9 @@ from .families.phm import phm_linear
 from .families.sparse import sparse_linear
 from .patch import PatchReport, patch, unpatch
 from .registry import BACKENDS, FAMILIES
-from .inject import DeltaConfig, inject  # noqa: E402  (pf.inject: our families in any model)
+from .inject import (  # noqa: E402  (pf.inject: our families in any model)
+    DeltaConfig, inject, load_adapter, merge, save_adapter, trainable_report, unmerge,
+)
 
 __version__ = "0.1.0"
 
@@ -32,5 +34,5 @@ __all__ = [
     "lowrank_linear", "kronecker_linear", "phm_linear", "sparse_linear",
     "patch", "unpatch", "PatchReport",
     "BACKENDS", "FAMILIES", "__version__",
-    "DeltaConfig", "inject",
+    "DeltaConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "trainable_report",
 ]

@@ -4,8 +4,15 @@
 * :mod:`.specs`   — the per-family table (shapes, init, which op to call); adding a family = one spec.
 * :mod:`.masks`   — sparse mask strategies (random, largest |W|, block).
 * :mod:`.modules` — the ``DeltaLinear`` wrapper and ``inject``.
+* :mod:`.merge`   — ``merge`` / ``unmerge`` (ΔW folded into the frozen weights and back).
+* :mod:`.io`      — ``save_adapter`` / ``load_adapter`` (safetensors + JSON).
+* :mod:`.report`  — ``trainable_report`` (parameters per module type).
 """
 from .config import DeltaConfig
+from .io import load_adapter, save_adapter
+from .merge import merge, unmerge
 from .modules import DeltaLinear, delta_modules, inject
+from .report import TrainableReport, trainable_report
 
-__all__ = ["DeltaConfig", "DeltaLinear", "delta_modules", "inject"]
+__all__ = ["DeltaConfig", "DeltaLinear", "delta_modules", "inject", "save_adapter", "load_adapter",
+           "merge", "unmerge", "trainable_report", "TrainableReport"]

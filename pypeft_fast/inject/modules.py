@@ -238,6 +238,7 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
         params = {k: v for k, v in t.items() if plan[name][k][1] == "param"}
         buffers = {k: v for k, v in t.items() if plan[name][k][1] == "index"}
         wrapper = DeltaLinear(mod, kind, config, name, params, buffers, shared)
+        wrapper.train(mod.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)

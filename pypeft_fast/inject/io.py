@@ -1,0 +1,161 @@
+"""``save_adapter`` / ``load_adapter``: the delta tensors as safetensors plus a JSON config.
+
+A saved adapter is a directory holding
+
+* ``pypeft_adapter_config.json``: ``{"format", "config": DeltaConfig.to_dict(), "layers": {name:
+  {"base": "Linear" | "Conv1D", "shape": [out, in]}}}``;
+* ``pypeft_adapter.safetensors``: ``<layer>.<tensor>`` for each layer's delta tensors (a sparse
+  mask is saved as its int64 ``indices`` (2, nnz)), ``__shared__.<tensor>`` for Parameters shared
+  across layers, saved once. Never pickle.
+
+``load_adapter`` checks every layer, key, shape and dtype against the model before it assigns
+anything, and raises one ``ValueError`` listing every problem; on error the model is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..families.sparse import validate_indices
+from .config import FORMAT, DeltaConfig
+from .modules import delta_modules, find_targets, inject, planned_shapes
+from .specs import SPECS
+
+CONFIG_NAME = "pypeft_adapter_config.json"
+WEIGHTS_NAME = "pypeft_adapter.safetensors"
+SHARED = "__shared__"
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the injected adapter of ``model`` to the directory ``path`` (created if needed)."""
+    mods = delta_modules(model)
+    if not mods:
+        raise ValueError(f"save_adapter: {type(model).__name__} holds no injected layers; call pf.inject first")
+    cfg = mods[0][1].config
+    tensors, layers = {}, {}
+    for name, m in mods:
+        layers[name] = {"base": m.base_kind, "shape": [m.out_features, m.in_features]}
+        for k in (*m.delta_names, *m.index_names):
+            tensors[f"{name}.{k}"] = getattr(m, k).detach().cpu().contiguous()
+    first = mods[0][1]
+    for k in first.shared_names:
+        tensors[f"{SHARED}.{k}"] = getattr(first, k).detach().cpu().contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "config": cfg.to_dict(), "layers": layers}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _shape(s) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` and return it.
+
+    A model without injected layers is first injected with the saved config (after every check
+    passed); an injected model must hold the same family, scaling, layers and shapes. Tensors are
+    copied into the existing Parameters (the optimizer's references stay valid) in their dtype.
+    """
+    where = f"load_adapter({os.fspath(path)!r})"
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{where}: {CONFIG_NAME} has format {meta.get('format') if isinstance(meta, dict) else None!r}; "
+                         f"expected {FORMAT!r}")
+    cfg = DeltaConfig.from_dict(meta["config"])
+    file_layers = meta["layers"]
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+
+    problems: list[str] = []
+    mods = dict(delta_modules(model))
+    if mods:
+        if any(m.merged for m in mods.values()):
+            raise ValueError(f"{where}: the model's injected layers are merged; call pf.unmerge first")
+        mcfg = next(iter(mods.values())).config
+        if mcfg.family != cfg.family:
+            raise ValueError(f"{where}: the model holds a {mcfg.family!r} adapter, the file a "
+                             f"{cfg.family!r} one; expected the same family")
+        s_model, s_file = SPECS[mcfg.family].scaling(mcfg), SPECS[cfg.family].scaling(cfg)
+        if s_model != s_file:
+            problems.append(f"scaling is {s_model:g} in the model, {s_file:g} in the file "
+                            f"(options {mcfg.options()} vs {cfg.options()})")
+        bases = {n: (m.out_features, m.in_features) for n, m in mods.items()}
+        plan = {n: {k: (tuple(getattr(m, k).shape), "index" if k in m.index_names else "param")
+                    for k in (*m.delta_names, *m.index_names)} for n, m in mods.items()}
+        first = next(iter(mods.values()))
+        plan[SHARED] = {k: (tuple(getattr(first, k).shape), "param") for k in first.shared_names}
+    else:
+        targets = find_targets(model, cfg)
+        bases = {n: ((mod.weight.shape[1], mod.weight.shape[0]) if kind == "Conv1D"
+                     else tuple(mod.weight.shape)) for n, mod, kind in targets}
+        plan = planned_shapes(cfg, [])  # the shared Parameters
+        for target in targets:  # a layer the family cannot take is listed with the rest
+            try:
+                plan.update(planned_shapes(cfg, [target]))
+            except ValueError as e:
+                problems.append(str(e))
+
+    for n in sorted(set(file_layers) - set(bases)):
+        problems.append(f"{n}: the file holds an adapter for this layer, but the model has no such "
+                        f"target layer (expected one of {len(bases)} layers, e.g. {next(iter(bases), None)})")
+    for n in sorted(set(bases) - set(file_layers)):
+        problems.append(f"{n}: the model targets this layer, but the file has no tensors for it")
+    for n in sorted(set(bases) & set(file_layers)):
+        if tuple(file_layers[n]["shape"]) != tuple(bases[n]):
+            problems.append(f"{n}: base weight (out, in) is {_shape(bases[n])} in the model; the adapter "
+                            f"was saved for {_shape(file_layers[n]['shape'])}")
+
+    expected = set()
+    for layer, entries in plan.items():
+        if layer != SHARED and layer not in file_layers:
+            continue
+        for k, (shape, kind) in entries.items():
+            key = f"{layer}.{k}"
+            expected.add(key)
+            if key not in tensors:
+                problems.append(f"{layer}: tensor {k!r} {_shape(shape)} is missing from the file (key {key!r})")
+                continue
+            t = tensors[key]
+            if tuple(t.shape) != tuple(shape):
+                problems.append(f"{layer}: tensor {k!r} has shape {_shape(t.shape)} in the file; "
+                                f"expected {_shape(shape)}")
+            elif kind == "index":
+                if t.dtype != torch.int64:
+                    problems.append(f"{layer}: tensor {k!r} has dtype {t.dtype}; expected torch.int64")
+                else:
+                    try:
+                        validate_indices(layer, t, *bases[layer])
+                    except ValueError as e:
+                        problems.append(str(e))
+            elif not t.is_floating_point():
+                problems.append(f"{layer}: tensor {k!r} has dtype {t.dtype}; expected a floating dtype")
+    for key in sorted(set(tensors) - expected):
+        layer = key.rsplit(".", 1)[0]
+        if layer in file_layers and layer not in plan:
+            continue  # already reported: a layer the model lacks or cannot take
+        problems.append(f"{layer}: unexpected tensor {key!r} {_shape(tensors[key].shape)} in the file")
+
+    if problems:
+        listing = "\n  - ".join(problems[:25])
+        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        raise ValueError(f"{where}: {len(problems)} problem(s); nothing was loaded:\n  - {listing}{more}")
+
+    if not mods:
+        inject(model, cfg)
+        mods = dict(delta_modules(model))
+    with torch.no_grad():
+        for n, m in mods.items():
+            for k in (*m.delta_names, *m.index_names):
+                dst = getattr(m, k)
+                dst.copy_(tensors[f"{n}.{k}"].to(device=dst.device, dtype=dst.dtype))
+        first = next(iter(mods.values()))
+        for k in first.shared_names:
+            dst = getattr(first, k)
+            dst.copy_(tensors[f"{SHARED}.{k}"].to(device=dst.device, dtype=dst.dtype))
+    return model
