@@ -26,14 +26,14 @@ from ._utils import (
 
 
 def matmul_blocks():
-    """(largest tile side, K block): 64 under the interpreter (it costs ~3 ms per program per
-    K-step), 128 × 64 on a GPU."""
-    return (64, 64) if interpreting() else (128, 64)
+    """Largest (big tile side, K block): 128 × 64 on a GPU; 128 × 128 under the interpreter,
+    where a program has ~30 ms of fixed overhead (fewer, larger programs are faster there).
+    Each is shrunk to the next power of two ≥ 16 of the actual size."""
+    return (512, 128) if interpreting() else (128, 64)
 
 
-@triton.jit
-def _split_index(idx, INNER, s_outer, s_inner):
-    return (idx // INNER) * s_outer + (idx % INNER) * s_inner
+def _fit(size: int, cap: int) -> int:
+    return min(max(16, triton.next_power_of_2(max(size, 1))), cap)
 
 
 @triton.jit
@@ -58,8 +58,8 @@ def _strided_matmul_kernel(
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = offs_p < P
     q_ok = offs_q < Q
-    l_row = _split_index(offs_p, P_INNER, s_lpo, s_lpi)
-    r_col = _split_index(offs_q, Q_INNER, s_rqo, s_rqi)
+    l_row = (offs_p // P_INNER) * s_lpo + (offs_p % P_INNER) * s_lpi
+    r_col = (offs_q // Q_INNER) * s_rqo + (offs_q % Q_INNER) * s_rqi
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if DROP != 0:
@@ -68,9 +68,11 @@ def _strided_matmul_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < k_hi
-        lt = tl.load(l_ptr + l_row[:, None] + _split_index(kk, K_INNER, s_lko, s_lki)[None, :],
+        k_outer = kk // K_INNER
+        k_inner = kk % K_INNER
+        lt = tl.load(l_ptr + l_row[:, None] + (k_outer * s_lko + k_inner * s_lki)[None, :],
                      mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        rt = tl.load(r_ptr + _split_index(kk, K_INNER, s_rko, s_rki)[:, None] + r_col[None, :],
+        rt = tl.load(r_ptr + (k_outer * s_rko + k_inner * s_rki)[:, None] + r_col[None, :],
                      mask=k_ok[:, None] & q_ok[None, :], other=0.0)
         if UPCAST:
             lt = lt.to(ACC)
@@ -83,8 +85,8 @@ def _strided_matmul_kernel(
                               GROUPED_RNG)
             rt = tl.where(keep, rt, 0.0)
         acc = _mma(lt, rt, acc, PREC)
-    o_row = _split_index(offs_p, P_INNER, s_opo, s_opi)
-    o_col = _split_index(offs_q, Q_INNER, s_oqo, s_oqi)
+    o_row = (offs_p // P_INNER) * s_opo + (offs_p % P_INNER) * s_opi
+    o_col = (offs_q // Q_INNER) * s_oqo + (offs_q % Q_INNER) * s_oqi
     tl.store(out_ptr + pid_s * s_os + o_row[:, None] + o_col[None, :],
              _cast_out(acc * alpha, out_ptr.dtype.element_ty, UPCAST),
              mask=p_ok[:, None] & q_ok[None, :])
@@ -113,9 +115,7 @@ def strided_matmul(L, R, P, Q, K, *, lp, lk, rk, rq, out, op, oq, alpha=1.0, dro
     if P == 0 or Q == 0:
         return out
     big, block_k = matmul_blocks()
-    small = 64 if interpreting() else 128
-    block_p = min(max(16, triton.next_power_of_2(P)), small) if P <= Q else big
-    block_q = min(max(16, triton.next_power_of_2(Q)), small) if P > Q else big
+    block_p, block_q, block_k = _fit(P, big), _fit(Q, big), _fit(K, block_k)
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     splits = split_count(tiles, K, block_k, out.device)
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), block_k), splits) * block_k

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._matmul import _split_index, strided_matmul
+from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_indexing,
     input_precision, interpreting, torch_acc_dtype, upcast_flag,
@@ -69,10 +69,12 @@ def _kron_sum_fwd_kernel(
         for c0 in range(0, HC, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < HC
+            c_h = cc // C  # contraction index c = (h, c')
+            c_c = cc % C
             ut = tl.load(u_ptr + offs_m[:, None] * stride_un + p * stride_up
-                         + _split_index(cc, C, stride_uh, stride_uc)[None, :],
+                         + (c_h * stride_uh + c_c * stride_uc)[None, :],
                          mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            bt = tl.load(b_ptr + _split_index(cc, C, stride_bh, stride_bc)[:, None]
+            bt = tl.load(b_ptr + (c_h * stride_bh + c_c * stride_bc)[:, None]
                          + q_of[None, :] * stride_bq,
                          mask=c_ok[:, None] & sel[None, :], other=0.0)
             if UPCAST:

@@ -34,6 +34,35 @@ from ._utils import (
 from .lowrank import gemm_configs
 
 
+def sparse_gemm_configs(capability: tuple[int, int] | None = None):
+    """Frozen-GEMM tiles for the CSR-walking kernel. The walk's per-column state and the fp32
+    W-tile update cost registers: on sm_80 the 128-wide tiles spill (ptxas: 255 registers,
+    44–152 spill bytes), so below sm_90 only the 64 × 64 tile is kept (bench/NOTES.md)."""
+    if interpreting():
+        return gemm_configs()
+    configs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=3),
+    ]
+    if capability is not None and capability < (9, 0):
+        configs = configs[2:]
+    return configs
+
+
+def _prune_for_device(configs, named_args, **kwargs):
+    """Autotune-time (the device is initialised by then) pruning to this GPU's spill-free tiles."""
+    if interpreting() or not torch.cuda.is_available():
+        return configs
+    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in sparse_gemm_configs(torch.cuda.get_device_capability())}
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+
 def sddmm_blocks():
     """(entries per program, rows per n-step)."""
     return (64, 32) if interpreting() else (128, 32)
@@ -70,20 +99,18 @@ def _sparse_fwd_kernel(
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             x = x.to(ACC)
+            w = w.to(ACC)
         active = (cur < end) & (col < k0 + BLOCK_K)
         if tl.max(active.to(tl.int32), axis=0) > 0:
-            wf = w.to(ACC)
             while tl.max(active.to(tl.int32), axis=0) > 0:
+                # each (k, n) is hit at most once: W + s·v formed in fp32, rounded once
                 v = tl.load(val_ptr + tl.load(perm_ptr + cur, mask=active, other=0),
                             mask=active, other=0.0).to(ACC)
                 hit = (kk[:, None] == col[None, :]) & active[None, :]
-                wf += tl.where(hit, v[None, :] * scaling, 0.0)
+                w = tl.where(hit, (w.to(ACC) + v[None, :] * scaling).to(w.dtype), w)
                 cur += active.to(tl.int32)
                 col = tl.load(idx_ptr + cur, mask=cur < end, other=0).to(tl.int32)
                 active = (cur < end) & (col < k0 + BLOCK_K)
-            w = wf.to(x.dtype)
-        elif UPCAST:
-            w = w.to(ACC)
         acc = _mma(x, w, acc, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
@@ -91,8 +118,9 @@ def _sparse_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_sparse_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])(
-    _sparse_fwd_kernel)
+_sparse_fwd_autotuned = triton.autotune(
+    configs=sparse_gemm_configs(), key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune_for_device})(_sparse_fwd_kernel)
 
 
 @triton.jit
