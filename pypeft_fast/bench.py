@@ -9,8 +9,9 @@ row it is compared with:
 * ``lowrank``      — peft LoRA (dropout 0.05) vs the same peft model after ``pf.patch``.
 * ``kronecker``    — peft LoKr vs the same peft model after ``pf.patch``.
 * ``sparse``       — peft SHiRA vs the same peft model after ``pf.patch``.
-* ``phm``          — ``pf.inject(family="phm")`` vs a materialising reference on the same
-                     Parameters (ΔW = s·Σᵢ Aᵢ ⊗ Bᵢ built each step, then ``F.linear``).
+* ``phm``          — ``pf.inject(family="phm", n=4, rank=1)`` (Compacter: shared A, rank-1 B
+                     factors) vs a materialising reference on the same Parameters (ΔW = s·Σᵢ
+                     Aᵢ ⊗ Bᵢ built each step, then ``F.linear``).
 
 A step is forward (causal-LM cross-entropy), backward, ``AdamW.step()`` and ``zero_grad``. The
 variants run interleaved — warm-ups for all, then round after round of one step each — so a
@@ -134,12 +135,12 @@ def build_variants(a, base, device):
     for fam in a.families:
         if fam == "phm":
             cfg = pf.DeltaConfig(family="phm", target_modules=list(TARGET_MODULES), n=a.phm_n,
-                                 rank=a.rank, shared_A=True)
+                                 rank=a.phm_rank, shared_A=True)
             fast = pf.inject(copy.deepcopy(base), cfg)
             _randomise_zeros(fast)
             ref = materialising_copy(fast)
             variants.append(Variant(fam, "reference", f"reference PHM n={a.phm_n} (Σ kron, F.linear)", ref))
-            variants.append(Variant(fam, "pypeft_fast", f"pypeft_fast PHM n={a.phm_n} rank {a.rank}", fast))
+            variants.append(Variant(fam, "pypeft_fast", f"pypeft_fast PHM n={a.phm_n} rank {a.phm_rank}", fast))
             continue
         from peft import LoKrConfig, LoraConfig, ShiraConfig, get_peft_model
 
@@ -269,6 +270,35 @@ def run(a, variants, batch, device, progress=True):
         v.opt.zero_grad(set_to_none=True)
         bar.update()
     bar.close()
+
+
+def profile(variants, batch, top: int) -> str:
+    """One extra step per variant under ``torch.profiler``: the ``top`` ops by self CPU time,
+    and what each variant spends more than the floor, op by op (where the overhead goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    per: dict[str, dict[str, tuple[float, int]]] = {}
+    for v in variants:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with tprofile(activities=acts) as prof:
+            train_step(v, batch)
+        per[v.label] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    floor = per[variants[0].label]
+    lines = []
+    for v in variants:
+        ops = per[v.label]
+        total = sum(t for t, _ in ops.values())
+        lines.append(f"\n== {v.label}: {total:.0f} ms self CPU time in ops")
+        for k, (t, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+            extra = "" if v is variants[0] else f"   ({t - floor.get(k, (0.0, 0))[0]:+8.1f} ms vs floor)"
+            lines.append(f"   {t:9.1f} ms  {n:6d}×  {k}{extra}")
+        if v is not variants[0]:
+            diff = {k: t - floor.get(k, (0.0, 0))[0] for k, (t, _) in ops.items()}
+            worst = sorted(diff.items(), key=lambda kv: -kv[1])[:top]
+            lines.append("   largest increases over the floor: " +
+                         ", ".join(f"{k} {d:+.1f} ms" for k, d in worst if d > 0))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ results
@@ -437,14 +467,22 @@ def parse_args(argv):
                    help=f"comma-separated subset of {','.join(FAMILIES)} (also: lora, lokr, shira)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     p.add_argument("--phm-n", type=int, default=4, help="PHM terms n (default 4)")
+    p.add_argument("--phm-rank", type=int, default=1,
+                   help="rank k of PHM's B factors, Bᵢ = Sᵢ·Tᵢ (default 1: Compacter's fast weights)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="base model dtype (auto: fp32 on CPU, bf16 on GPU; adapters stay fp32)")
+    p.add_argument("--backend", default="auto",
+                   help="pypeft_fast backend for every family: auto (default), torch, cpp, cuda, triton "
+                        "(sets PYPEFT_FAST_BACKEND for this run)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; the tiny preset uses 1)")
     p.add_argument("--json", metavar="PATH", help="write the rows (with device, versions, date) as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="bar charts of time and memory overhead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the table, profile one more step per variant and print its N most "
+                        "expensive ops and the largest increases over the floor")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
@@ -458,6 +496,8 @@ def parse_args(argv):
     for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank", "steps"):
         if getattr(a, k) <= 0:
             p.error(f"--{k} must be positive, got {getattr(a, k)}")
+    if a.phm_rank <= 0:
+        p.error("--phm-rank must be positive")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
     if a.hidden % a.heads:
@@ -480,6 +520,14 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.backend != "auto":
+        from .registry import BACKENDS
+
+        if a.backend not in BACKENDS:
+            print(f"pypeft-fast bench: --backend {a.backend!r}; expected auto or one of {BACKENDS}",
+                  file=sys.stderr)
+            return 2
+        os.environ["PYPEFT_FAST_BACKEND"] = a.backend
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
@@ -497,8 +545,8 @@ def main(argv=None) -> int:
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores when the bench started; other "
               "processes share the CPU, so absolute times are inflated (rows are interleaved, so the "
               "ratios suffer less)", flush=True)
-    print("pypeft_fast backends (auto): " + ", ".join(f"{k}={v}" for k, v in pf_backends(device).items()),
-          flush=True)
+    print(f"pypeft_fast backends ({a.backend}): "
+          + ", ".join(f"{k}={v}" for k, v in pf_backends(device).items()), flush=True)
     base = build_base(a, device, dtype)
     variants = build_variants(a, base, device)
     del base
@@ -515,7 +563,8 @@ def main(argv=None) -> int:
     if a.json:
         doc = {"config": {k: getattr(a, k) for k in ("preset", "hidden", "intermediate", "layers", "heads",
                                                       "vocab", "batch", "seq", "rank", "steps", "warmup",
-                                                      "families", "lora_dropout", "phm_n")},
+                                                      "families", "lora_dropout", "phm_n", "phm_rank",
+                                                      "backend")},
                "device": device_text(device), "dtype": str(dtype).replace("torch.", ""),
                "versions": versions(), "date": result[0]["date"], "pf_backends": pf_backends(device),
                "threads": torch.get_num_threads(), "load_average_at_start": load,
@@ -526,6 +575,8 @@ def main(argv=None) -> int:
     if a.plot:
         plot(result, a.plot, title)
         print(f"wrote {a.plot}")
+    if a.profile:
+        print(profile(variants, batch, a.profile))
     bad = [r for r in result if not (r["step_s"] > 0 and math.isfinite(r["step_s"]))]
     return 1 if bad else 0
 

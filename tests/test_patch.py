@@ -22,7 +22,8 @@ from peft import (  # noqa: E402
     IA3Config, LoKrConfig, LoraConfig, PeftModel, ShiraConfig, get_peft_model,
 )
 from transformers import (  # noqa: E402
-    BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
+    BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
+    T5ForConditionalGeneration,
 )
 
 import pypeft_fast as pf  # noqa: E402
@@ -57,7 +58,15 @@ def tiny_t5(dtype=torch.float32):
     return T5ForConditionalGeneration(cfg).to(dtype)
 
 
-MODELS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5}
+def tiny_gpt2(dtype=torch.float32):
+    """GPT-2's projections are transformers ``Conv1D`` (weight stored (in, out))."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+MODELS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5, "gpt2": tiny_gpt2}
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -141,6 +150,9 @@ CASES = {
         lora_bias=True, init_lora_weights=False), torch.float32),
     "t5-lora": ("t5", lambda: LoraConfig(r=3, lora_alpha=6, target_modules=["q", "k", "v", "o", "wi", "wo"],
                                          init_lora_weights=False), torch.float32),
+    "gpt2-lora-conv1d-fan-in-fan-out": ("gpt2", lambda: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+        init_lora_weights=False), torch.float32),
     "llama-lokr-full-factors": ("llama", lambda: LoKrConfig(r=8, alpha=4, target_modules=LLAMA_TARGETS,
                                                             init_weights=False), torch.float32),
     "llama-lokr-lowrank-factors": ("llama", lambda: LoKrConfig(
@@ -509,3 +521,33 @@ def test_minilm_pretrained_fine_tune_same_losses():
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5,
                                msg=lambda m: f"losses differ:\npatched {got}\npeft    {ref}\n{m}")
     assert min(e.served_calls for e in report if "pooler" not in e.name) == 6
+
+
+def test_dropout_under_gradient_checkpointing_recomputes_the_same_mask():
+    """HF gradient checkpointing re-runs each layer's forward in backward; the recomputed Philox
+    seed (drawn from torch's default generator, whose state checkpointing restores) must give
+    the same mask, so losses and gradients equal the run without checkpointing."""
+    def build():
+        m = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
+                                                    target_modules=LLAMA_TARGETS, init_lora_weights=False))
+        pf.patch(m, strict=True)
+        m.train()
+        return m
+
+    batch = batch_for("llama", seed=4)
+    gy = torch.randn(2, 13, VOCAB, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plain, ckpt = build(), build()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    assert ckpt.base_model.model.model.gradient_checkpointing
+    torch.manual_seed(11)
+    y0, g0 = run(plain, batch, gy)
+    torch.manual_seed(11)
+    y1, g1 = run(ckpt, batch, gy)
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    # and the masks are live: another seed gives another output
+    torch.manual_seed(12)
+    y2, _ = run(plain, batch, gy)
+    assert max_err(y2, y0) > 1e-3
