@@ -74,7 +74,11 @@ def assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, base: torch.T
     assert got.dtype == base.dtype, f"{name}: dtype {got.dtype}, expected {base.dtype}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     scale = ref.abs().max().item() if ref.numel() else 0.0
-    eps = 4 * torch.finfo(got.dtype).eps * max(scale, 1e-30)
+    # A few ulps at the reference's magnitude. For outputs of a handful of elements (a scalar
+    # Kronecker factor's gradient sums ~10⁶ products) the baseline's max error is a single
+    # sample, not a statistic, so the epsilon there is 64 ulps.
+    ulps = 4 if ref.numel() >= 16 else 64
+    eps = ulps * torch.finfo(got.dtype).eps * max(scale, 1e-30)
     tol = 2 * max_err(base, ref) + eps
     diff = (got.double() - ref.double()).abs()
     bad = diff > tol
