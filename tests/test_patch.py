@@ -378,6 +378,11 @@ def test_merge_disable_and_set_adapter_keep_working():
         with model.disable_adapter():
             torch.testing.assert_close(outputs(model, batch), ref["off"], rtol=1e-5, atol=1e-5)
         assert any("adapters disabled" in e.fallback_calls for e in report)
+        # two adapters active at once: peft's forward (it sums both deltas)
+        model.base_model.set_adapter(["a", "b"])
+        both = outputs(model, batch)
+        assert any("2 adapters active at once (a, b)" in e.fallback_calls for e in report)
+        assert max_err(both, ref["a"]) > 1e-4 and max_err(both, ref["b"]) > 1e-4
         model.set_adapter("a")
         # mixed batch: peft's own forward serves it
         mixed = outputs(model, {**batch, "adapter_names": ["a", "b"]})
