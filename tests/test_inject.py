@@ -407,6 +407,16 @@ def test_load_wrong_model_shape_raises_and_changes_nothing(tmp_path):
     assert all(p.requires_grad for p in bigger.parameters())
 
 
+def test_load_into_another_architecture_raises(tmp_path):
+    pf.save_adapter(build("llama", "phm-shared"), tmp_path)
+    gpt2 = tiny_gpt2(0)
+    snap = _snapshot(gpt2)
+    with pytest.raises(ValueError, match="the saved config does not fit this model: .*matched no "
+                                         "layer of GPT2LMHeadModel"):
+        pf.load_adapter(gpt2, tmp_path)
+    assert not delta_modules(gpt2) and _unchanged(gpt2, snap)
+
+
 def test_load_wrong_rank_into_injected_model_raises_and_changes_nothing(tmp_path):
     pf.save_adapter(perturb(build("bert", "lowrank")), tmp_path)
     target = perturb(build("bert", "lowrank", r=4, alpha=12.0), seed=8)

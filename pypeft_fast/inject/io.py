@@ -91,7 +91,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         first = next(iter(mods.values()))
         plan[SHARED] = {k: (tuple(getattr(first, k).shape), "param") for k in first.shared_names}
     else:
-        targets = find_targets(model, cfg)
+        try:
+            targets = find_targets(model, cfg)
+        except ValueError as e:
+            raise ValueError(f"{where}: the saved config does not fit this model: {e}") from None
         bases = {n: ((mod.weight.shape[1], mod.weight.shape[0]) if kind == "Conv1D"
                      else tuple(mod.weight.shape)) for n, mod, kind in targets}
         plan = planned_shapes(cfg, [])  # the shared Parameters
