@@ -280,6 +280,24 @@ def test_lowrank_dropout_only_in_training():
     assert (y_a - y_eval).abs().max() > 1e-3 and (y_a - y_b).abs().max() > 1e-3
 
 
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
+    """Activation checkpointing recomputes each layer's forward: the lowrank dropout seed comes
+    from torch's default generator, which checkpoint restores, so the masks and gradients agree."""
+    grads = []
+    for checkpointing in (False, True):
+        model = perturb(build("llama", "lowrank", dropout=0.2)).train()
+        if checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
+        ids = ids_for()
+        torch.manual_seed(123)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in trainable(model).items()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 # --------------------------------------------------------------------------------------------
 # Compacter: one shared A
 
