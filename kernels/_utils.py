@@ -189,3 +189,23 @@ def _cast_out(v, out_dtype: tl.constexpr, UPCAST: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
     return v.to(out_dtype)
+
+
+def register_op(name: str, fake):
+    """Register a launcher as the op ``name``.
+
+    On a GPU: ``torch.library.triton_op`` — torch.compile sees through it to the kernels (their
+    ``wrap_triton`` calls), and the launcher itself serves as the fake kernel. Under the
+    interpreter ``wrap_triton`` hands back the bare interpreted kernel, which would run on fake
+    tensors, so there the launcher is an opaque ``custom_op`` with the shape-only ``fake``.
+    """
+    from torch.library import custom_op, triton_op
+
+    def dec(fn):
+        if interpreting():
+            op = custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return triton_op(name, mutates_args={})(fn)
+
+    return dec

@@ -28,12 +28,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    input_precision, interpreting, torch_acc_dtype, upcast_flag,
+    input_precision, interpreting, register_op, torch_acc_dtype, upcast_flag,
 )
 from .lowrank import gemm_configs
 
@@ -119,7 +119,14 @@ def _apply_A(A, x, scaling, cd):
                           oq=(b_in, U.stride(0), U.stride(3)), alpha=scaling)
 
 
-@triton_op("pypeft_fast::kron_sum_fwd", mutates_args={})
+def _kron_sum_fwd_fake(x, weight, bias, A, B, scaling):
+    torch._check(A.shape[1] * B.shape[1] == weight.shape[0] and A.shape[2] * B.shape[2] == x.shape[1],
+                 lambda: f"kron_sum_fwd: A {tuple(A.shape)} ⊗ B {tuple(B.shape)} does not match "
+                         f"weight {tuple(weight.shape)}")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@register_op("pypeft_fast::kron_sum_fwd", _kron_sum_fwd_fake)
 def kron_sum_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """x (n, in), weight (out, in), A (h, a_out, a_in), B (h, b_out, b_in) → y (n, out)."""
@@ -139,7 +146,12 @@ def kron_sum_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return y
 
 
-@triton_op("pypeft_fast::kron_sum_bwd", mutates_args={})
+def _kron_sum_bwd_fake(gy, x, weight, A, B, scaling, needs_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape if needs_dx else (0,)),
+            A.new_empty(A.shape if need_dA else (0,)), B.new_empty(B.shape if need_dB else (0,)))
+
+
+@register_op("pypeft_fast::kron_sum_bwd", _kron_sum_bwd_fake)
 def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                  B: torch.Tensor, scaling: float, needs_dx: bool, need_dA: bool,
                  need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +162,7 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
     in_f = weight.shape[1]
     check_int32_indexing(x, weight, gy)
     cd = torch_acc_dtype(x, A, B)
-    dx = dA = dB = gy.new_empty((0,))
+    dx, dA, dB = (gy.new_empty((0,)) for _ in range(3))  # outputs may not alias
     if needs_dx:
         dx = torch.empty((n, in_f), dtype=x.dtype, device=x.device)
         if n > 0 and in_f > 0:

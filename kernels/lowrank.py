@@ -20,7 +20,8 @@ column tiles would regenerate the mask. Nothing of size n×in is stored besides 
 (n, r) fp32.
 
 Launchers: :func:`lowrank_fwd`, :func:`lowrank_bwd`; ops ``pypeft_fast::lowrank_fwd`` and
-``pypeft_fast::lowrank_bwd`` (``torch.library.triton_op``, so torch.compile sees the kernels).
+``pypeft_fast::lowrank_bwd`` (``torch.library.triton_op`` on a GPU, so torch.compile sees the
+kernels; see :func:`._utils.register_op`).
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    input_precision, interpreting, rank_block, torch_acc_dtype, upcast_flag,
+    input_precision, interpreting, rank_block, register_op, torch_acc_dtype, upcast_flag,
 )
 
 
@@ -151,7 +152,15 @@ def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R
     )
 
 
-@triton_op("pypeft_fast::lowrank_fwd", mutates_args={})
+def _lowrank_fwd_fake(x, weight, bias, A, B, seed, scaling, dropout):
+    torch._check(x.shape[1] == weight.shape[1] == A.shape[1] and B.shape == (weight.shape[0], A.shape[0]),
+                 lambda: f"lowrank_fwd: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)} do not chain")
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], A.shape[0]), dtype=torch_acc_dtype(x, A, B)))
+
+
+@register_op("pypeft_fast::lowrank_fwd", _lowrank_fwd_fake)
 def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 A: torch.Tensor, B: torch.Tensor, seed: Optional[torch.Tensor],
                 scaling: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +189,12 @@ def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y, u
 
 
-@triton_op("pypeft_fast::lowrank_bwd", mutates_args={})
+def _lowrank_bwd_fake(gy, x, weight, A, B, u, seed, scaling, dropout, needs_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape if needs_dx else (0,)),
+            A.new_empty(A.shape if need_dA else (0,)), B.new_empty(B.shape if need_dB else (0,)))
+
+
+@register_op("pypeft_fast::lowrank_bwd", _lowrank_bwd_fake)
 def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                 B: torch.Tensor, u: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
                 dropout: float, needs_dx: bool, need_dA: bool,
@@ -197,8 +211,8 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     drop = dropout > 0.0
     threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
     cd = torch_acc_dtype(x, A, B)
-    empty = gy.new_empty((0,))
-    dx, dA, dB = empty, empty, empty
+    # a fresh empty tensor per unneeded gradient: op outputs may not alias each other
+    dx, dA, dB = (gy.new_empty((0,)) for _ in range(3))
     t = None
     if needs_dx:
         dx = torch.empty((n, k), dtype=x.dtype, device=x.device)

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ._utils import (
     _cast_out, _mma, _tile_ids, acc_dtype, check_int32_indexing, input_precision, interpreting,
-    split_count, torch_acc_dtype, upcast_flag,
+    register_op, split_count, torch_acc_dtype, upcast_flag,
 )
 from .lowrank import gemm_configs
 
@@ -171,7 +171,13 @@ def _gemm(X, w, w_strides, bias, ptr, idx, perm, values, y, M, N, K, scaling):
     )
 
 
-@triton_op("pypeft_fast::sparse_fwd", mutates_args={})
+def _sparse_fwd_fake(x, weight, bias, values, csr_perm, row_ptr, csr_col, scaling):
+    torch._check(row_ptr.shape[0] == weight.shape[0] + 1,
+                 lambda: f"sparse_fwd: row_ptr {tuple(row_ptr.shape)} for weight {tuple(weight.shape)}")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@register_op("pypeft_fast::sparse_fwd", _sparse_fwd_fake)
 def sparse_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                values: torch.Tensor, csr_perm: torch.Tensor, row_ptr: torch.Tensor,
                csr_col: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -187,7 +193,13 @@ def sparse_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y
 
 
-@triton_op("pypeft_fast::sparse_bwd", mutates_args={})
+def _sparse_bwd_fake(gy, x, weight, values, csr_perm, row_ptr, csr_col, csc_perm, col_ptr,
+                     csc_row, scaling, needs_dx, needs_dv):
+    return (x.new_empty(x.shape if needs_dx else (0,)),
+            values.new_empty(values.shape if needs_dv else (0,)))
+
+
+@register_op("pypeft_fast::sparse_bwd", _sparse_bwd_fake)
 def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor,
                csr_perm: torch.Tensor, row_ptr: torch.Tensor, csr_col: torch.Tensor,
                csc_perm: torch.Tensor, col_ptr: torch.Tensor, csc_row: torch.Tensor,
@@ -198,7 +210,7 @@ def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: 
     n, out_f = gy.shape
     k = weight.shape[1]
     check_int32_indexing(x, weight, gy)
-    dx = dv = gy.new_empty((0,))
+    dx, dv = gy.new_empty((0,)), gy.new_empty((0,))  # outputs may not alias
     if needs_dx:
         dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
         if n > 0 and k > 0:
