@@ -25,7 +25,7 @@ TORCH_LIBRARY(pypeft_fast, m) {
 TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   using namespace pypeft_fast;
   m.impl("sparse_spmm_csr_t", &sparse_spmm_csr_t_cpu);
-  m.impl("sparse_spmm_csr_t_acc", &sparse_spmm_csr_t_acccpu);
+  m.impl("sparse_spmm_csr_t_acc", &sparse_spmm_csr_t_acc_cpu);
   m.impl("sparse_sddmm_csr", &sparse_sddmm_csr_cpu);
   m.impl("philox4x32_10", &philox4x32_10_cpu);
   m.impl("philox_keep_mask", &philox_keep_mask_cpu);

@@ -10,7 +10,7 @@ namespace pypeft_fast {
 // sparse (csrc/sparse/)
 at::Tensor sparse_spmm_csr_t_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
                                  const at::Tensor& val, int64_t n_cols, const at::Tensor& x);
-void sparse_spmm_csr_t_acccpu(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col,
+void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr, const at::Tensor& col,
                                const at::Tensor& val, const at::Tensor& x);
 at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
                                 const at::Tensor& a, const at::Tensor& b);

@@ -137,10 +137,17 @@ def test_sddmm_matches_dense(device, shape, dtype, acc):
     assert_within("sddmm", got, ref, base, acc)
 
 
-def test_sddmm_accumulates_in_float64_when_an_input_is():
-    layout, _, _ = _sparse_case(33, 20, 30, 0.3, seed=5)
-    a, b = rand(33, 30, seed=1), rand(33, 20, seed=2).float()
+def test_sddmm_and_spmm_dtype_rules():
+    layout, vals, _ = _sparse_case(33, 20, 30, 0.3, seed=5)
+    a, b = rand(33, 30, seed=1), rand(33, 20, seed=2)
     assert ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, a, b).dtype == torch.float64
+    assert ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, a.half(), b.half()).dtype == torch.float32
+    with pytest.raises(RuntimeError, match=r"a has dtype Double but b has Float; expected the same"):
+        ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, a, b.float())
+    v = vals[layout.csr_perm]
+    with pytest.raises(RuntimeError, match=r"out has dtype BFloat16 but x has Float; expected the same"):
+        ops.sparse_spmm_csr_t_acc(torch.zeros(33, 30, dtype=torch.bfloat16), layout.row_ptr,
+                                  layout.csr_col, v, b.float())
 
 
 def test_sparse_ops_name_the_bad_argument_and_shapes():
@@ -160,6 +167,8 @@ def test_sparse_ops_name_the_bad_argument_and_shapes():
         ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col, torch.randn(9, 5), torch.randn(8, 7))
     with pytest.raises(RuntimeError, match=r"row_ptr has dtype Int; expected Long"):
         ops.sparse_sddmm_csr(layout.row_ptr.int(), layout.csr_col, torch.randn(9, 5), torch.randn(9, 7))
+    with pytest.raises(RuntimeError, match=r"row_ptr ends at \d+ but col has 2 entries"):
+        ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col[:2], torch.randn(9, 5), torch.randn(9, 7))
 
 
 # ---------------------------------------------------------------- Philox: bit for bit

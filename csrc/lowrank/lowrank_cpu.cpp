@@ -194,15 +194,7 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x_, const at::Tensor& seed, doub
 at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
                                     const at::Tensor& seed, double p) {
   static constexpr const char* op = "lowrank_dropout_down";
-  check_dim(op, "x", x, 2);
-  check_dim(op, "A", A, 2);
-  check_floating(op, "x", x);
-  check_acc(op, "A", A);
-  check_seed(op, seed);
-  check_p(op, p);
-  PPF_CHECK(op, A.size(1) == x.size(1), "A has shape ", A.sizes(), " but x has shape ", x.sizes(),
-            "; expected A: (r, ", x.size(1), ")");
-  check_same_device(op, "A", A, "x", x);
+  check_down_args(op, x, A, seed, p);
   const int64_t n = x.size(0), k = x.size(1), r = A.size(0);
   at::Tensor u = at::empty({n, r}, A.options());
   if (n == 0) return u;
@@ -245,29 +237,8 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, con
                                    const at::Tensor& seed, double p,
                                    const std::optional<at::Tensor>& dx_opt, bool need_dA) {
   static constexpr const char* op = "lowrank_dropout_bwd";
-  check_dim(op, "t", t, 2);
-  check_dim(op, "x", x, 2);
-  check_dim(op, "A", A, 2);
-  check_acc(op, "t", t);
-  check_floating(op, "x", x);
-  check_dtype(op, "A", A, t.scalar_type());
-  check_seed(op, seed);
-  check_p(op, p);
+  const bool has_dx = check_bwd_args(op, t, x, A, seed, p, dx_opt);
   const int64_t n = x.size(0), k = x.size(1), r = A.size(0);
-  PPF_CHECK(op, A.size(1) == k, "A has shape ", A.sizes(), " but x has shape ", x.sizes(),
-            "; expected A: (r, ", k, ")");
-  PPF_CHECK(op, t.size(0) == n && t.size(1) == r, "t has shape ", t.sizes(), "; expected (", n,
-            ", ", r, ") for x ", x.sizes(), " and A ", A.sizes());
-  check_same_device(op, "t", t, "x", x);
-  check_same_device(op, "A", A, "x", x);
-  const bool has_dx = dx_opt.has_value() && dx_opt->defined();
-  if (has_dx) {
-    const at::Tensor& dx = *dx_opt;
-    check_floating(op, "dx", dx);
-    PPF_CHECK(op, dx.dim() == 2 && dx.size(0) == n && dx.size(1) == k, "dx has shape ",
-              dx.sizes(), "; expected (", n, ", ", k, ") like x");
-    check_same_device(op, "dx", dx, "x", x);
-  }
   const int nthreads = at::get_num_threads();
   at::Tensor partial = need_dA ? at::zeros({nthreads, r, k}, A.options()) : at::Tensor();
   if (n > 0 && k > 0 && (has_dx || need_dA)) {
@@ -282,8 +253,6 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, con
         const x_t* xp = x.data_ptr<x_t>();
         const int64_t s0 = x.stride(0), s1 = x.stride(1);
         x_t* dxp = has_dx ? dx_opt->data_ptr<x_t>() : nullptr;
-        PPF_CHECK(op, !has_dx || dx_opt->scalar_type() == x.scalar_type(), "dx has dtype ",
-                  dx_opt->scalar_type(), " but x has ", x.scalar_type(), "; expected the same");
         const int64_t d0 = has_dx ? dx_opt->stride(0) : 0, d1 = has_dx ? dx_opt->stride(1) : 0;
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           Scratch<acc_t> mbuf;

@@ -111,32 +111,22 @@ void load_block_t(const scalar_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t
   }
 }
 
-void check_spmm_args(const char* op, const at::Tensor& row_ptr, const at::Tensor& col,
-                     const at::Tensor& val, int64_t n_cols, const at::Tensor& x) {
-  check_csr(op, row_ptr, col, &val);
-  check_acc(op, "val", val);
-  check_dim(op, "x", x, 2);
-  check_floating(op, "x", x);
-  PPF_CHECK(op, x.size(1) == n_cols, "x has shape ", x.sizes(), "; expected (n, ", n_cols,
-            ") for S with ", n_cols, " columns");
-  check_same_device(op, "x", x, "row_ptr", row_ptr);
-  PPF_CHECK(op, row_ptr[-1].item<int64_t>() == col.numel(), "row_ptr ends at ",
-            row_ptr[-1].item<int64_t>(), " but col has ", col.numel(), " entries");
+void check_row_ptr_end(const char* op, const at::Tensor& row_ptr, const at::Tensor& col) {
+  const int64_t end = row_ptr[-1].item<int64_t>();
+  PPF_CHECK(op, end == col.numel(), "row_ptr ends at ", end, " but col has ", col.numel(), " entries");
 }
 
 }  // namespace
 
 // out (n, R) += x (n, C) · Sᵀ, S (R, C) in CSR with values in the accumulation dtype.
-void sparse_spmm_csr_t_acccpu(at::Tensor& out, const at::Tensor& row_ptr_, const at::Tensor& col_,
+void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, const at::Tensor& col_,
                                const at::Tensor& val_, const at::Tensor& x) {
   static constexpr const char* op = "sparse_spmm_csr_t_acc";
   const int64_t C = x.dim() == 2 ? x.size(1) : -1;
   check_spmm_args(op, row_ptr_, col_, val_, C, x);
+  check_row_ptr_end(op, row_ptr_, col_);
   const int64_t R = row_ptr_.numel() - 1, n = x.size(0);
-  check_dim(op, "out", out, 2);
-  check_floating(op, "out", out);
-  PPF_CHECK(op, out.size(0) == n && out.size(1) == R, "out has shape ", out.sizes(),
-            "; expected (", n, ", ", R, ") for x ", x.sizes(), " and S with ", R, " rows");
+  check_out(op, out, n, R, x);
   if (n == 0 || R == 0 || col_.numel() == 0) return;
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous(), val = val_.contiguous();
   AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "sparse_spmm_csr_t_acc", [&] {
@@ -149,8 +139,8 @@ void sparse_spmm_csr_t_acccpu(at::Tensor& out, const at::Tensor& row_ptr_, const
       using x_t = scalar_t;
       const x_t* xp = x.data_ptr<x_t>();
       const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "spmm_out", [&] {
-        using o_t = scalar_t;
+      {
+        using o_t = x_t;  // out has x's dtype (checked)
         o_t* op_ = out.data_ptr<o_t>();
         const int64_t os0 = out.stride(0), os1 = out.stride(1);
         const int64_t blocks = (n + NB - 1) / NB;
@@ -170,7 +160,7 @@ void sparse_spmm_csr_t_acccpu(at::Tensor& out, const at::Tensor& row_ptr_, const
             }
           }
         });
-      });
+      }
     });
   });
 }
@@ -179,8 +169,11 @@ at::Tensor sparse_spmm_csr_t_cpu(const at::Tensor& row_ptr, const at::Tensor& co
                                  const at::Tensor& val, int64_t n_cols, const at::Tensor& x) {
   static constexpr const char* op = "sparse_spmm_csr_t";
   check_spmm_args(op, row_ptr, col, val, n_cols, x);
-  at::Tensor out = at::zeros({x.size(0), row_ptr.numel() - 1}, val.options());
-  sparse_spmm_csr_t_acccpu(out, row_ptr, col, val, x);
+  check_row_ptr_end(op, row_ptr, col);
+  // The functional form: x converted to val's dtype, accumulated into zeros of that dtype.
+  const at::Tensor xa = x.to(val.scalar_type());
+  at::Tensor out = at::zeros({x.size(0), row_ptr.numel() - 1}, xa.options());
+  sparse_spmm_csr_t_acc_cpu(out, row_ptr, col, val, xa);
   return out;
 }
 
@@ -188,21 +181,10 @@ at::Tensor sparse_spmm_csr_t_cpu(const at::Tensor& row_ptr, const at::Tensor& co
 at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& col_,
                                 const at::Tensor& a, const at::Tensor& b) {
   static constexpr const char* op = "sparse_sddmm_csr";
-  check_csr(op, row_ptr_, col_, nullptr);
-  check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 2);
-  check_floating(op, "a", a);
-  check_floating(op, "b", b);
+  check_sddmm_args(op, row_ptr_, col_, a, b);
+  check_row_ptr_end(op, row_ptr_, col_);
   const int64_t R = row_ptr_.numel() - 1, n = a.size(0), C = b.size(1), nnz = col_.numel();
-  PPF_CHECK(op, a.size(1) == R, "a has shape ", a.sizes(), "; expected (n, ", R,
-            ") for row_ptr of shape ", row_ptr_.sizes());
-  PPF_CHECK(op, b.size(0) == n, "b has shape ", b.sizes(), " but a has shape ", a.sizes(),
-            "; expected the same number of rows n");
-  check_same_device(op, "a", a, "row_ptr", row_ptr_);
-  check_same_device(op, "b", b, "row_ptr", row_ptr_);
-  PPF_CHECK(op, row_ptr_[-1].item<int64_t>() == nnz, "row_ptr ends at ",
-            row_ptr_[-1].item<int64_t>(), " but col has ", nnz, " entries");
-  const bool f64 = a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble;
+  const bool f64 = a.scalar_type() == at::kDouble;
   at::Tensor out = at::zeros({nnz}, a.options().dtype(f64 ? at::kDouble : at::kFloat));
   if (nnz == 0 || n == 0) return out;
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous();
@@ -218,8 +200,8 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sddmm_a", [&] {
       using a_t = scalar_t;
       const a_t* ap = a.data_ptr<a_t>();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "sddmm_b", [&] {
-        using b_t = scalar_t;
+      {
+        using b_t = a_t;  // same dtype (checked)
         const b_t* bp = b.data_ptr<b_t>();
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           std::vector<acc_t> gT(kSddmmRowChunk * NB), xT(C * NB);
@@ -236,7 +218,7 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
             }
           }
         });
-      });
+      }
     });
     acc_t* o = out.data_ptr<acc_t>();
     at::parallel_for(0, nnz, 4096, [&](int64_t k0, int64_t k1) {
