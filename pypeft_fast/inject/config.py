@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .specs import FAMILY_OPTIONS, SPECS
+
 FORMAT = "pypeft_fast.inject/1"
 
 
@@ -67,8 +69,6 @@ class DeltaConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        from .specs import FAMILY_OPTIONS, SPECS
-
         where = "DeltaConfig"
         if self.family not in SPECS:
             raise ValueError(f"{where}: unknown family {self.family!r}; expected one of {sorted(SPECS)}")
@@ -89,8 +89,6 @@ class DeltaConfig:
 
     def options(self) -> dict[str, Any]:
         """The resolved options of this config's family."""
-        from .specs import SPECS
-
         return {k: getattr(self, k) for k in SPECS[self.family].options}
 
     def to_dict(self) -> dict[str, Any]:

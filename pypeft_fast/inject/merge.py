@@ -22,9 +22,6 @@ from torch import nn
 
 from .modules import DeltaLinear, delta_modules
 
-TOLERANCE_NOTE = "|W_restored − W| ≤ eps·(|W| + |ΔW|)·(1 + eps) elementwise, eps = torch.finfo(W.dtype).eps"
-
-
 def _delta_tensors(m: DeltaLinear):
     return [getattr(m, k) for k in (*m.shared_names, *m.delta_names, *m.index_names)]
 

@@ -9,6 +9,7 @@ A GPT-2 ``Conv1D`` stores W transposed, as (in, out); the op gets the view ``W.t
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -204,6 +205,7 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
     if existing:
         raise ValueError(f"inject: {type(model).__name__} already holds injected layers "
                          f"({existing[0][0]}, ... {len(existing)} in all); one adapter per model")
+    config = dataclasses.replace(config)  # the layers' own copy: later edits to the caller's don't leak in
     spec = SPECS[config.family]
     targets = find_targets(model, config)
     plan = planned_shapes(config, targets)
