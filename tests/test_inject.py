@@ -643,6 +643,14 @@ def test_inject_twice_and_regex_targets():
     assert len(names) == 12 and not any("down_proj" in n for n in names)
 
 
+def test_a_layer_shared_by_two_parents_is_wrapped_once_everywhere():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    outer = nn.ModuleDict({"a": model, "b": nn.Sequential(model[0])})
+    pf.inject(outer, pf.DeltaConfig(family="lowrank", target_modules=["a.0"], r=2))
+    assert isinstance(outer["b"][0], DeltaLinear) and outer["b"][0] is outer["a"][0]
+    assert [n for n, _ in delta_modules(outer)] == ["a.0"]
+
+
 def test_layer_name_in_op_errors():
     model = build("llama", "lowrank")
     m = model.model.layers[1].mlp.up_proj

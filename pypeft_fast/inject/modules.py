@@ -220,6 +220,7 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
                     f"{targets[0][0]} is {first_w.dtype} on {first_w.device}; a Parameter shared "
                     f"across layers ({', '.join(shared_plan)}) needs one device and adapter dtype")
 
+    aliases = _aliases(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     shared = {}
@@ -241,7 +242,17 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
         buffers = {k: v for k, v in t.items() if plan[name][k][1] == "index"}
         wrapper = DeltaLinear(mod, kind, config, name, params, buffers, shared)
         wrapper.train(mod.training)  # an eval-mode model stays in eval mode (no adapter dropout)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapper)
+        for path in aliases[id(mod)]:  # a layer reachable under several names is wrapped once
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, wrapper)
     return model
+
+
+def _aliases(model: nn.Module, targets) -> dict[int, list[str]]:
+    """Every dotted path of each target layer (a layer object may sit under several parents)."""
+    paths = {id(mod): [] for _, mod, _ in targets}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in paths and name:
+            paths[id(mod)].append(name)
+    return paths
