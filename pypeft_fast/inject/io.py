@@ -66,8 +66,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with open(os.path.join(path, CONFIG_NAME)) as f:
         meta = json.load(f)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{where}: {CONFIG_NAME} has format {meta.get('format') if isinstance(meta, dict) else None!r}; "
-                         f"expected {FORMAT!r}")
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{where}: {CONFIG_NAME} has format {got!r}; expected {FORMAT!r}")
     cfg = DeltaConfig.from_dict(meta["config"])
     file_layers = meta["layers"]
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))

@@ -97,9 +97,13 @@ class DeltaLinear(nn.Module):
         return self.base_weight().shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self._modules["base_layer"]
         if self.merged:  # ΔW is folded into W
-            return self.base_layer(x)
-        return SPECS[self.family].call(self, x, self.base_weight(), self.base_layer.bias)
+            return base(x)
+        w = base._parameters["weight"]
+        if self.base_kind == "Conv1D":
+            w = w.t()  # (in, out) → (out, in), a view
+        return SPECS[self.family].call(self, x, w, base._parameters.get("bias"))
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW (out, in) materialised through the registry (merge and tests; never in training).

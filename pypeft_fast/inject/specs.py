@@ -57,9 +57,12 @@ def _kaiming(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_or(m, name):
-    if hasattr(m, name + "_left"):
-        return (getattr(m, name + "_left"), getattr(m, name + "_right"))
-    return getattr(m, name)
+    """``m.<name>`` or the pair ``(m.<name>_left, m.<name>_right)`` (read from ``_parameters``
+    directly: no ``nn.Module.__getattr__`` on the per-call path)."""
+    p = m._parameters
+    if name in p:
+        return p[name]
+    return (p[name + "_left"], p[name + "_right"])
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -111,7 +114,8 @@ class LowRankSpec:
 
     @staticmethod
     def call(m, x, weight, bias):
-        return lowrank_linear(x, weight, bias, m.A, m.B, scaling=m.scaling,
+        p = m._parameters
+        return lowrank_linear(x, weight, bias, p["A"], p["B"], scaling=m.scaling,
                               dropout=m.config.dropout if m.training else 0.0,
                               backend=m.config.backend, name=m.layer_name)
 
@@ -178,7 +182,8 @@ class KroneckerSpec:
 
     @staticmethod
     def call(m, x, weight, bias):
-        return kronecker_linear(x, weight, bias, m.A, _pair_or(m, "B"), scaling=m.scaling,
+        return kronecker_linear(x, weight, bias, m._parameters["A"], _pair_or(m, "B"),
+                                scaling=m.scaling,
                                 backend=m.config.backend, name=m.layer_name)
 
     @staticmethod
@@ -241,7 +246,7 @@ class PHMSpec:
 
     @staticmethod
     def call(m, x, weight, bias):
-        return phm_linear(x, weight, bias, m.A, _pair_or(m, "B"), scaling=m.scaling,
+        return phm_linear(x, weight, bias, m._parameters["A"], _pair_or(m, "B"), scaling=m.scaling,
                           backend=m.config.backend, name=m.layer_name)
 
     @staticmethod
@@ -295,7 +300,8 @@ class SparseSpec:
 
     @staticmethod
     def call(m, x, weight, bias):
-        return sparse_linear(x, weight, bias, m.values, m.indices, scaling=m.scaling,
+        return sparse_linear(x, weight, bias, m._parameters["values"], m._buffers["indices"],
+                             scaling=m.scaling,
                              backend=m.config.backend, name=m.layer_name)
 
     @staticmethod
