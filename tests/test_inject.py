@@ -532,6 +532,17 @@ def test_unmerge_tolerance_bfloat16_base():
     check_restored(model, weights, deltas)
 
 
+def test_merge_refuses_a_tied_weight():
+    model = tiny_gpt2(0)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    pf.inject(model, pf.DeltaConfig(family="lowrank", target_modules=["lm_head", "c_fc"]))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"merge: lm_head: the base weight \(97, 48\) is shared with "
+                                         r"transformer\.wte\.weight"):
+        pf.merge(model)
+    assert _unchanged(model, snap) and not any(m.merged for _, m in delta_modules(model))
+
+
 def test_unmerge_after_training_step_raises():
     model = perturb(build("llama", "lowrank"))
     pf.merge(model)

@@ -11,7 +11,9 @@ Only the two additions round, so elementwise
 1 + eps covers ΔW's own rounding to W's dtype), i.e. about 1.2e-7 relative for float32, 9.8e-4
 for float16, 7.8e-3 for bfloat16 (float64: 2.2e-16). Measured on the benchmark's Llama (fp32,
 28 injected PHM layers): the worst element reached 0.9994·eps·(|W| + |ΔW|) — the bound is tight.
-A merged layer runs its base layer only. If the delta parameters or the base weight changed in
+A merged layer runs its base layer only. A base weight shared with another layer (tied
+embeddings: ``lm_head`` targeted on a model that ties it to the input embedding) is refused,
+since adding ΔW would change the other layer too. If the delta parameters or the base weight changed in
 place while merged (an optimizer step, ``load_state_dict``), ``unmerge`` cannot restore W and
 raises ``ValueError`` naming the layer instead.
 """
@@ -57,6 +59,17 @@ def merge(model: nn.Module) -> nn.Module:
     if already:
         raise ValueError(f"merge: {already[0]} (and {len(already) - 1} more) is already merged; "
                          "ΔW is folded in once — call pf.unmerge first")
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for n, m in mods:
+        others = [o for o in owners[id(m.base_layer.weight)] if not o.startswith(n + ".base_layer.")]
+        if others:
+            raise ValueError(f"merge: {n}: the base weight {tuple(m.base_layer.weight.shape)} is "
+                             f"shared with {others[0]} (tied weights); adding ΔW would change that "
+                             "layer too — leave this layer unmerged or untie the weights")
     for _, m in mods:
         w = m.base_layer.weight
         w.add_(_rounded_delta(m))
