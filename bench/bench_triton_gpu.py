@@ -87,11 +87,18 @@ def kernel_costs(family: str, shape_key: str) -> list[tuple[str, float, float, s
              e * (n * k + o * k + n * o) + walk, "tc"),
             ("dx = gy·(W + s·ΔW) (W tiles + CSC walk)", 2 * n * o * k,
              e * (n * o + o * k + n * k) + walk, "tc"),
-            # each program gathers x[m, col_e] for 128 random columns: ~every 32-byte sector
-            # of x's row is touched; gy[m, row_e] spans a few rows. Counted as L2 traffic.
-            ("dv = SDDMM over nnz (gathers, L2)", 2 * n * nnz, -(-nnz // 128) * n * 32 * min(k // 16, 128), "fma"),
+            # blocked SDDMM: one dense gyᵀ·x block (128 × 64) per block of ΔW holding entries
+            # (a 1 % random mask leaves none empty), then a gather of the block's entries
+            ("dv = block SDDMM (gyᵀ·x blocks + gather)",
+             2 * n * o * k * _nonempty_fraction(nnz, o, k), e * (n * k + n * o) + nnz * 24, "tc"),
         ]
     return rows
+
+
+def _nonempty_fraction(nnz: int, o: int, k: int, bo: int = 128, bi: int = 64) -> float:
+    """Expected fraction of ΔW's bo × bi blocks holding an entry of a uniform random mask."""
+    blocks = -(-o // bo) * -(-k // bi)
+    return 1.0 - (1.0 - 1.0 / blocks) ** nnz
 
 
 def frozen_costs(shape_key: str) -> tuple[float, float]:

@@ -86,13 +86,15 @@ def _kernels():
                      val_ptr=bf, y_ptr=bf, M=n, N=ff, K=d, stride_xm=d, stride_xk=1,
                      stride_wk=1, stride_wn=d, stride_ym=ff, stride_yn=1, scaling=0.5),
                 dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee")))
-    be, bm = 128, 32
-    out.append(("sparse_sddmm", "dv over nnz, bf16", sparse._sparse_sddmm_kernel, [None],
-                dict(gy_ptr=bf, x_ptr=bf, row_ptr=i64, col_ptr=i64, perm_ptr=i64, out_ptr=f32,
-                     M=n, NNZ=28180, N_ROWS=ff, SEARCH_STEPS=13, M_PER_SPLIT=512,
+    bo, bi, bmm, be = 128, 64, 64, 128
+    out.append(("sparse_sddmm", "dv: block gyᵀ·x + gather, bf16", sparse._sparse_sddmm_kernel,
+                [None],
+                dict(gy_ptr=bf, x_ptr=bf, tile_ptr=i64, local_ptr="*i32", dst_ptr=i64,
+                     out_ptr=f32, M=n, N_OUT=ff, N_IN=d, TILES_I=d // bi, M_PER_SPLIT=n,
                      stride_gm=ff, stride_gn=1, stride_xm=d, stride_xk=1, stride_os=28180,
                      scaling=0.5),
-                dict(ACC=tl.float32, BLOCK_E=be, BLOCK_M=bm)))
+                dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_O=bo, BLOCK_I=bi,
+                     BLOCK_M=bmm, BLOCK_E=be)))
 
     kr = kronecker._kron_sum_fwd_kernel
     # LoKr-like factors for 1024 -> 2752: A (1, 43, 32), B (1, 64, 32); h·b_in = 32

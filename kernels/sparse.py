@@ -10,9 +10,11 @@ Kernels (jit → launcher → op)::
                           row tile and the MMA count is that of the frozen GEMM alone.
                           Forward: X = x,  Wop = Wᵀ, rows = CSR of ΔW   → y
                           dx:      X = gy, Wop = W,  rows = CSR of ΔWᵀ  → dx = gy·(W + s·ΔW)
-    _sparse_sddmm_kernel  dv[e] = s·Σₙ gy[n, row_e]·x[n, col_e] over the nnz only: a block of
-                          entries per program (row found by binary search in row_ptr), the
-                          n-reduction split over a grid axis.
+    _sparse_sddmm_kernel  dv[e] = s·Σₙ gy[n, row_e]·x[n, col_e] over the nnz only, blocked: one
+                          program per (BLOCK_O × BLOCK_I) block of ΔW that holds entries forms
+                          the dense block gyᵀ·x by MMA and gathers its entries (``tl.gather``);
+                          empty blocks cost nothing — at most one frozen GEMM for a random mask,
+                          ∝ block density for block masks (the block-sparse case).
 
 Precision: W + s·ΔW is formed in fp32 and rounded once to the activation dtype for the MMA
 (one extra rounding only where the mask has entries). Launchers :func:`sparse_fwd`,
@@ -24,6 +26,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 from torch.library import wrap_triton
 
@@ -64,8 +67,8 @@ def _prune_for_device(configs, named_args, **kwargs):
 
 
 def sddmm_blocks():
-    """(entries per program, rows per n-step)."""
-    return (64, 32) if interpreting() else (128, 32)
+    """(BLOCK_O, BLOCK_I, BLOCK_M, BLOCK_E) of the block SDDMM."""
+    return (64, 64, 64, 64) if interpreting() else (128, 64, 64, 128)
 
 
 @triton.jit
@@ -125,39 +128,77 @@ _sparse_fwd_autotuned = triton.autotune(
 
 @triton.jit
 def _sparse_sddmm_kernel(
-    gy_ptr, x_ptr, row_ptr, col_ptr, perm_ptr, out_ptr,
-    M, NNZ, N_ROWS, SEARCH_STEPS, M_PER_SPLIT,
+    gy_ptr, x_ptr, tile_ptr, local_ptr, dst_ptr, out_ptr,
+    M, N_OUT, N_IN, TILES_I, M_PER_SPLIT,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_os,
     scaling,
-    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out[split, perm[e]] = s·Σ_{m in split} gy[m, row_e]·x[m, col_e] for CSR entries e."""
-    pid_e = tl.program_id(0)
+    """out[split, dst[e]] = s·Σ_{m in split} gy[m, row_e]·x[m, col_e] for the entries e of one
+    (BLOCK_O × BLOCK_I) block of ΔW: the dense block C = gyᵀ·x by MMA (tensor cores), then its
+    entries picked with ``tl.gather`` (local[e] = (row_e % BLOCK_O)·BLOCK_I + col_e % BLOCK_I).
+    Blocks without entries return at once. Grid (blocks of ΔW, splits of n)."""
+    t = tl.program_id(0)
     pid_s = tl.program_id(1)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < NNZ
-    col = tl.load(col_ptr + e, mask=e_ok, other=0).to(tl.int32)
-    # row_e = the r with row_ptr[r] <= e < row_ptr[r + 1]; invariant row_ptr[lo] <= e < row_ptr[hi]
-    lo = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    hi = tl.zeros((BLOCK_E,), dtype=tl.int32) + N_ROWS
-    for _ in range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(row_ptr + mid, mask=e_ok, other=0) <= e
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    m_lo = pid_s * M_PER_SPLIT
-    m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
-    acc = tl.zeros((BLOCK_E,), dtype=ACC)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        ok = (offs_m < m_hi)[:, None] & e_ok[None, :]
-        g = tl.load(gy_ptr + offs_m[:, None] * stride_gm + lo[None, :] * stride_gn, mask=ok,
-                    other=0.0).to(ACC)
-        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk, mask=ok,
-                     other=0.0).to(ACC)
-        acc += tl.sum(g * xv, axis=0)
-    dst = tl.load(perm_ptr + e, mask=e_ok, other=0)
-    tl.store(out_ptr + pid_s * stride_os + dst, acc * scaling, mask=e_ok)
+    e_lo = tl.load(tile_ptr + t).to(tl.int32)
+    e_hi = tl.load(tile_ptr + t + 1).to(tl.int32)
+    if e_hi > e_lo:
+        offs_o = (t // TILES_I) * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = (t % TILES_I) * BLOCK_I + tl.arange(0, BLOCK_I)
+        o_ok = offs_o < N_OUT
+        i_ok = offs_i < N_IN
+        m_lo = pid_s * M_PER_SPLIT
+        m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_hi
+            g = tl.load(gy_ptr + offs_m[None, :] * stride_gm + offs_o[:, None] * stride_gn,
+                        mask=o_ok[:, None] & m_ok[None, :], other=0.0)  # gyᵀ block (O, M)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_i[None, :] * stride_xk,
+                         mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+            if UPCAST:
+                g = g.to(ACC)
+                xv = xv.to(ACC)
+            acc = _mma(g, xv, acc, PREC)
+        flat = tl.reshape(acc, (BLOCK_O * BLOCK_I,))
+        for e0 in range(e_lo, e_hi, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            ok = e < e_hi
+            local = tl.load(local_ptr + e, mask=ok, other=0)
+            dst = tl.load(dst_ptr + e, mask=ok, other=0)
+            tl.store(out_ptr + pid_s * stride_os + dst, tl.gather(flat, local, 0) * scaling,
+                     mask=ok)
+
+
+# Block layout of a mask for the SDDMM, per (csr_col tensor, block shape); eager mode only.
+_BLOCK_LAYOUTS = WeakIdKeyDictionary()
+
+
+def _block_layout(row_ptr, csr_col, csr_perm, out_f, in_f, block_o, block_i):
+    """Entries regrouped by (BLOCK_O × BLOCK_I) block of ΔW, every block listed (static shapes,
+    so torch.compile can trace it): tile_ptr (blocks+1,), local (nnz,) int32, dst (nnz,)."""
+    key = (block_o, block_i, csr_col._version, row_ptr._version)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        hit = _BLOCK_LAYOUTS.get(csr_col)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    nnz = csr_col.shape[0]
+    tiles_o, tiles_i = triton.cdiv(out_f, block_o), triton.cdiv(in_f, block_i)
+    rows = torch.repeat_interleave(torch.arange(out_f, device=csr_col.device), row_ptr.diff(),
+                                   output_size=nnz)
+    tid = (rows // block_o) * tiles_i + csr_col // block_i
+    order = torch.argsort(tid, stable=True)
+    counts = torch.bincount(tid, minlength=tiles_o * tiles_i)
+    tile_ptr = torch.zeros(tiles_o * tiles_i + 1, dtype=torch.int64, device=csr_col.device)
+    tile_ptr[1:] = torch.cumsum(counts, 0)
+    local = ((rows[order] % block_o) * block_i + csr_col[order] % block_i).to(torch.int32)
+    layout = (tile_ptr, local, csr_perm[order])
+    if not compiling:
+        _BLOCK_LAYOUTS[csr_col] = (key, layout)
+    return layout
 
 
 def _gemm(X, w, w_strides, bias, ptr, idx, perm, values, y, M, N, K, scaling):
@@ -219,18 +260,22 @@ def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: 
     if needs_dv:
         nnz = csr_col.numel()
         cd = torch_acc_dtype(x, values)
-        block_e, block_m = sddmm_blocks()
-        tiles = triton.cdiv(nnz, block_e)
+        block_o, block_i, block_m, block_e = sddmm_blocks()
+        tile_ptr, local, dst = _block_layout(row_ptr, csr_col, csr_perm, out_f, k, block_o,
+                                             block_i)
+        tiles = tile_ptr.numel() - 1
         splits = split_count(tiles, n, block_m, gy.device)
         m_per_split = triton.cdiv(triton.cdiv(max(n, 1), block_m), splits) * block_m
         splits = max(1, triton.cdiv(n, m_per_split))
-        ws = torch.empty((splits, nnz), dtype=cd, device=gy.device)
+        ws = torch.zeros((splits, nnz), dtype=cd, device=gy.device)
         if nnz > 0:
             wrap_triton(_sparse_sddmm_kernel)[(tiles, splits)](
-                gy, x, row_ptr, csr_col, csr_perm, ws,
-                n, nnz, out_f, max(1, (out_f - 1).bit_length() + 1), m_per_split,
+                gy, x, tile_ptr, local, dst, ws,
+                n, out_f, k, triton.cdiv(k, block_i), m_per_split,
                 gy.stride(0), gy.stride(1), x.stride(0), x.stride(1), ws.stride(0),
-                scaling, ACC=acc_dtype(x, values), BLOCK_E=block_e, BLOCK_M=block_m,
+                scaling, ACC=acc_dtype(x, values), UPCAST=upcast_flag(gy, x),
+                PREC=input_precision(gy, x), BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_M=block_m,
+                BLOCK_E=block_e,
             )
         dv = (ws[0] if splits == 1 else ws.sum(0)).to(values.dtype)
     return dx, dv
