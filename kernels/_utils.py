@@ -72,6 +72,41 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
+def gemm_configs():
+    """Frozen-GEMM tile configs. One under the interpreter (autotuning several needs a GPU
+    driver). GPU: H100/H200 bf16 tiles, plus one small tile for fp64 operands (the bf16 tiles
+    need 272 KiB of shared memory in fp64); :func:`prune_gemm_configs` picks by dtype. Every
+    config is compile-checked for spills (kernels/compile_check.py, bench/NOTES.md)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+                      num_warps=4, num_stages=3),
+        FP64_CONFIG,
+    ]
+
+
+FP64_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                            num_warps=4, num_stages=2)
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Autotune-time choice by operand dtype: the fp64 tile for fp64 inputs, the others else."""
+    if interpreting():
+        return configs
+    x = named_args.get("x_ptr")
+    fp64 = isinstance(x, torch.Tensor) and x.dtype == torch.float64
+    kept = [c for c in configs if (c is FP64_CONFIG) == fp64]
+    return kept or configs
+
+
 # ----------------------------------------------------------------------------------------------
 # jit helpers
 # ----------------------------------------------------------------------------------------------

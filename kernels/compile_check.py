@@ -46,11 +46,11 @@ def _kernels():
 
     from . import kronecker, lowrank, sparse
     from ._matmul import _strided_matmul_kernel
-    from .lowrank import gemm_configs
+    from ._utils import FP64_CONFIG, gemm_configs
 
     bf, f32, i64 = "*bf16", "*fp32", "*i64"
     n, d, ff, r = N_TOKENS, D_MODEL, D_FF, RANK
-    gemm_cfgs = gemm_configs()
+    gemm_cfgs = [c for c in gemm_configs() if c is not FP64_CONFIG]
     out = []
 
     def lowrank_args(x, c, dm, u, M, N, K, xs, ws, cs, ds):
@@ -79,9 +79,18 @@ def _kernels():
                 lowrank_args(bf, f32, f32, f32, n, ff, d, d, (1, d), (1, d), (1, r)),
                 dict(base, FUSE_U=True, STORE_U=True, DROPOUT=False, GROUPED_RNG=False)))
 
+    # fp64 operands (float64 inputs on a GPU): the small tile
+    f64 = "*fp64"
+    out.append(("lowrank_fwd", "dx: fused t, dropout mask, fp64", lr, [FP64_CONFIG],
+                lowrank_args(f64, f64, f64, f64, n, d, ff, ff, (d, 1), (r, 1), (d, 1))
+                | dict(w_ptr=f64, bias_ptr=f64, y_ptr=f64),
+                dict(base, ACC=tl.float64, FUSE_U=True, STORE_U=True, DROPOUT=True,
+                     GROUPED_RNG=True)))
+
     sp = sparse._sparse_fwd_kernel
     out.append(("sparse_fwd", "fwd: W tile + CSR delta, bf16", sp,
-                lambda arch: sparse.sparse_gemm_configs((arch // 10, arch % 10)),
+                lambda arch: [c for c in sparse.sparse_gemm_configs((arch // 10, arch % 10))
+                              if c is not FP64_CONFIG],
                 dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, ptr_ptr=i64, idx_ptr=i64, perm_ptr=i64,
                      val_ptr=bf, y_ptr=bf, M=n, N=ff, K=d, stride_xm=d, stride_xk=1,
                      stride_wk=1, stride_wn=d, stride_ym=ff, stride_yn=1, scaling=0.5),

@@ -33,9 +33,9 @@ from torch.library import wrap_triton
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    input_precision, interpreting, register_op, torch_acc_dtype, upcast_flag,
+    gemm_configs, input_precision, interpreting, prune_gemm_configs, register_op, torch_acc_dtype,
+    upcast_flag,
 )
-from .lowrank import gemm_configs
 
 
 @triton.jit
@@ -87,8 +87,9 @@ def _kron_sum_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_kron_sum_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "QD", "HC"])(
-    _kron_sum_fwd_kernel)
+_kron_sum_fwd_autotuned = triton.autotune(
+    configs=gemm_configs(), key=["M", "N", "K", "QD", "HC"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs})(_kron_sum_fwd_kernel)
 
 
 def _block_c(hc: int) -> int:

@@ -35,27 +35,9 @@ from torch.library import wrap_triton
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    input_precision, interpreting, rank_block, register_op, torch_acc_dtype, upcast_flag,
+    gemm_configs, input_precision, prune_gemm_configs, rank_block, register_op, torch_acc_dtype,
+    upcast_flag,
 )
-
-
-def gemm_configs():
-    """Frozen-GEMM tile configs. One under the interpreter (autotuning several needs a GPU
-    driver). GPU list: H100/H200 bf16 GEMM tiles; each is compile-checked for spills by
-    tests/test_triton_compile.py (registers/shared memory in bench/NOTES.md)."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=4, num_stages=3),
-    ]
 
 
 @triton.jit
@@ -112,8 +94,9 @@ def _lowrank_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_lowrank_fwd_autotuned = triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "R"])(
-    _lowrank_fwd_kernel)
+_lowrank_fwd_autotuned = triton.autotune(
+    configs=gemm_configs(), key=["M", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs})(_lowrank_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

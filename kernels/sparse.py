@@ -32,9 +32,9 @@ from torch.library import wrap_triton
 
 from ._utils import (
     _cast_out, _mma, _tile_ids, acc_dtype, check_int32_indexing, input_precision, interpreting,
-    register_op, split_count, torch_acc_dtype, upcast_flag,
+    FP64_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count, torch_acc_dtype,
+    upcast_flag,
 )
-from .lowrank import gemm_configs
 
 
 def sparse_gemm_configs(capability: tuple[int, int] | None = None):
@@ -50,6 +50,7 @@ def sparse_gemm_configs(capability: tuple[int, int] | None = None):
                       num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                       num_warps=4, num_stages=3),
+        FP64_CONFIG,
     ]
     if capability is not None and capability < (9, 0):
         configs = configs[2:]
@@ -57,7 +58,9 @@ def sparse_gemm_configs(capability: tuple[int, int] | None = None):
 
 
 def _prune_for_device(configs, named_args, **kwargs):
-    """Autotune-time (the device is initialised by then) pruning to this GPU's spill-free tiles."""
+    """Autotune-time (the device is initialised by then) pruning to this GPU's spill-free tiles
+    for the operand dtype."""
+    configs = prune_gemm_configs(configs, named_args, **kwargs)
     if interpreting() or not torch.cuda.is_available():
         return configs
     keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
