@@ -17,7 +17,6 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..families.sparse import validate_indices
@@ -32,6 +31,7 @@ SHARED = "__shared__"
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the injected adapter of ``model`` to the directory ``path`` (created if needed)."""
+    from safetensors.torch import save_file
     mods = delta_modules(model)
     if not mods:
         raise ValueError(f"save_adapter: {type(model).__name__} holds no injected layers; call pf.inject first")
@@ -62,6 +62,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     passed); an injected model must hold the same family, scaling, layers and shapes. Tensors are
     copied into the existing Parameters (the optimizer's references stay valid) in their dtype.
     """
+    from safetensors.torch import load_file
+
     where = f"load_adapter({os.fspath(path)!r})"
     with open(os.path.join(path, CONFIG_NAME)) as f:
         meta = json.load(f)
