@@ -702,6 +702,16 @@ def test_a_layer_shared_by_two_parents_is_wrapped_once_everywhere():
     assert [n for n, _ in delta_modules(outer)] == ["a.0"]
 
 
+def test_multihead_attention_out_proj_is_refused():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"0\.out_proj: the out_proj of nn\.MultiheadAttention \(0\)"):
+        pf.inject(model, pf.DeltaConfig(family="lowrank", target_modules="all-linear", r=2))
+    assert not delta_modules(model)
+    pf.inject(model, pf.DeltaConfig(family="lowrank", target_modules="all-linear", r=2,
+                                    exclude_modules=["out_proj"]))
+    assert [n for n, _ in delta_modules(model)] == ["1"]
+
+
 def test_layer_name_in_op_errors():
     model = build("llama", "lowrank")
     m = model.model.layers[1].mlp.up_proj

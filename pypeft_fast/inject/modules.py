@@ -163,6 +163,13 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> list[tuple[str, nn.Mo
                 f"{name}: target_modules={config.target_modules!r} selects this "
                 f"{type(mod).__name__}, but inject wraps only nn.Linear (with nn.Linear's forward) "
                 f"and transformers' Conv1D; narrow target_modules or add it to exclude_modules")
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(
+                f"{name}: the out_proj of nn.MultiheadAttention ({parent_name}) is never called — "
+                f"the attention reads its weight directly — so a wrapper would be ignored; "
+                f"add it to exclude_modules")
         w = mod.weight
         if not w.is_floating_point():
             raise ValueError(f"{name}: weight has dtype {w.dtype} (a quantized base layer?); "
