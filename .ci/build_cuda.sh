@@ -23,7 +23,7 @@ fi
 if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
   echo "build_cuda.sh: creating $VENV with $TORCH_SPEC (a CUDA build of torch)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_SPEC" setuptools wheel ninja numpy
+  "$VENV/bin/pip" install -q "$TORCH_SPEC" setuptools wheel ninja numpy safetensors
 fi
 "$VENV/bin/python" -c "import torch; print('build_cuda.sh: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstring>
+#include <utility>
 
 #include "macros.h"
 
@@ -42,10 +43,47 @@ struct Lanes {
     }
     return a[0];
   }
+  // The M-lane vector whose lane i is the sum of lanes i, i+M, i+2M, ... (vector adds only).
+  template <int M>
+  PPF_HD Lanes<T, M> fold() const {
+    static_assert(N % M == 0, "fold<M>: M must divide N");
+    typename Lanes<T, M>::V parts[N / M];
+    std::memcpy(parts, &v, sizeof(V));
+    PPF_UNROLL
+    for (int w = N / M / 2; w >= 1; w /= 2) {
+      PPF_UNROLL
+      for (int i = 0; i < w; ++i) parts[i] += parts[i + w];
+    }
+    return Lanes<T, M>::of(parts[0]);
+  }
   friend PPF_HD Lanes operator+(Lanes a, Lanes b) { return of(a.v + b.v); }
   friend PPF_HD Lanes operator*(Lanes a, Lanes b) { return of(a.v * b.v); }
   friend PPF_HD Lanes operator*(Lanes a, T s) { return of(a.v * s); }
   friend PPF_HD Lanes operator*(T s, Lanes a) { return of(a.v * s); }
 };
+
+namespace detail {
+template <typename V, size_t... I>
+PPF_INLINE V pair_sums(V a, V b, std::index_sequence<I...>) {
+  // lanes [a0+a1, a2+a3, ..., b0+b1, b2+b3, ...]
+  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+}  // namespace detail
+
+// sums[j] = v[j].sum() for the N vectors v[0..N): log2(N) levels of shuffles and adds instead of
+// N horizontal sums (the SDDMM reduction of one product vector per stored entry).
+template <typename T, int N>
+PPF_INLINE Lanes<T, N> transpose_sum(const Lanes<T, N>* v) {
+  using V = typename Lanes<T, N>::V;
+  V buf[N];
+  for (int i = 0; i < N; ++i) buf[i] = v[i].v;
+  PPF_UNROLL
+  for (int width = N; width > 1; width /= 2) {
+    PPF_UNROLL
+    for (int i = 0; i < width / 2; ++i)
+      buf[i] = detail::pair_sums(buf[2 * i], buf[2 * i + 1], std::make_index_sequence<N>{});
+  }
+  return Lanes<T, N>::of(buf[0]);
+}
 
 }  // namespace pypeft_fast

@@ -70,18 +70,23 @@ void launch_dropout(int64_t numel, const at::Tensor& seed, double p, Load load, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// drop(x) into a fresh contiguous tensor of dtype out_dtype.
+// drop(x) into a fresh contiguous tensor of dtype out_dtype. Instantiated for out = x's dtype
+// and out = its accumulation dtype; other pairs convert x first (the same values: the kernel
+// rounds x to the output dtype before scaling anyway).
 at::Tensor dropout_to(const at::Tensor& x_, const at::Tensor& seed, double p, at::ScalarType out_dtype) {
-  const at::Tensor x = x_.contiguous();
+  at::Tensor x = x_.contiguous();
+  if (out_dtype != x.scalar_type() && out_dtype != acc_of(x.scalar_type())) x = x.to(out_dtype);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "philox_dropout", [&] {
     using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "philox_dropout", [&] {
-      using o_t = scalar_t;
-      using m_t = std::conditional_t<std::is_same_v<o_t, double>, double, float>;
-      launch_dropout<m_t>(x.numel(), seed, p, LoadAs<m_t, x_t, o_t>{x.data_ptr<x_t>()},
-                          StoreTo<m_t, o_t>{out.data_ptr<o_t>()});
-    });
+    using m_t = acc_of_t<x_t>;
+    if (out_dtype == x.scalar_type()) {
+      launch_dropout<m_t>(x.numel(), seed, p, LoadAs<m_t, x_t, x_t>{x.data_ptr<x_t>()},
+                          StoreTo<m_t, x_t>{out.data_ptr<x_t>()});
+    } else {
+      launch_dropout<m_t>(x.numel(), seed, p, LoadAs<m_t, x_t, m_t>{x.data_ptr<x_t>()},
+                          StoreTo<m_t, m_t>{out.data_ptr<m_t>()});
+    }
   });
   return out;
 }
@@ -114,14 +119,15 @@ at::Tensor lowrank_dropout_bwd_cuda(const at::Tensor& t, const at::Tensor& x, co
   if (has_dx && x.numel() > 0) {
     const at::Tensor z = at::mm(t, A).contiguous();  // (n, in), acc dtype
     at::Tensor dx_given = *dx_opt;
-    at::Tensor dx = dx_given.is_contiguous() ? dx_given : dx_given.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), op, [&] {
-      using acc_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dx.scalar_type(), op, [&] {
-        using x_t = scalar_t;
-        launch_dropout<acc_t>(z.numel(), seed, p, LoadPlain<acc_t>{z.data_ptr<acc_t>()},
-                              AddInto<acc_t, x_t>{dx.data_ptr<x_t>()});
-      });
+    // contiguous, and in a dtype whose accumulation dtype is z's (else a converted copy)
+    at::Tensor dx = acc_of(dx_given.scalar_type()) != z.scalar_type() ? dx_given.to(z.scalar_type())
+                    : dx_given.is_contiguous()                         ? dx_given
+                                                                       : dx_given.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dx.scalar_type(), op, [&] {
+      using x_t = scalar_t;
+      using acc_t = acc_of_t<x_t>;
+      launch_dropout<acc_t>(z.numel(), seed, p, LoadPlain<acc_t>{z.data_ptr<acc_t>()},
+                            AddInto<acc_t, x_t>{dx.data_ptr<x_t>()});
     });
     if (!dx.is_same(dx_given)) dx_given.copy_(dx);
   }

@@ -34,10 +34,27 @@ struct LoadLanes {  // x(c) = xT[c, 0:NB]
   PPF_HD Lanes<acc_t, NB> operator()(int64_t c) const { return Lanes<acc_t, NB>::load(xT + c * NB); }
 };
 
+// SDDMM sink: folds an entry's NB-token product to one vector of W lanes and parks it; flush()
+// reduces W parked vectors at a time with transpose_sum and adds them to partial[k] as a vector.
 template <typename acc_t, int NB>
-struct LaneSumSink {
-  acc_t* out;
-  PPF_HD void operator()(int64_t k, const Lanes<acc_t, NB>& prod) { out[k] += prod.sum(); }
+struct FoldSink {
+  static constexpr int W = 64 / sizeof(acc_t);  // one 64-byte vector
+  using VW = Lanes<acc_t, W>;
+  acc_t* parked;  // (entries, W), no alignment assumed (memcpy loads/stores)
+  int64_t k0;
+  PPF_HD void operator()(int64_t k, const Lanes<acc_t, NB>& prod) {
+    prod.template fold<W>().store(parked + (k - k0) * W);
+  }
+  PPF_INLINE void flush(int64_t k1, acc_t* partial) const {
+    const int64_t m = k1 - k0;
+    int64_t j = 0;
+    for (; j + W <= m; j += W) {
+      VW v[W];
+      for (int i = 0; i < W; ++i) v[i] = VW::load(parked + (j + i) * W);
+      (VW::load(partial + k0 + j) + transpose_sum<acc_t, W>(v)).store(partial + k0 + j);
+    }
+    for (; j < m; ++j) partial[k0 + j] += VW::load(parked + j * W).sum();
+  }
 };
 
 template <typename acc_t, int NB>
@@ -51,14 +68,15 @@ PPF_INLINE void spmm_block(const int64_t* ptr, const int64_t* col, const acc_t* 
 // Rows [r0, r1) of one token block; gT holds rows r0.. (gT[(r - r0) * NB + t]).
 template <typename acc_t, int NB>
 PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, int64_t r1,
-                            const acc_t* gT, const acc_t* xT, acc_t* partial) {
+                            const acc_t* gT, const acc_t* xT, acc_t* partial, acc_t* parked) {
   using V = Lanes<acc_t, NB>;
   const LoadLanes<acc_t, NB> load{xT};
-  LaneSumSink<acc_t, NB> sink{partial};
+  FoldSink<acc_t, NB> sink{parked, ptr[r0]};
   for (int64_t r = r0; r < r1; ++r) {
     if (ptr[r] == ptr[r + 1]) continue;
     csr_row_sddmm<V>(ptr, col, r, V::load(gT + (r - r0) * NB), load, sink);
   }
+  sink.flush(ptr[r1], partial);
 }
 
 }  // namespace
@@ -73,13 +91,14 @@ PPF_CPU_CLONES void spmm_block_f64(const int64_t* ptr, const int64_t* col, const
   spmm_block<double, Blocking<double>::kSpmm>(ptr, col, val, R, xT, yT);
 }
 PPF_CPU_CLONES void sddmm_block_f32(const int64_t* ptr, const int64_t* col, int64_t r0,
-                                    int64_t r1, const float* gT, const float* xT, float* partial) {
-  sddmm_block<float, Blocking<float>::kSddmm>(ptr, col, r0, r1, gT, xT, partial);
+                                    int64_t r1, const float* gT, const float* xT, float* partial,
+                                    float* parked) {
+  sddmm_block<float, Blocking<float>::kSddmm>(ptr, col, r0, r1, gT, xT, partial, parked);
 }
 PPF_CPU_CLONES void sddmm_block_f64(const int64_t* ptr, const int64_t* col, int64_t r0,
                                     int64_t r1, const double* gT, const double* xT,
-                                    double* partial) {
-  sddmm_block<double, Blocking<double>::kSddmm>(ptr, col, r0, r1, gT, xT, partial);
+                                    double* partial, double* parked) {
+  sddmm_block<double, Blocking<double>::kSddmm>(ptr, col, r0, r1, gT, xT, partial, parked);
 }
 
 namespace {
@@ -89,12 +108,12 @@ inline void spmm_block_isa(const int64_t* p, const int64_t* c, const float* v, i
 inline void spmm_block_isa(const int64_t* p, const int64_t* c, const double* v, int64_t R,
                            const double* xT, double* yT) { spmm_block_f64(p, c, v, R, xT, yT); }
 inline void sddmm_block_isa(const int64_t* p, const int64_t* c, int64_t r0, int64_t r1,
-                            const float* gT, const float* xT, float* o) {
-  sddmm_block_f32(p, c, r0, r1, gT, xT, o);
+                            const float* gT, const float* xT, float* o, float* parked) {
+  sddmm_block_f32(p, c, r0, r1, gT, xT, o, parked);
 }
 inline void sddmm_block_isa(const int64_t* p, const int64_t* c, int64_t r0, int64_t r1,
-                            const double* gT, const double* xT, double* o) {
-  sddmm_block_f64(p, c, r0, r1, gT, xT, o);
+                            const double* gT, const double* xT, double* o, double* parked) {
+  sddmm_block_f64(p, c, r0, r1, gT, xT, o, parked);
 }
 
 // xT[c - c0, t] = x[n0 + t, c] for c in [c0, c1), t < nb; zero for nb <= t < NB.
@@ -204,7 +223,7 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
         using b_t = a_t;  // same dtype (checked)
         const b_t* bp = b.data_ptr<b_t>();
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> gT(kSddmmRowChunk * NB), xT(C * NB);
+          std::vector<acc_t> gT(kSddmmRowChunk * NB), xT(C * NB), parked;
           const int tid = at::get_thread_num();
           TORCH_INTERNAL_ASSERT(tid < nthreads);
           acc_t* mine = partial.data() + static_cast<size_t>(tid) * nnz;
@@ -214,7 +233,9 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
             for (int64_t r0 = 0; r0 < R; r0 += kSddmmRowChunk) {
               const int64_t r1 = std::min<int64_t>(R, r0 + kSddmmRowChunk);
               load_block_t<a_t, acc_t, NB>(ap, a.stride(0), a.stride(1), n0, nb, r0, r1, gT.data());
-              sddmm_block_isa(p, c, r0, r1, gT.data(), xT.data(), mine);
+              const size_t need = static_cast<size_t>(p[r1] - p[r0]) * (64 / sizeof(acc_t));
+              if (parked.size() < need) parked.resize(need);
+              sddmm_block_isa(p, c, r0, r1, gT.data(), xT.data(), mine, parked.data());
             }
           }
         });

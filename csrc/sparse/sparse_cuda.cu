@@ -5,6 +5,7 @@
 //          added by lane 0 (the warp owns row r's entries: deterministic, no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/copy.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -86,21 +87,25 @@ void sparse_spmm_csr_t_acc_cuda(at::Tensor& out, const at::Tensor& row_ptr_, con
   check_out(op, out, n, R, x);
   if (n == 0 || R == 0 || col_.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (val_.scalar_type() != acc_of(x.scalar_type())) {  // rare: float64 values, lower x/out
+    at::Tensor out64 = out.to(val_.scalar_type());
+    sparse_spmm_csr_t_acc_cuda(out64, row_ptr_, col_, val_, x.to(val_.scalar_type()));
+    out.copy_(out64);
+    return;
+  }
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous(), val = val_.contiguous();
   const dim3 block(kSpmmBlockX, kSpmmBlockY);
   const dim3 grid(static_cast<unsigned>(ceil_div(R, kSpmmBlockX)),
                   static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kSpmmBlockY), 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "sparse_spmm_csr_t_acc", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "spmm_x", [&] {
-      using x_t = scalar_t;  // out has x's dtype (checked)
-      _sparse_spmm_acc_kernel<acc_t, x_t, x_t><<<grid, block, 0, stream>>>(
-          row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<acc_t>(), R,
-          x.data_ptr<x_t>(), x.stride(0), x.stride(1), out.data_ptr<x_t>(), out.stride(0),
-          out.stride(1), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "spmm_x", [&] {
+    using x_t = scalar_t;  // out has x's dtype (checked), val has acc_t (above)
+    using acc_t = acc_of_t<x_t>;
+    _sparse_spmm_acc_kernel<acc_t, x_t, x_t><<<grid, block, 0, stream>>>(
+        row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), val.data_ptr<acc_t>(), R,
+        x.data_ptr<x_t>(), x.stride(0), x.stride(1), out.data_ptr<x_t>(), out.stride(0),
+        out.stride(1), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -125,16 +130,13 @@ at::Tensor sparse_sddmm_csr_cuda(const at::Tensor& row_ptr_, const at::Tensor& c
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(ceil_div(R, kSddmmWarpsPerBlock)));
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparse_sddmm_csr", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sddmm_a", [&] {
-      using a_t = scalar_t;  // b has a's dtype (checked)
-      _sparse_sddmm_kernel<acc_t, a_t, a_t><<<grid, kSddmmWarpsPerBlock * kWarp, 0, stream>>>(
-          row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), R, a.data_ptr<a_t>(),
-          a.stride(0), a.stride(1), b.data_ptr<a_t>(), b.stride(0), b.stride(1), n,
-          out.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sparse_sddmm_csr", [&] {
+    using a_t = scalar_t;  // b has a's dtype (checked)
+    using acc_t = acc_of_t<a_t>;
+    _sparse_sddmm_kernel<acc_t, a_t, a_t><<<grid, kSddmmWarpsPerBlock * kWarp, 0, stream>>>(
+        row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), R, a.data_ptr<a_t>(), a.stride(0),
+        a.stride(1), b.data_ptr<a_t>(), b.stride(0), b.stride(1), n, out.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
