@@ -135,7 +135,7 @@ def build_variants(a, base, device):
     for fam in a.families:
         if fam == "phm":
             cfg = pf.DeltaConfig(family="phm", target_modules=list(TARGET_MODULES), n=a.phm_n,
-                                 rank=a.phm_rank, shared_A=True)
+                                 rank=a.phm_rank, shared_A=True, backend=a.backends[fam])
             fast = pf.inject(copy.deepcopy(base), cfg)
             _randomise_zeros(fast)
             ref = materialising_copy(fast)
@@ -161,7 +161,7 @@ def build_variants(a, base, device):
         _randomise_zeros(peft_model)
         peft_model.train()
         fast = copy.deepcopy(peft_model)
-        report = pf.patch(fast, strict=True)
+        report = pf.patch(fast, strict=True, backend=a.backends[fam])
         variants.append(Variant(fam, "peft", f"peft {what}", peft_model))
         variants.append(Variant(fam, "pypeft_fast", f"pypeft_fast {what}", fast, report=report))
 
@@ -323,13 +323,15 @@ def device_text(device) -> str:
            f"{torch.get_num_threads()} torch threads"
 
 
-def pf_backends(device) -> dict[str, str]:
+def pf_backends(device, requested=None) -> dict[str, str]:
     from . import registry
 
     out = {}
     for fam in FAMILIES:
+        want = (requested or {}).get(fam, "auto")
         try:
-            out[fam] = registry.resolve(fam, "auto", device)[0]
+            got = registry.resolve(fam, want, device)[0]
+            out[fam] = got if want == "auto" else f"{got} (requested)"
         except Exception as e:  # noqa: BLE001
             out[fam] = f"error: {e}"
     return out
@@ -473,8 +475,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="base model dtype (auto: fp32 on CPU, bf16 on GPU; adapters stay fp32)")
     p.add_argument("--backend", default="auto",
-                   help="pypeft_fast backend for every family: auto (default), torch, cpp, cuda, triton "
-                        "(sets PYPEFT_FAST_BACKEND for this run)")
+                   help="pypeft_fast backend: auto (default), torch, cpp, cuda or triton for every family, "
+                        "or per family, e.g. lowrank=torch,sparse=cpp (the others stay auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; the tiny preset uses 1)")
     p.add_argument("--json", metavar="PATH", help="write the rows (with device, versions, date) as JSON")
@@ -496,6 +498,17 @@ def parse_args(argv):
     for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "rank", "steps"):
         if getattr(a, k) <= 0:
             p.error(f"--{k} must be positive, got {getattr(a, k)}")
+    from .registry import BACKENDS
+
+    a.backends = {f: "auto" for f in FAMILIES}
+    for part in a.backend.split(","):
+        fam, _, be = part.strip().rpartition("=")
+        fam = alias.get(fam.lower(), fam.lower())
+        if be not in ("auto", *BACKENDS) or (fam and fam not in FAMILIES):
+            p.error(f"--backend {a.backend!r}: expected auto|{'|'.join(BACKENDS)} or family=backend pairs "
+                    f"with families {', '.join(FAMILIES)}")
+        for f in ([fam] if fam else FAMILIES):
+            a.backends[f] = be
     if a.phm_rank <= 0:
         p.error("--phm-rank must be positive")
     if a.warmup < 0:
@@ -520,14 +533,6 @@ def main(argv=None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.backend != "auto":
-        from .registry import BACKENDS
-
-        if a.backend not in BACKENDS:
-            print(f"pypeft-fast bench: --backend {a.backend!r}; expected auto or one of {BACKENDS}",
-                  file=sys.stderr)
-            return 2
-        os.environ["PYPEFT_FAST_BACKEND"] = a.backend
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
@@ -545,8 +550,8 @@ def main(argv=None) -> int:
         print(f"note: load average {load:.1f} on {os.cpu_count()} cores when the bench started; other "
               "processes share the CPU, so absolute times are inflated (rows are interleaved, so the "
               "ratios suffer less)", flush=True)
-    print(f"pypeft_fast backends ({a.backend}): "
-          + ", ".join(f"{k}={v}" for k, v in pf_backends(device).items()), flush=True)
+    print("pypeft_fast backends: " + ", ".join(f"{k}={v}" for k, v in pf_backends(device, a.backends).items()),
+          flush=True)
     base = build_base(a, device, dtype)
     variants = build_variants(a, base, device)
     del base
@@ -566,7 +571,8 @@ def main(argv=None) -> int:
                                                       "families", "lora_dropout", "phm_n", "phm_rank",
                                                       "backend")},
                "device": device_text(device), "dtype": str(dtype).replace("torch.", ""),
-               "versions": versions(), "date": result[0]["date"], "pf_backends": pf_backends(device),
+               "versions": versions(), "date": result[0]["date"],
+               "pf_backends": pf_backends(device, a.backends),
                "threads": torch.get_num_threads(), "load_average_at_start": load,
                "rows": result}
         with open(a.json, "w") as f:

@@ -246,7 +246,8 @@ class _LoRA:
         drop = module.lora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         return lowrank_linear(x, weight, bias, module.lora_A[adapter].weight, lora_B.weight,
-                              scaling=scaling, dropout=p, name=state.entry.name)
+                              scaling=scaling, dropout=p, backend=state.backend,
+                              name=state.entry.name)
 
 
 class _LoKr:
@@ -282,7 +283,7 @@ class _LoKr:
         w1 = factor(module.lokr_w1, module.lokr_w1_a, module.lokr_w1_b)
         w2 = factor(module.lokr_w2, module.lokr_w2_a, module.lokr_w2_b)
         return kronecker_linear(x, weight, bias, w1, w2, scaling=_scalar(module.scaling[adapter]),
-                                name=state.entry.name)
+                                backend=state.backend, name=state.entry.name)
 
 
 class _SHiRA:
@@ -317,7 +318,7 @@ class _SHiRA:
             hit = (src, src._version, idx)
             state.cache[adapter] = hit
         return sparse_linear(x, weight, bias, values, hit[2], scaling=_scalar(module.scaling[adapter]),
-                             name=state.entry.name)
+                             backend=state.backend, name=state.entry.name)
 
 
 @dataclass
@@ -325,6 +326,7 @@ class _LayerState:
     entry: LayerEntry
     server: type
     saved_forward: object  # an instance-level forward that was there before, or None
+    backend: str = "auto"
     cache: dict = field(default_factory=dict)
 
 
@@ -390,14 +392,15 @@ def _active_text(module) -> str:
         return "?"
 
 
-def patch(model: nn.Module, strict: bool = False) -> PatchReport:
+def patch(model: nn.Module, strict: bool = False, backend: str = "auto") -> PatchReport:
     """Serve the peft LoRA / LoKr / SHiRA ``Linear`` layers of ``model`` with pypeft_fast's ops.
 
     ``model``: a ``peft.PeftModel`` or any module tree that contains peft layers. Patching is in
     place and idempotent; the Parameters are the layers' own. Returns a :class:`PatchReport`
     listing every peft layer with ``"patched"`` or why peft's own forward runs for it. With
     ``strict=True`` a ``ValueError`` listing the layers that cannot be served is raised and
-    nothing is patched.
+    nothing is patched. ``backend`` (``"auto"``, ``"torch"``, ``"cpp"``, ...) is passed to the ops
+    (an explicit backend that cannot run raises at the first call, naming the layer).
     """
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -406,6 +409,10 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
         raise ImportError("pypeft_fast.patch needs peft (pip install 'pypeft_fast[hf]')") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module (a peft model), got {type(model).__name__}")
+    from .registry import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"patch: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     servers = _servers()
     plan: list[tuple[nn.Module, LayerEntry, type | None]] = []
     kept: list[str] = []
@@ -437,6 +444,7 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
         old = module.__dict__.get(_STATE_ATTR)
         if old is not None and server is not None:
             old.entry.adapter, old.entry.status = entry.adapter, entry.status
+            old.backend = backend
             plan[i] = (module, old.entry, server)
     entries = [e for _, e, _ in plan]
     report = PatchReport(entries, kept)
@@ -451,7 +459,7 @@ def patch(model: nn.Module, strict: bool = False) -> PatchReport:
         if _STATE_ATTR in module.__dict__:  # already patched: keep the original forward
             continue
         saved = module.__dict__.get("forward")
-        state = _LayerState(entry, server, saved)
+        state = _LayerState(entry, server, saved, backend)
         module.__dict__[_STATE_ATTR] = state
         module.forward = types.MethodType(_patched_forward, module)
     if report.unsupported:

@@ -69,3 +69,9 @@ def test_bench_rejects_bad_options(capsys):
         bench.parse_args(["--preset", "tiny", "--phm-n", "5"])
     a = bench.parse_args(["--preset", "tiny", "--families", "lokr,lora", "--seq", "16"])
     assert a.families == ["lowrank", "kronecker"] and a.seq == 16 and a.hidden == 64
+    assert a.backends == {f: "auto" for f in bench.FAMILIES}
+    a = bench.parse_args(["--backend", "lora=torch,sparse=torch"])
+    assert a.backends == {"lowrank": "torch", "kronecker": "auto", "sparse": "torch", "phm": "auto"}
+    assert bench.parse_args(["--backend", "torch"]).backends == {f: "torch" for f in bench.FAMILIES}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--backend", "lowrank=fast"])

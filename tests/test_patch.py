@@ -220,6 +220,12 @@ def test_patch_is_per_instance_and_unpatch_restores():
 
     assert pf.unpatch(model) == 4
     assert all("forward" not in m.__dict__ and not is_patched(m) for m in layers)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        pf.patch(model, backend="fastest")
+    pf.patch(model, backend="torch")  # an explicit backend reaches the ops
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model, batch), y0, rtol=1e-5, atol=1e-6)
+    assert pf.unpatch(model) == 4
     assert pf.unpatch(model) == 0
     with torch.no_grad():
         y2 = outputs(model, batch)
