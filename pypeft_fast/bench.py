@@ -71,10 +71,11 @@ class Variant:
     saved_nonparam_bytes: int = 0
     trainable_params: int = 0
     report: object = None  # pf.PatchReport for patched peft models
+    error: str | None = None  # set when a step raised: the row is reported, the others go on
 
     @property
     def step_s(self) -> float:
-        return statistics.median(self.times)
+        return statistics.median(self.times) if self.times else float("nan")
 
 
 # ------------------------------------------------------------------------------------ building
@@ -254,22 +255,39 @@ def run(a, variants, batch, device, progress=True):
     total = len(variants) * (a.warmup + a.steps + 1)
     bar = tqdm(total=total, desc="bench", unit="step", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
+    def guarded(v, fn):
+        if v.error is not None:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001  (one broken variant must not hide the others)
+            v.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            v.opt.zero_grad(set_to_none=True)
+            print(f"\npypeft-fast bench: {v.label} failed and is skipped: {v.error}", file=sys.stderr)
+            return None
+
     for v in variants:
         bar.set_postfix_str(f"warm-up {v.label}")
         for _ in range(a.warmup):
-            train_step(v, batch)
+            guarded(v, lambda: train_step(v, batch))
             bar.update()
     for i in range(a.steps):
         for v in variants:
             bar.set_postfix_str(f"round {i + 1}/{a.steps} {v.label}")
-            v.times.append(timed_step(v, batch, device))
+            t = guarded(v, lambda: timed_step(v, batch, device))
+            if t is not None:
+                v.times.append(t)
             bar.update()
     for v in variants:
         bar.set_postfix_str(f"saved activations {v.label}")
-        v.saved_bytes, v.saved_nonparam_bytes = saved_activation_bytes(v.model, batch)
+        got = guarded(v, lambda: saved_activation_bytes(v.model, batch))
+        if got is not None:
+            v.saved_bytes, v.saved_nonparam_bytes = got
         v.opt.zero_grad(set_to_none=True)
         bar.update()
     bar.close()
+    if variants[0].error is not None:
+        raise RuntimeError(f"the floor failed, nothing to compare with: {variants[0].error}")
 
 
 def profile(variants, batch, top: int) -> str:
@@ -279,6 +297,7 @@ def profile(variants, batch, top: int) -> str:
     from torch.profiler import profile as tprofile
 
     per: dict[str, dict[str, tuple[float, int]]] = {}
+    variants = [v for v in variants if v.error is None]
     for v in variants:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with tprofile(activities=acts) as prof:
@@ -363,6 +382,11 @@ def rows(a, variants, device, dtype) -> list[dict]:
             row["target_time_over_floor"], row["target_saved_over_floor"] = t_time, t_mem
         if v.report is not None:
             row["pf_fallback_calls"] = sum(sum(e.fallback_calls.values()) for e in v.report.entries)
+        if v.error is not None:
+            row["error"] = v.error
+            for k in ("step_s", "speedup_vs_peft", "time_over_floor", "saved_over_floor",
+                      "saved_nonparam_over_floor"):
+                row[k] = None
         out.append(row)
     return out
 
@@ -377,6 +401,9 @@ def table(result_rows) -> str:
     body = []
     for r in result_rows:
         floor = r["impl"] == "floor"
+        if r.get("error"):
+            body.append((r["label"], "failed", "—", "—", "—", "—", "—", f"{r['trainable_params']:,}"))
+            continue
         body.append((
             r["label"], f"{r['step_s']:.3f}",
             "—" if r["speedup_vs_peft"] is None else f"{r['speedup_vs_peft']:.2f}×",
@@ -397,6 +424,9 @@ def table(result_rows) -> str:
 def target_notes(result_rows) -> list[str]:
     notes = []
     for r in result_rows:
+        if r.get("error"):
+            notes.append(f"FAIL {r['family']:<9} {r['label']}: {r['error']}")
+            continue
         if "target_time_over_floor" not in r:
             continue
         for what, key, tkey in (("step time", "time_over_floor", "target_time_over_floor"),
@@ -428,7 +458,7 @@ def plot(result_rows, path, title):
                 r = next((r for r in result_rows if r["family"] == f and
                           (r["impl"] == impl or (impl == "baseline" and r["impl"] in ("peft", "reference")))),
                          None)
-                vals.append(100 * r[key] if r and r[key] is not None else 0.0)
+                vals.append(100 * r[key] if r and r.get(key) is not None else 0.0)
             xs = [i + (j - 0.5) * width for i in range(len(fams))]
             name = "peft / materialising reference" if impl == "baseline" else "pypeft_fast"
             bars = ax.bar(xs, vals, width, label=name, color=color)
@@ -583,7 +613,7 @@ def main(argv=None) -> int:
         print(f"wrote {a.plot}")
     if a.profile:
         print(profile(variants, batch, a.profile))
-    bad = [r for r in result if not (r["step_s"] > 0 and math.isfinite(r["step_s"]))]
+    bad = [r for r in result if r.get("error") or not (r["step_s"] > 0 and math.isfinite(r["step_s"]))]
     return 1 if bad else 0
 
 

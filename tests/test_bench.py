@@ -75,3 +75,18 @@ def test_bench_rejects_bad_options(capsys):
     assert bench.parse_args(["--backend", "torch"]).backends == {f: "torch" for f in bench.FAMILIES}
     with pytest.raises(SystemExit):
         bench.parse_args(["--backend", "lowrank=fast"])
+
+
+def test_bench_reports_a_failing_variant_and_goes_on(tmp_path, capsys):
+    """A pypeft_fast row that raises (here: a backend that cannot run on CPU) is reported as
+    failed, with the reason, and the other rows are still measured; the exit code says so."""
+    js = tmp_path / "bench.json"
+    rc = bench.main(["--preset", "tiny", "--families", "lora", "--backend", "lowrank=cuda", "--steps", "1",
+                     "--warmup", "0", "--no-progress", "--json", str(js)])
+    assert rc == 1
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["impl"], "error" in r) for r in rows] == [("floor", False), ("peft", False), ("pypeft_fast", True)]
+    assert "cuda" in rows[2]["error"] and rows[2]["step_s"] is None
+    assert rows[1]["step_s"] > 0 and rows[1]["saved_bytes"] > 0
+    captured = capsys.readouterr()
+    assert "failed" in captured.out and "FAIL" not in captured.out  # tiny: no target lines
