@@ -56,10 +56,10 @@ def kernel_costs(family: str, shape_key: str) -> list[tuple[str, float, float, s
             ("u = drop(x)·Aᵀ (skinny, Philox 1/8 el.)", 2 * n * k * r, e * n * k + 4 * n * r, "tc"),
             ("y = x·Wᵀ + s·u·Bᵀ (GEMM, loaded u)", 2 * n * k * o + 2 * n * r * o,
              e * (n * k + o * k + n * o) + 4 * n * r, "tc"),
-            ("dx = gy·W + drop'(s·gy·B·A), t in K-loop", 2 * n * o * k + 2 * n * o * r * -(-k // BN)
-             + 2 * n * r * k, e * (n * o + o * k + n * k) + 4 * n * r, "tc"),
-            ("dA = s·tᵀ·drop(x) (split-K)", 2 * n * r * k, e * n * k + 4 * n * r, "tc"),
-            ("dB = s·gyᵀ·u (split-K)", 2 * n * r * o, e * n * o + 4 * n * r, "tc"),
+            ("bwd, one kernel: dx = gy·W + drop'(s·gy·B·A), t in K-loop, dA (epilogue), "
+             "dB (K-loop), atomics",
+             2 * n * o * k + 2 * n * o * r * -(-k // BN) + 4 * n * r * k + 2 * n * o * r,
+             e * (n * o + o * k + 2 * n * k) + 4 * (2 * n * r + k * r + o * r), "tc"),
         ]
     elif family in ("kronecker", "phm"):
         (ao, ai), (bo, bi) = KRON[shape_key]

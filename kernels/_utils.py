@@ -167,12 +167,16 @@ def _keep_mask(seed, rows, col0, row_len, threshold,
 @triton.jit
 def _frozen_gemm_mainloop(x_ptr, w_ptr, c_ptr, offs_m, offs_n, M, N, K, R,
                           stride_xm, stride_xk, stride_wk, stride_wn, stride_ck, stride_cr,
-                          ACC: tl.constexpr, FUSE_U: tl.constexpr, UPCAST: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                          v, dc_ptr, stride_dck, stride_dcr, alpha_c, grad_c_here,
+                          ACC: tl.constexpr, FUSE_U: tl.constexpr, GRAD_C: tl.constexpr,
+                          UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """K-loop of the frozen GEMM tile ``acc = X[offs_m, :] @ Wop[:, offs_n]`` (X: (M, K), Wop:
-    (K, N) given by strides), and with FUSE_U also ``u = X[offs_m, :] @ C`` (C: (K, R)) from the
-    same X tile — the adapter's rank-space projection for free of extra x traffic."""
+    (K, N) given by strides). With FUSE_U also ``u = X[offs_m, :] @ C`` (C: (K, R)) from the
+    same X tile — the adapter's rank-space projection without extra x traffic. With GRAD_C (and
+    ``grad_c_here``, true for one column tile per row tile) also ``dC[k, :] += α·X[offs_m, k]ᵀ·v``
+    (v: (BLOCK_M, BLOCK_R) rows of a rank-space tensor) by fp32 atomics — LoRA's dB from the dx
+    pass, which streams every gy tile anyway."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     offs_k = tl.arange(0, BLOCK_K)
@@ -196,6 +200,11 @@ def _frozen_gemm_mainloop(x_ptr, w_ptr, c_ptr, offs_m, offs_n, M, N, K, R,
             if UPCAST:
                 c = c.to(ACC)
             u = _mma(x, c, u, PREC)
+        if GRAD_C:
+            if grad_c_here:
+                dc = _mma(tl.trans(x), v, tl.zeros((BLOCK_K, BLOCK_R), dtype=ACC), PREC)
+                tl.atomic_add(dc_ptr + kk[:, None] * stride_dck + offs_r[None, :] * stride_dcr,
+                              dc * alpha_c, mask=k_ok[:, None] & (offs_r[None, :] < R))
     return acc, u
 
 

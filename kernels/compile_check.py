@@ -55,12 +55,16 @@ def _kernels():
 
     def lowrank_args(x, c, dm, u, M, N, K, xs, ws, cs, ds):
         return dict(x_ptr=x, w_ptr=bf, bias_ptr=bf, c_ptr=c, d_ptr=dm, u_ptr=u, y_ptr=bf,
-                    seed_ptr=i64, M=M, N=N, K=K, R=r, stride_xm=xs, stride_xk=1,
+                    seed_ptr=i64, xin_ptr=bf, dd_ptr=f32, v_ptr=f32, dc_ptr=f32,
+                    M=M, N=N, K=K, R=r, stride_xm=xs, stride_xk=1,
                     stride_wk=ws[0], stride_wn=ws[1], stride_ck=cs[0], stride_cr=cs[1],
                     stride_dr=ds[0], stride_dn=ds[1], stride_um=r, stride_ur=1, stride_ym=N,
-                    stride_yn=1, scaling=0.5, keep_scale=1.1, threshold=6554)
+                    stride_yn=1, stride_im=N, stride_in=1, stride_ddr=N, stride_ddn=1,
+                    stride_vm=r, stride_vr=1, stride_dck=r, stride_dcr=1,
+                    scaling=0.5, keep_scale=1.1, threshold=6554, alpha_d=0.5, alpha_c=0.5)
 
-    base = dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_R=16)
+    base = dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_R=16,
+                GRAD_D=False, GRAD_C=False)
     lr = lowrank._lowrank_fwd_kernel
     # forward, dropout 0: u fused into the K-loop and stored
     out.append(("lowrank_fwd", "fwd: fused u, bf16", lr, gemm_cfgs,
@@ -70,10 +74,12 @@ def _kernels():
     out.append(("lowrank_fwd", "fwd: loaded u (dropout), bf16", lr, gemm_cfgs,
                 lowrank_args(bf, bf, bf, f32, n, ff, d, d, (1, d), (1, d), (1, r)),
                 dict(base, FUSE_U=False, STORE_U=False, DROPOUT=False, GROUPED_RNG=False)))
-    # dx = gy·W + drop'(s·gy·B·A), t stored
-    out.append(("lowrank_fwd", "dx: fused t, dropout mask, bf16", lr, gemm_cfgs,
+    # the whole backward: dx = gy·W + drop'(s·gy·B·A), t in the K-loop, dA and dB by atomics
+    out.append(("lowrank_fwd", "bwd: dx + t + dA + dB, dropout mask, bf16", lr,
+                lambda arch: lowrank.fused_bwd_configs(gemm_cfgs, (arch // 10, arch % 10)),
                 lowrank_args(bf, bf, bf, f32, n, d, ff, ff, (d, 1), (r, 1), (d, 1)),
-                dict(base, FUSE_U=True, STORE_U=True, DROPOUT=True, GROUPED_RNG=True)))
+                dict(base, FUSE_U=True, STORE_U=False, DROPOUT=True, GROUPED_RNG=True,
+                     GRAD_D=True, GRAD_C=True)))
     # peft's default: bf16 base, fp32 adapter (hi/lo split MMAs); first config only
     out.append(("lowrank_fwd", "fwd: fused u, bf16 x + fp32 A/B", lr, gemm_cfgs[:1],
                 lowrank_args(bf, f32, f32, f32, n, ff, d, d, (1, d), (1, d), (1, r)),
@@ -81,11 +87,12 @@ def _kernels():
 
     # fp64 operands (float64 inputs on a GPU): the small tile
     f64 = "*fp64"
-    out.append(("lowrank_fwd", "dx: fused t, dropout mask, fp64", lr, [FP64_CONFIG],
+    out.append(("lowrank_fwd", "bwd: dx + t + dA + dB, dropout mask, fp64", lr, [FP64_CONFIG],
                 lowrank_args(f64, f64, f64, f64, n, d, ff, ff, (d, 1), (r, 1), (d, 1))
-                | dict(w_ptr=f64, bias_ptr=f64, y_ptr=f64),
-                dict(base, ACC=tl.float64, FUSE_U=True, STORE_U=True, DROPOUT=True,
-                     GROUPED_RNG=True)))
+                | dict(w_ptr=f64, bias_ptr=f64, y_ptr=f64, xin_ptr=f64, dd_ptr=f64,
+                       v_ptr=f64, dc_ptr=f64),
+                dict(base, ACC=tl.float64, FUSE_U=True, STORE_U=False, DROPOUT=True,
+                     GROUPED_RNG=True, GRAD_D=True, GRAD_C=True)))
 
     sp = sparse._sparse_fwd_kernel
     out.append(("sparse_fwd", "fwd: W tile + CSR delta, bf16", sp,

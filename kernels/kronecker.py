@@ -59,7 +59,8 @@ def _kron_sum_fwd_kernel(
     n_ok = offs_n < N
     acc, _ = _frozen_gemm_mainloop(x_ptr, w_ptr, w_ptr, offs_m, offs_n, M, N, K, 0,
                                    stride_xm, stride_xk, stride_wk, stride_wn, 0, 0,
-                                   ACC, False, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 16)
+                                   0.0, y_ptr, 0, 0, 0.0, False,
+                                   ACC, False, False, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 16)
     p_of = offs_n // QD
     q_of = offs_n % QD
     p_first = (pid_n * BLOCK_N) // QD

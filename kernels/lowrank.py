@@ -35,19 +35,22 @@ from torch.library import wrap_triton
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    gemm_configs, input_precision, prune_gemm_configs, rank_block, register_op, torch_acc_dtype,
-    upcast_flag,
+    gemm_configs, input_precision, interpreting, prune_gemm_configs, rank_block, register_op,
+    torch_acc_dtype, upcast_flag,
 )
 
 
 @triton.jit
 def _lowrank_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, c_ptr, d_ptr, u_ptr, y_ptr, seed_ptr,
+    xin_ptr, dd_ptr, v_ptr, dc_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ck, stride_cr, stride_dr, stride_dn,
     stride_um, stride_ur, stride_ym, stride_yn,
-    scaling, keep_scale, threshold,
+    stride_im, stride_in, stride_ddr, stride_ddn, stride_vm, stride_vr, stride_dck, stride_dcr,
+    scaling, keep_scale, threshold, alpha_d, alpha_c,
     HAS_BIAS: tl.constexpr, FUSE_U: tl.constexpr, STORE_U: tl.constexpr, DROPOUT: tl.constexpr,
+    GRAD_D: tl.constexpr, GRAD_C: tl.constexpr,
     GROUPED_RNG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -57,6 +60,10 @@ def _lowrank_fwd_kernel(
     FUSE_U: U = X·C accumulated in the main K-loop (and stored by the pid_n == 0 tiles when
     STORE_U); else U is read from u_ptr. DROPOUT: the rank product is masked per output element
     (row m, col n of an (M, N) input) and scaled by keep_scale — the dx pass of dropout-LoRA.
+    The dx pass also yields both factor gradients by fp32 atomics, so LoRA's backward is this
+    one kernel: GRAD_D: dD (R, N) += α_d·Uᵀ·mask?(Xin) with Xin (M, N) (dA = s·keep·tᵀ·(m⊙x),
+    from the x tile under this output tile); GRAD_C: dC (K, R) += α_c·Xᵀ·V with V (M, R)
+    (dB = s·gyᵀ·u, in the K-loop of the pid_n == 0 tiles).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,9 +72,14 @@ def _lowrank_fwd_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     r_ok = offs_r < R
+    v = 0.0
+    if GRAD_C:
+        v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     acc, u = _frozen_gemm_mainloop(x_ptr, w_ptr, c_ptr, offs_m, offs_n, M, N, K, R,
                                    stride_xm, stride_xk, stride_wk, stride_wn, stride_ck,
-                                   stride_cr, ACC, FUSE_U, UPCAST, PREC,
+                                   stride_cr, v, dc_ptr, stride_dck, stride_dcr, alpha_c,
+                                   pid_n == 0, ACC, FUSE_U, GRAD_C, UPCAST, PREC,
                                    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
     u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur
     u_mask = m_ok[:, None] & r_ok[None, :]
@@ -77,15 +89,25 @@ def _lowrank_fwd_kernel(
                 tl.store(u_ptrs, _cast_out(u, u_ptr.dtype.element_ty, UPCAST), mask=u_mask)
     else:
         u = tl.load(u_ptrs, mask=u_mask, other=0.0).to(ACC)
+    if DROPOUT:
+        keep = _keep_mask(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M,
+                          BLOCK_N, GROUPED_RNG)
+    if GRAD_D:
+        xin = tl.load(xin_ptr + offs_m[:, None] * stride_im + offs_n[None, :] * stride_in,
+                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            xin = xin.to(ACC)
+        if DROPOUT:
+            xin = tl.where(keep, xin, 0.0)
+        dd = _mma(tl.trans(u), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC), PREC)
+        tl.atomic_add(dd_ptr + offs_r[:, None] * stride_ddr + offs_n[None, :] * stride_ddn,
+                      dd * alpha_d, mask=r_ok[:, None] & n_ok[None, :])
     d = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n[None, :] * stride_dn,
                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
     if UPCAST:
         d = d.to(ACC)
     delta = _mma(u * scaling, d, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PREC)
     if DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = _keep_mask(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_M, BLOCK_N,
-                          GROUPED_RNG)
         delta = tl.where(keep, delta * keep_scale, 0.0)
     acc += delta
     if HAS_BIAS:
@@ -94,9 +116,28 @@ def _lowrank_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
+def fused_bwd_configs(configs, capability: tuple[int, int] | None):
+    """The configs the fused backward (GRAD_D/GRAD_C) may use: on sm_80 its BLOCK_M 128 tiles
+    spill (ptxas: 255 registers, 756–2108 spill bytes), so there only the BLOCK_M 64 ones."""
+    if capability is not None and capability < (9, 0):
+        return [c for c in configs if c.kwargs["BLOCK_M"] == 64]
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotune-time: tiles for the operand dtype, and the spill-free ones of the fused backward."""
+    configs = prune_gemm_configs(configs, named_args, **kwargs)
+    if (kwargs.get("GRAD_D") or kwargs.get("GRAD_C")) and not interpreting() \
+            and torch.cuda.is_available():
+        configs = fused_bwd_configs(configs, torch.cuda.get_device_capability()) or configs
+    return configs
+
+
 _lowrank_fwd_autotuned = triton.autotune(
     configs=gemm_configs(), key=["M", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs})(_lowrank_fwd_kernel)
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["dd_ptr", "dc_ptr"],  # atomically accumulated: re-zeroed between trials
+)(_lowrank_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,17 +160,23 @@ def _skinny(L, R, P, Q, K, strides_l, strides_r, alpha, *, drop=0, seed=None, ro
 
 
 def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R, scaling,
-          *, fuse_u, store_u, dropout, keep_scale, threshold):
+          *, fuse_u, store_u, dropout, keep_scale, threshold, grad_d=None, grad_c=None):
+    """Launch ``_lowrank_fwd_kernel``. grad_d = (Xin, dD fp32, α_d), grad_c = (V, dC fp32, α_c)."""
     grouped = dropout and N % 8 == 0
+    xin, dd, alpha_d = grad_d if grad_d is not None else (y, y, 0.0)
+    v, dc, alpha_c = grad_c if grad_c is not None else (u, y, 0.0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(_lowrank_fwd_autotuned)[grid](
         X, w_strides[0], bias if bias is not None else y, C, D, u, y,
-        seed if seed is not None else u,
+        seed if seed is not None else u, xin, dd, v, dc,
         M, N, K, R,
         X.stride(0), X.stride(1), w_strides[1], w_strides[2], *c_strides, *d_strides,
         u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-        scaling, keep_scale, threshold,
+        xin.stride(0), xin.stride(1), dd.stride(0), dd.stride(1), v.stride(0), v.stride(1),
+        dc.stride(0), dc.stride(1),
+        scaling, keep_scale, threshold, alpha_d, alpha_c,
         HAS_BIAS=bias is not None, FUSE_U=fuse_u, STORE_U=store_u, DROPOUT=dropout,
+        GRAD_D=grad_d is not None, GRAD_C=grad_c is not None,
         GROUPED_RNG=grouped, ACC=acc_dtype(X, w_strides[0], C, D), UPCAST=upcast_flag(X, C, D),
         PREC=input_precision(X, C, D), BLOCK_R=rank_block(R),
     )
@@ -185,8 +232,10 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     """gy (n, out); u from :func:`lowrank_fwd`. Returns (dx (n, in), dA (r, in), dB (out, r));
     a gradient not asked for comes back as an empty (0,) tensor.
 
-    dx = gy·W + drop'(s·(gy·B)·A) in one GEMM whose K-loop also yields t = gy·B (n, r);
-    dA = s·keep·tᵀ·(m⊙x) and dB = s·gyᵀ·u are skinny split-K reductions over n.
+    When dx is wanted, everything is one GEMM kernel: dx = gy·W + drop'(s·(gy·B)·A) with
+    t = gy·B (n, r) from its K-loop, dA = s·keep·tᵀ·(m⊙x) from its epilogue (the x tile under
+    each dx tile) and dB = s·gyᵀ·u from the K-loop of one column tile per row tile, both by fp32
+    atomics. Without dx, dA and dB are skinny split-K reductions over n.
     """
     n, out_f = gy.shape
     k, r = weight.shape[1], A.shape[0]
@@ -200,15 +249,24 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     if needs_dx:
         dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
     if needs_dx and n > 0 and k > 0:
-        t = torch.empty((n, r), dtype=cd, device=x.device)
+        # one kernel: dx, with t = gy·B from its K-loop, dA from its epilogue, dB from its K-loop
+        dA32 = torch.zeros((r, k), dtype=cd, device=x.device) if need_dA else None
+        dB32 = torch.zeros((out_f, r), dtype=cd, device=x.device) if need_dB else None
         _gemm(gy, (weight, weight.stride(0), weight.stride(1)), None, B,
-              (B.stride(0), B.stride(1)), A, (A.stride(0), A.stride(1)), t, dx, seed,
-              n, k, out_f, r, scaling, fuse_u=True, store_u=need_dA, dropout=drop,
-              keep_scale=keep_scale, threshold=threshold)
-    elif need_dA:
+              (B.stride(0), B.stride(1)), A, (A.stride(0), A.stride(1)), u, dx, seed,
+              n, k, out_f, r, scaling, fuse_u=True, store_u=False, dropout=drop,
+              keep_scale=keep_scale, threshold=threshold,
+              grad_d=(x, dA32, scaling * keep_scale) if need_dA else None,
+              grad_c=(u, dB32, scaling) if need_dB else None)
+        if need_dA:
+            dA = dA32.to(A.dtype)
+        if need_dB:
+            dB = dB32.to(B.dtype)
+        return dx, dA, dB
+    # no dx GEMM to ride on: skinny split-K passes
+    if need_dA:
         t = _skinny(gy, B, n, r, out_f, (gy.stride(0), gy.stride(1)), (B.stride(0), B.stride(1)),
                     1.0, out_dtype=cd)
-    if need_dA:
         dA = _skinny(t, x, r, k, n, (t.stride(1), t.stride(0)), (x.stride(0), x.stride(1)),
                      scaling * keep_scale, drop=2 if drop else 0, seed=seed, row_len=k,
                      threshold=threshold, out_dtype=cd).to(A.dtype)
