@@ -461,6 +461,28 @@ def test_unsupported_layers_are_reported_and_run_peft():
     y = net(torch.randn(2, 3, 6, 6))
     assert y.shape == (2, 4)
 
+    class QuantLinear(nn.Linear):  # stands in for a quantized / custom Linear subclass
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = QuantLinear(8, 8)
+
+        def forward(self, x):
+            return self.q(x)
+
+    qnet = get_peft_model(Net(), LoraConfig(r=2, target_modules=["q"], init_lora_weights=False))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = qnet(x)
+    rep = pf.patch(qnet)
+    (entry,) = rep.entries
+    assert entry.status.startswith("base layer is ") and "QuantLinear (quantized or custom)" in entry.status
+    assert not entry.installed and not is_patched(qnet.base_model.model.q)
+    with torch.no_grad():
+        assert torch.equal(qnet(x), ref)
+
 
 def test_prompt_tuning_model_is_left_alone():
     from peft import PromptTuningConfig
