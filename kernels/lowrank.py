@@ -7,17 +7,19 @@ Kernels (jit → launcher → op)::
 
     _lowrank_fwd_kernel    one frozen-GEMM tile y = X·Wop + b, its K-loop also accumulating
                            u = X·C for the tile's rows (FUSE_U), epilogue + mask?(s·u·D).
-                           Forward:  X = x,  Wop = Wᵀ, C = Aᵀ, D = Bᵀ          → y, u
-                           dx:       X = gy, Wop = W,  C = B,  D = A, mask on → dx = gy·W + drop'(s·gy·B·A), t = gy·B
+                           Forward:  X = x,  Wop = Wᵀ, C = Aᵀ, D = Bᵀ           → y, u
+                           Backward: X = gy, Wop = W,  C = B,  D = A, mask on  → dx = gy·W +
+                           drop'(s·gy·B·A), and with GRAD_D/GRAD_C also dA = s·keep·tᵀ·(m⊙x)
+                           (epilogue, x tile under the dx tile) and dB = s·gyᵀ·u (K-loop of
+                           the pid_n == 0 tiles) by fp32 atomics: the backward is one kernel
     _strided_matmul_kernel (kernels/_matmul.py) α·mask?(L)·mask?(R), split-K partials:
-                           u (dropout > 0):  L = x (masked), R = Aᵀ           (n, r)
-                           dA = s·keep·tᵀ·(m⊙x)                             (r, in)
-                           dB = s·gyᵀ·u                                      (out, r)
+                           u (dropout > 0):  L = x (masked), R = Aᵀ            (n, r)
+                           without dx: t = gy·B, dA = s·keep·tᵀ·(m⊙x), dB = s·gyᵀ·u
 
 With dropout the forward projection u is a skinny pass of its own (one Philox call per 8
 elements of x, once) instead of being fused into the K-loop, where every one of the out/BLOCK_N
-column tiles would regenerate the mask. Nothing of size n×in is stored besides x; u and t are
-(n, r) fp32.
+column tiles would regenerate the mask. Nothing of size n×in is stored besides x; u is
+(n, r) fp32 (saved for dB), t lives in registers.
 
 Launchers: :func:`lowrank_fwd`, :func:`lowrank_bwd`; ops ``pypeft_fast::lowrank_fwd`` and
 ``pypeft_fast::lowrank_bwd`` (``torch.library.triton_op`` on a GPU, so torch.compile sees the
