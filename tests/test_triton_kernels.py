@@ -255,3 +255,45 @@ def test_compile_fullgraph_triton(family):
     compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+def test_strided_inputs_through_public_api(family):
+    """x a column slice of a wider tensor (row stride ≠ in) and W a transposed view: the
+    launchers pass strides, never copy; output and gradients vs the torch backend in float64,
+    with the tolerance rule against the torch backend in float32."""
+    g = torch.Generator().manual_seed(2)
+    r = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)  # noqa: E731
+    n, in_f, out_f = 70, 96, 80
+    x_wide, W_t = r(n, in_f + 13), r(in_f, out_f)
+    idx = torch.stack([torch.arange(0, out_f), (torch.arange(0, out_f) * 7) % in_f])
+    P = {"lowrank": (r(4, in_f), r(out_f, 4)), "kronecker": (r(8, 6), r(10, 16)),
+         "phm": (r(2, 8, 6), r(2, 10, 16)), "sparse": (r(out_f),)}[family]
+    call = {
+        "lowrank": lambda x, W, P, b: pf.lowrank_linear(x, W, None, *P, 0.5, 0.2, 5, b),
+        "kronecker": lambda x, W, P, b: pf.kronecker_linear(x, W, None, *P, 0.5, b),
+        "phm": lambda x, W, P, b: pf.phm_linear(x, W, None, *P, 0.5, b),
+        "sparse": lambda x, W, P, b: pf.sparse_linear(x, W, None, P[0], idx, 0.5, b),
+    }[family]
+
+    def run(backend, dtype):
+        x = x_wide.to(dtype)[:, 5:5 + in_f].detach().requires_grad_(True)
+        W = W_t.to(dtype).t()  # (out, in), non-contiguous
+        assert not x.is_contiguous() and not W.is_contiguous()
+        ps = tuple(p.detach().to(dtype).clone().requires_grad_(True) for p in P)
+        y = call(x, W, ps, backend)
+        y.backward(torch.ones_like(y))
+        return [y.detach(), x.grad] + [p.grad for p in ps]
+
+    ref, base, got = run("torch", torch.float64), run("torch", torch.float32), run("triton", torch.float32)
+    for i, (a, b, c) in enumerate(zip(got, ref, base)):
+        assert_within(f"{family} strided output/grad #{i}", a, b, c, torch.float32)
+
+
+def test_probe_says_why_on_cpu_without_interpreter(monkeypatch):
+    from pypeft_fast import triton_backend
+    assert triton_backend.probe(torch.device("cpu")) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = triton_backend.probe(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert "meta" in triton_backend.probe(torch.device("meta"))
