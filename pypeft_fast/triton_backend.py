@@ -3,14 +3,14 @@
 
 Usable on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the kernels are decorated in interpreter mode then; CI proves them that way).
-Importing this module never initialises CUDA. Without triton it logs why and registers nothing,
-so the torch path keeps working and ``backend="triton"`` raises with that reason.
+Importing this module never initialises CUDA. Without triton its import fails with
+ModuleNotFoundError, which ``pypeft_fast.backends`` records (``python -m pypeft_fast info``) and
+logs; nothing is registered, the torch path keeps working and ``backend="triton"`` raises.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from . import registry
-
-log = logging.getLogger("pypeft_fast")
 
 
 def _import_kernels():
@@ -46,29 +44,20 @@ def _import_kernels():
     return module
 
 
-try:
-    import triton  # noqa: F401
-except ImportError as _e:  # the torch path keeps working; `info` shows the reason
-    TRITON_IMPORT_ERROR: str | None = f"{type(_e).__name__}: {_e}"
-    log.info("pypeft_fast: Triton backend disabled: %s", TRITON_IMPORT_ERROR)
-else:
-    TRITON_IMPORT_ERROR = None
+import triton  # noqa: E402,F401  (missing: backends.py records and logs why; torch path unaffected)
 
-if TRITON_IMPORT_ERROR is None:
-    _import_kernels()
-    from pypeft_fast.kernels import kronecker as _kronecker  # noqa: E402
-    from pypeft_fast.kernels import lowrank as _lowrank  # noqa: E402
-    from pypeft_fast.kernels import sparse as _sparse  # noqa: E402
-    from pypeft_fast.kernels._utils import interpreting  # noqa: E402
+_import_kernels()
+from pypeft_fast.kernels import kronecker as _kronecker  # noqa: E402,F401
+from pypeft_fast.kernels import lowrank as _lowrank  # noqa: E402,F401
+from pypeft_fast.kernels import sparse as _sparse  # noqa: E402,F401
+from pypeft_fast.kernels._utils import interpreting  # noqa: E402
 
-    # Kernels are decorated for the interpreter or for the GPU when they are defined.
-    _INTERPRET_AT_IMPORT = interpreting()
+# Kernels are decorated for the interpreter or for the GPU when they are defined.
+_INTERPRET_AT_IMPORT = interpreting()
 
 
 def probe(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else why not."""
-    if TRITON_IMPORT_ERROR is not None:
-        return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -149,9 +138,8 @@ class TritonSparse:
         return _none_if_empty(dx, needs_dx), (_none_if_empty(dv, need_dv),)
 
 
-if TRITON_IMPORT_ERROR is None:
-    registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
-    registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
-    registry.register_kernels("kronecker", "triton", TritonKronSum, auto=True)
-    registry.register_kernels("phm", "triton", TritonKronSum, auto=True)
-    registry.register_availability("triton", probe)
+registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
+registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
+registry.register_kernels("kronecker", "triton", TritonKronSum, auto=True)
+registry.register_kernels("phm", "triton", TritonKronSum, auto=True)
+registry.register_availability("triton", probe)
