@@ -702,6 +702,56 @@ def test_a_layer_shared_by_two_parents_is_wrapped_once_everywhere():
     assert [n for n, _ in delta_modules(outer)] == ["a.0"]
 
 
+def tiny_bert_classifier(seed=0, num_labels=3):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=INTER, vocab_size=VOCAB, max_position_embeddings=64,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  num_labels=num_labels)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_trainable_modules_train_a_new_head_and_travel_with_the_adapter(tmp_path):
+    cfg = pf.DeltaConfig(family="phm", target_modules="all-linear", exclude_modules=["classifier"],
+                         trainable_modules=["classifier"], rank=2)
+    model = pf.inject(tiny_bert_classifier(), cfg)
+    head = model.classifier
+    assert not isinstance(head, DeltaLinear)
+    assert all(p.requires_grad for p in head.parameters())
+    deltas = {id(p): p for _, m in delta_modules(model) for p in m.parameters() if p.requires_grad}
+    n_delta = sum(p.numel() for p in deltas.values())  # the shared A once
+    assert pf.trainable_report(model).trainable == n_delta + head.weight.numel() + head.bias.numel()
+    perturb(model)
+    with torch.no_grad():
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    ids = ids_for()
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+    pf.save_adapter(model, tmp_path)
+    fresh = tiny_bert_classifier()
+    pf.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh.classifier.weight, head.weight)
+        assert torch.equal(fresh(input_ids=ids).logits, y)
+    # a head of another size is a listed problem, and nothing is loaded
+    other = tiny_bert_classifier(num_labels=5)
+    snap = _snapshot(other)
+    with pytest.raises(ValueError, match=r"__trainable__: tensor 'classifier\.weight' has shape "
+                                         r"\(3, 48\) in the file; expected \(5, 48\)"):
+        pf.load_adapter(other, tmp_path)
+    assert not delta_modules(other) and _unchanged(other, snap)
+
+
+def test_trainable_modules_may_not_overlap_targets():
+    with pytest.raises(ValueError, match=r"classifier: selected by trainable_modules=\['classifier'\] "
+                                         r"and classifier by target_modules"):
+        pf.inject(tiny_bert_classifier(), pf.DeltaConfig(
+            family="lowrank", target_modules="all-linear", trainable_modules=["classifier"]))
+    with pytest.raises(ValueError, match="trainable_modules=\\['head'\\] matched no module"):
+        pf.inject(tiny_bert_classifier(), pf.DeltaConfig(
+            family="lowrank", target_modules=["query"], trainable_modules=["head"]))
+
+
 def test_multihead_attention_out_proj_is_refused():
     model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
     with pytest.raises(ValueError, match=r"0\.out_proj: the out_proj of nn\.MultiheadAttention \(0\)"):

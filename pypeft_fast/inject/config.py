@@ -24,6 +24,9 @@ class DeltaConfig:
     ends with ``"." + entry``, as in peft), a string (a regular expression that must match the whole
     dotted name), or ``"all-linear"`` (every Linear/Conv1D except the output embedding).
     ``exclude_modules``: the same forms, removed from the match.
+    ``trainable_modules``: the same forms (no "all-linear"): modules left fully trainable besides
+    the deltas, like peft's ``modules_to_save`` — e.g. ``["classifier"]`` for a new head; their
+    Parameters are saved with the adapter. A module may not be both targeted and trainable.
 
     Family options (None → default):
 
@@ -46,6 +49,7 @@ class DeltaConfig:
     family: str
     target_modules: str | list[str]
     exclude_modules: str | list[str] | None = None
+    trainable_modules: str | list[str] | None = None
     backend: str = "auto"
     adapter_dtype: str | None = None
     # lowrank
@@ -75,6 +79,11 @@ class DeltaConfig:
         spec = SPECS[self.family]
         self.target_modules = _names(where, "target_modules", self.target_modules, required=True)
         self.exclude_modules = _names(where, "exclude_modules", self.exclude_modules, required=False)
+        self.trainable_modules = _names(where, "trainable_modules", self.trainable_modules,
+                                        required=False)
+        if self.trainable_modules == "all-linear":
+            raise ValueError(f"{where}: trainable_modules='all-linear' would train every linear "
+                             "layer fully; name the modules (e.g. ['classifier'])")
         for opt, owners in FAMILY_OPTIONS.items():
             if opt not in spec.options and getattr(self, opt) is not None:
                 raise ValueError(f"{where}: option {opt}={getattr(self, opt)!r} belongs to family "
@@ -93,7 +102,8 @@ class DeltaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"family": self.family, "target_modules": self.target_modules,
-             "exclude_modules": self.exclude_modules, "backend": self.backend,
+             "exclude_modules": self.exclude_modules, "trainable_modules": self.trainable_modules,
+             "backend": self.backend,
              "adapter_dtype": self.adapter_dtype}
         for k, v in self.options().items():
             d[k] = list(v) if isinstance(v, tuple) else v

@@ -6,7 +6,8 @@ A saved adapter is a directory holding
   {"base": "Linear" | "Conv1D", "shape": [out, in]}}}``;
 * ``pypeft_adapter.safetensors``: ``<layer>.<tensor>`` for each layer's delta tensors (a sparse
   mask is saved as its int64 ``indices`` (2, nnz)), ``__shared__.<tensor>`` for Parameters shared
-  across layers, saved once. Never pickle.
+  across layers, saved once, ``__trainable__.<module>.<param>`` for ``trainable_modules``. Never
+  pickle.
 
 ``load_adapter`` checks every layer, key, shape and dtype against the model before it assigns
 anything, and raises one ``ValueError`` listing every problem; on error the model is unchanged.
@@ -21,12 +22,21 @@ from torch import nn
 
 from ..families.sparse import validate_indices
 from .config import FORMAT, DeltaConfig
-from .modules import delta_modules, find_targets, inject, planned_shapes
+from .modules import delta_modules, find_targets, find_trainable, inject, planned_shapes
 from .specs import SPECS
 
 CONFIG_NAME = "pypeft_adapter_config.json"
 WEIGHTS_NAME = "pypeft_adapter.safetensors"
 SHARED = "__shared__"
+TRAINABLE = "__trainable__"
+
+
+def _trainable_params(model, config) -> dict[str, torch.nn.Parameter]:
+    """``{"__trainable__.<module>.<param>": Parameter}`` for ``config.trainable_modules``."""
+    layers = [(n, m, None) for n, m in delta_modules(model)]
+    return {f"{TRAINABLE}.{name}.{pname}": p
+            for name, mod in find_trainable(model, config, layers)
+            for pname, p in mod.named_parameters()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
@@ -44,6 +54,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     first = mods[0][1]
     for k in first.shared_names:
         tensors[f"{SHARED}.{k}"] = getattr(first, k).detach().cpu().contiguous()
+    for key, p in _trainable_params(model, cfg).items():
+        tensors[key] = p.detach().cpu().clone()  # a clone: tied Parameters must not share storage
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "config": cfg.to_dict(), "layers": layers}
@@ -92,6 +104,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     for k in (*m.delta_names, *m.index_names)} for n, m in mods.items()}
         first = next(iter(mods.values()))
         plan[SHARED] = {k: (tuple(getattr(first, k).shape), "param") for k in first.shared_names}
+        train_cfg = mcfg
     else:
         try:
             targets = find_targets(model, cfg)
@@ -105,6 +118,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 plan.update(planned_shapes(cfg, [target]))
             except ValueError as e:
                 problems.append(str(e))
+        train_cfg = cfg
+    try:
+        train_keys = {k: (tuple(p.shape), "param") for k, p in _trainable_params(model, train_cfg).items()}
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    plan[TRAINABLE] = {k[len(TRAINABLE) + 1:]: v for k, v in train_keys.items()}
 
     for n in sorted(set(file_layers) - set(bases)):
         problems.append(f"{n}: the file holds an adapter for this layer, but the model has no such "
@@ -118,7 +137,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     expected = set()
     for layer, entries in plan.items():
-        if layer != SHARED and layer not in file_layers:
+        if layer not in (SHARED, TRAINABLE) and layer not in file_layers:
             continue
         for k, (shape, kind) in entries.items():
             key = f"{layer}.{k}"
@@ -163,4 +182,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for k in first.shared_names:
             dst = getattr(first, k)
             dst.copy_(tensors[f"{SHARED}.{k}"].to(device=dst.device, dtype=dst.dtype))
+        for key, dst in _trainable_params(model, train_cfg).items():
+            dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
     return model

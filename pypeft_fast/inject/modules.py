@@ -182,6 +182,28 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> list[tuple[str, nn.Mo
     return targets
 
 
+def find_trainable(model: nn.Module, config: DeltaConfig, targets) -> list[tuple[str, nn.Module]]:
+    """``[(name, module)]`` selected by ``trainable_modules`` (outermost matches only);
+    ValueError if an entry matches nothing or a selected module is, holds or sits in a target."""
+    spec = config.trainable_modules
+    if spec is None:
+        return []
+    found = []
+    for name, mod in model.named_modules():
+        if name and _name_matches(spec, name) and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, mod))
+    if not found:
+        raise ValueError(f"inject: trainable_modules={spec!r} matched no module of "
+                         f"{type(model).__name__}")
+    for name, _ in found:
+        for t, _, _ in targets:
+            if t == name or t.startswith(name + ".") or name.startswith(t + "."):
+                raise ValueError(f"{name}: selected by trainable_modules={spec!r} and {t} by "
+                                 f"target_modules; a layer is either trained fully or given a "
+                                 f"delta — add it to exclude_modules or narrow trainable_modules")
+    return found
+
+
 def adapter_dtype(config: DeltaConfig, base_dtype: torch.dtype) -> torch.dtype:
     if config.adapter_dtype is not None:
         return getattr(torch, config.adapter_dtype)
@@ -203,8 +225,8 @@ def planned_shapes(config: DeltaConfig, targets) -> dict[str, dict]:
 
 
 def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
-    """Wrap the layers ``config`` selects in :class:`DeltaLinear`, freeze every other Parameter,
-    and return ``model`` (modified in place).
+    """Wrap the layers ``config`` selects in :class:`DeltaLinear`, freeze every other Parameter
+    but those of ``trainable_modules``, and return ``model`` (modified in place).
 
     Everything is checked before anything changes: a ValueError (naming the layer, its shape and
     what was expected) leaves the model as it was. One adapter per model: injecting into a model
@@ -219,6 +241,7 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
     config = dataclasses.replace(config)  # the layers' own copy: later edits to the caller's don't leak in
     spec = SPECS[config.family]
     targets = find_targets(model, config)
+    trainable = find_trainable(model, config, targets)
     plan = planned_shapes(config, targets)
     shared_plan = plan.pop("__shared__")
     first_w = targets[0][1].weight
@@ -234,6 +257,9 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
     aliases = _aliases(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    for _, mod in trainable:
+        for p in mod.parameters():
+            p.requires_grad_(True)
     shared = {}
     if shared_plan:
         dt = adapter_dtype(config, first_w.dtype)
