@@ -32,9 +32,10 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["pypeft_fast", "pypeft_fast.families", "pypeft_fast.kernels"]
+# Every subpackage of pypeft_fast/ (families, inject, ...), plus kernels/ as pypeft_fast.kernels.
+PACKAGES = find_packages(include=["pypeft_fast", "pypeft_fast.*"]) + ["pypeft_fast.kernels"]
 PACKAGE_DIR = {"pypeft_fast.kernels": "kernels"}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ABI_VERSION = 1  # bump with any schema change; pypeft_fast/_ops.py checks it

@@ -70,6 +70,43 @@ PPF_INLINE V pair_sums(V a, V b, std::index_sequence<I...>) {
 }
 }  // namespace detail
 
+namespace detail {
+// Stage B of an N x N transpose: swap bit B of the row index with bit B of the column index.
+template <int B, typename V, size_t... J>
+PPF_INLINE V swap_lo(V a, V b, std::index_sequence<J...>) {
+  constexpr int N = sizeof...(J);
+  return __builtin_shufflevector(a, b, ((J & B) ? (N + J - B) : J)...);
+}
+template <int B, typename V, size_t... J>
+PPF_INLINE V swap_hi(V a, V b, std::index_sequence<J...>) {
+  constexpr int N = sizeof...(J);
+  return __builtin_shufflevector(a, b, ((J & B) ? (N + J) : (J + B))...);
+}
+template <int B, typename V, int N>
+PPF_INLINE void transpose_stage(V* r) {
+  PPF_UNROLL
+  for (int i = 0; i < N; ++i) {
+    if (i & B) continue;
+    const V lo = swap_lo<B>(r[i], r[i + B], std::make_index_sequence<N>{});
+    const V hi = swap_hi<B>(r[i], r[i + B], std::make_index_sequence<N>{});
+    r[i] = lo;
+    r[i + B] = hi;
+  }
+}
+}  // namespace detail
+
+// In-register transpose of the N x N tile r[0..N) (row i = r[i]): log2(N) shuffle stages.
+template <typename T, int N>
+PPF_INLINE void transpose_square(Lanes<T, N>* r) {
+  using V = typename Lanes<T, N>::V;
+  V* v = reinterpret_cast<V*>(r);
+  if constexpr (N >= 2) detail::transpose_stage<1, V, N>(v);
+  if constexpr (N >= 4) detail::transpose_stage<2, V, N>(v);
+  if constexpr (N >= 8) detail::transpose_stage<4, V, N>(v);
+  if constexpr (N >= 16) detail::transpose_stage<8, V, N>(v);
+  static_assert(N <= 16, "transpose_square: N <= 16");
+}
+
 // sums[j] = v[j].sum() for the N vectors v[0..N): log2(N) levels of shuffles and adds instead of
 // N horizontal sums (the SDDMM reduction of one product vector per stored entry).
 template <typename T, int N>

@@ -23,9 +23,9 @@ namespace {
 // Tokens per block: one 64-byte vector for SpMM, four for SDDMM (a lane sum per entry is
 // amortised over more tokens).
 template <typename acc_t> struct Blocking;
-template <> struct Blocking<float> { static constexpr int kSpmm = 16, kSddmm = 128; };
-template <> struct Blocking<double> { static constexpr int kSpmm = 8, kSddmm = 64; };
-// SDDMM transposes the left operand a chunk of CSR rows at a time (an L1-sized gT).
+template <> struct Blocking<float> { static constexpr int kSpmm = 16, kSddmm = 64; };
+template <> struct Blocking<double> { static constexpr int kSpmm = 8, kSddmm = 32; };
+// SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
 constexpr int64_t kSddmmRowChunk = 32;
 
 template <typename acc_t, int NB>
@@ -116,19 +116,108 @@ inline void sddmm_block_isa(const int64_t* p, const int64_t* c, int64_t r0, int6
   sddmm_block_f64(p, c, r0, r1, gT, xT, o, parked);
 }
 
-// xT[c - c0, t] = x[n0 + t, c] for c in [c0, c1), t < nb; zero for nb <= t < NB.
-// Column-outer order: the nb source rows stay in L1 while xT is written sequentially.
-template <typename scalar_t, typename acc_t, int NB>
-void load_block_t(const scalar_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,
-                  int64_t c1, acc_t* xT) {
-  const scalar_t* base = x + n0 * s0;
-  for (int64_t c = c0; c < c1; ++c) {
-    acc_t* dst = xT + (c - c0) * NB;
-    const scalar_t* src = base + c * s1;
-    for (int64_t t = 0; t < nb; ++t) dst[t] = static_cast<acc_t>(src[t * s0]);
+}  // namespace
+
+// Tiled transposes between token-major activations and the token-blocked buffers, compiled per
+// ISA: W x W tiles (W = one 64-byte vector of acc_t) loaded as W rows, transposed in registers
+// (transpose_square), stored as W columns. Edges fall back to scalar loops.
+namespace {
+
+template <typename x_t, typename acc_t>
+PPF_INLINE void load_t_impl(const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,
+                            int64_t c1, acc_t* xT, int64_t NB) {
+  constexpr int W = 64 / sizeof(acc_t);
+  using VW = Lanes<acc_t, W>;
+  const x_t* base = x + n0 * s0;
+  const int64_t tfull = s1 == 1 ? nb / W * W : 0;
+  // token tile outer, columns inner: W source rows are streamed sequentially (prefetch-friendly)
+  const int64_t cfull = tfull > 0 ? c0 + (c1 - c0) / W * W : c0;
+  for (int64_t t0 = 0; t0 < tfull; t0 += W) {
+    for (int64_t c = c0; c < cfull; c += W) {
+      VW tile[W];
+      for (int i = 0; i < W; ++i) {
+        const x_t* src = base + (t0 + i) * s0 + c;
+        acc_t tmp[W];
+        for (int j = 0; j < W; ++j) tmp[j] = static_cast<acc_t>(src[j]);
+        tile[i] = VW::load(tmp);
+      }
+      transpose_square<acc_t, W>(tile);
+      for (int j = 0; j < W; ++j) tile[j].store(xT + (c - c0 + j) * NB + t0);
+    }
+  }
+  // scalar edges: columns past the last full tile, tokens past the last full tile, padding
+  for (int64_t cc = c0; cc < c1; ++cc) {
+    acc_t* dst = xT + (cc - c0) * NB;
+    const int64_t tstart = cc < cfull ? tfull : 0;
+    for (int64_t t = tstart; t < nb; ++t) dst[t] = static_cast<acc_t>(base[t * s0 + cc * s1]);
     for (int64_t t = nb; t < NB; ++t) dst[t] = acc_t(0);
   }
 }
+
+// out[n0 + t, r] = out[n0 + t, r] + yT[r, t] (summed in acc_t, rounded once), t < nb, r < R.
+template <typename o_t, typename acc_t>
+PPF_INLINE void store_t_acc_impl(o_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t R,
+                                 const acc_t* yT, int64_t NB) {
+  constexpr int W = 64 / sizeof(acc_t);
+  using VW = Lanes<acc_t, W>;
+  o_t* base = out + n0 * s0;
+  const int64_t tfull = s1 == 1 ? nb / W * W : 0;
+  int64_t r = 0;
+  for (; r + W <= R && tfull > 0; r += W) {
+    for (int64_t t0 = 0; t0 < tfull; t0 += W) {
+      VW tile[W];
+      for (int i = 0; i < W; ++i) tile[i] = VW::load(yT + (r + i) * NB + t0);
+      transpose_square<acc_t, W>(tile);  // tile[j] = yT[r .. r+W, t0 + j]
+      for (int j = 0; j < W; ++j) {
+        o_t* dst = base + (t0 + j) * s0 + r;
+        acc_t tmp[W];
+        tile[j].store(tmp);
+        for (int i = 0; i < W; ++i) dst[i] = static_cast<o_t>(static_cast<acc_t>(dst[i]) + tmp[i]);
+      }
+    }
+  }
+  for (int64_t rr = 0; rr < R; ++rr) {
+    const acc_t* yr = yT + rr * NB;
+    const int64_t tstart = rr < r ? tfull : 0;
+    for (int64_t t = tstart; t < nb; ++t) {
+      o_t& o = base[t * s0 + rr * s1];
+      o = static_cast<o_t>(static_cast<acc_t>(o) + yr[t]);
+    }
+  }
+}
+
+}  // namespace
+
+#define PPF_TRANSPOSERS(x_t, acc_t, suffix)                                                      \
+  PPF_CPU_CLONES void load_t_##suffix(const x_t* x, int64_t s0, int64_t s1, int64_t n0,          \
+                                      int64_t nb, int64_t c0, int64_t c1, acc_t* xT, int64_t NB) { \
+    load_t_impl<x_t, acc_t>(x, s0, s1, n0, nb, c0, c1, xT, NB);                                  \
+  }                                                                                              \
+  PPF_CPU_CLONES void store_t_acc_##suffix(x_t* out, int64_t s0, int64_t s1, int64_t n0,         \
+                                           int64_t nb, int64_t R, const acc_t* yT, int64_t NB) { \
+    store_t_acc_impl<x_t, acc_t>(out, s0, s1, n0, nb, R, yT, NB);                                \
+  }                                                                                              \
+  inline void load_t(const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,   \
+                     int64_t c1, acc_t* xT, int64_t NB) {                                        \
+    load_t_##suffix(x, s0, s1, n0, nb, c0, c1, xT, NB);                                          \
+  }                                                                                              \
+  inline void store_t_acc(x_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t R,   \
+                          const acc_t* yT, int64_t NB) {                                         \
+    store_t_acc_##suffix(out, s0, s1, n0, nb, R, yT, NB);                                        \
+  }
+
+// One instantiation per (storage dtype, accumulation dtype) pair the ops use.
+PPF_TRANSPOSERS(float, float, f32)
+PPF_TRANSPOSERS(c10::BFloat16, float, bf16)
+PPF_TRANSPOSERS(c10::Half, float, f16)
+PPF_TRANSPOSERS(double, double, f64)
+PPF_TRANSPOSERS(float, double, f32_f64)
+PPF_TRANSPOSERS(c10::BFloat16, double, bf16_f64)
+PPF_TRANSPOSERS(c10::Half, double, f16_f64)
+PPF_TRANSPOSERS(double, float, f64_f32)
+#undef PPF_TRANSPOSERS
+
+namespace {
 
 void check_row_ptr_end(const char* op, const at::Tensor& row_ptr, const at::Tensor& col) {
   const int64_t end = row_ptr[-1].item<int64_t>();
@@ -167,16 +256,9 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, cons
           std::vector<acc_t> xT(C * NB), yT(R * NB);
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, n - n0);
-            load_block_t<x_t, acc_t, NB>(xp, xs0, xs1, n0, nb, 0, C, xT.data());
+            load_t(xp, xs0, xs1, n0, nb, 0, C, xT.data(), NB);
             spmm_block_isa(p, c, v, R, xT.data(), yT.data());
-            o_t* ob = op_ + n0 * os0;
-            for (int64_t r = 0; r < R; ++r) {  // row-outer: the nb output rows stay in L1
-              const acc_t* yr = yT.data() + r * NB;
-              for (int64_t t = 0; t < nb; ++t) {
-                o_t& o = ob[t * os0 + r * os1];
-                o = static_cast<o_t>(static_cast<acc_t>(o) + yr[t]);
-              }
-            }
+            store_t_acc(op_, os0, os1, n0, nb, R, yT.data(), NB);
           }
         });
       }
@@ -223,19 +305,19 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
         using b_t = a_t;  // same dtype (checked)
         const b_t* bp = b.data_ptr<b_t>();
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> gT(kSddmmRowChunk * NB), xT(C * NB), parked;
+          std::vector<acc_t> gT(R * NB), xT(C * NB), parked;
           const int tid = at::get_thread_num();
           TORCH_INTERNAL_ASSERT(tid < nthreads);
           acc_t* mine = partial.data() + static_cast<size_t>(tid) * nnz;
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t n0 = blk * NB, nb = std::min<int64_t>(NB, n - n0);
-            load_block_t<b_t, acc_t, NB>(bp, b.stride(0), b.stride(1), n0, nb, 0, C, xT.data());
+            load_t(bp, b.stride(0), b.stride(1), n0, nb, 0, C, xT.data(), NB);
+            load_t(ap, a.stride(0), a.stride(1), n0, nb, 0, R, gT.data(), NB);
             for (int64_t r0 = 0; r0 < R; r0 += kSddmmRowChunk) {
               const int64_t r1 = std::min<int64_t>(R, r0 + kSddmmRowChunk);
-              load_block_t<a_t, acc_t, NB>(ap, a.stride(0), a.stride(1), n0, nb, r0, r1, gT.data());
               const size_t need = static_cast<size_t>(p[r1] - p[r0]) * (64 / sizeof(acc_t));
               if (parked.size() < need) parked.resize(need);
-              sddmm_block_isa(p, c, r0, r1, gT.data(), xT.data(), mine, parked.data());
+              sddmm_block_isa(p, c, r0, r1, gT.data() + r0 * NB, xT.data(), mine, parked.data());
             }
           }
         });
