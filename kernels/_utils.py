@@ -90,20 +90,26 @@ def gemm_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
                       num_warps=4, num_stages=3),
         FP64_CONFIG,
+        NARROW_CONFIG,
     ]
 
 
 FP64_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
                             num_warps=4, num_stages=2)
+"""fp64 operands: the bf16 tiles would need 272 KiB of shared memory."""
+NARROW_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8},
+                              num_warps=4, num_stages=3)
+"""Register-heavy epilogues (LoRA's per-element Philox when in % 8 != 0): 64 × 64 spills."""
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotune-time choice by operand dtype: the fp64 tile for fp64 inputs, the others else."""
+    """Autotune-time choice by operand dtype: the fp64 tile for fp64 inputs, the general tiles
+    else (the narrow tile only where a kernel asks for it)."""
     if interpreting():
         return configs
     x = named_args.get("x_ptr")
     fp64 = isinstance(x, torch.Tensor) and x.dtype == torch.float64
-    kept = [c for c in configs if (c is FP64_CONFIG) == fp64]
+    kept = [c for c in configs if (c is FP64_CONFIG) == fp64 and c is not NARROW_CONFIG]
     return kept or configs
 
 

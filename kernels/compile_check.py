@@ -46,11 +46,12 @@ def _kernels():
 
     from . import kronecker, lowrank, sparse
     from ._matmul import _strided_matmul_kernel
-    from ._utils import FP64_CONFIG, gemm_configs
+    from ._utils import FP64_CONFIG, NARROW_CONFIG, gemm_configs
 
     bf, f32, i64 = "*bf16", "*fp32", "*i64"
     n, d, ff, r = N_TOKENS, D_MODEL, D_FF, RANK
-    gemm_cfgs = [c for c in gemm_configs() if c is not FP64_CONFIG]
+    all_cfgs = gemm_configs()
+    gemm_cfgs = [c for c in all_cfgs if c is not FP64_CONFIG and c is not NARROW_CONFIG]
     out = []
 
     def lowrank_args(x, c, dm, u, M, N, K, xs, ws, cs, ds):
@@ -76,9 +77,17 @@ def _kernels():
                 dict(base, FUSE_U=False, STORE_U=False, DROPOUT=False, GROUPED_RNG=False)))
     # the whole backward: dx = gy·W + drop'(s·gy·B·A), t in the K-loop, dA and dB by atomics
     out.append(("lowrank_fwd", "bwd: dx + t + dA + dB, dropout mask, bf16", lr,
-                lambda arch: lowrank.fused_bwd_configs(gemm_cfgs, (arch // 10, arch % 10)),
+                lambda arch: lowrank.lowrank_configs(gemm_cfgs, (arch // 10, arch % 10),
+                                                     fused_bwd=True, per_element_rng=False),
                 lowrank_args(bf, bf, bf, f32, n, d, ff, ff, (d, 1), (r, 1), (d, 1)),
                 dict(base, FUSE_U=True, STORE_U=False, DROPOUT=True, GROUPED_RNG=True,
+                     GRAD_D=True, GRAD_C=True)))
+    # in % 8 != 0: one Philox call per element
+    out.append(("lowrank_fwd", "bwd: per-element Philox (in % 8 != 0), bf16", lr,
+                lambda arch: lowrank.lowrank_configs(all_cfgs, (arch // 10, arch % 10),
+                                                     fused_bwd=True, per_element_rng=True),
+                lowrank_args(bf, bf, bf, f32, n, d + 1, ff, ff, (d + 1, 1), (r, 1), (d + 1, 1)),
+                dict(base, FUSE_U=True, STORE_U=False, DROPOUT=True, GROUPED_RNG=False,
                      GRAD_D=True, GRAD_C=True)))
     # peft's default: bf16 base, fp32 adapter (hi/lo split MMAs); first config only
     out.append(("lowrank_fwd", "fwd: fused u, bf16 x + fp32 A/B", lr, gemm_cfgs[:1],
@@ -97,7 +106,7 @@ def _kernels():
     sp = sparse._sparse_fwd_kernel
     out.append(("sparse_fwd", "fwd: W tile + CSR delta, bf16", sp,
                 lambda arch: [c for c in sparse.sparse_gemm_configs((arch // 10, arch % 10))
-                              if c is not FP64_CONFIG],
+                              if c is not FP64_CONFIG and c is not NARROW_CONFIG],
                 dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, ptr_ptr=i64, idx_ptr=i64, perm_ptr=i64,
                      val_ptr=bf, y_ptr=bf, M=n, N=ff, K=d, stride_xm=d, stride_xk=1,
                      stride_wk=1, stride_wn=d, stride_ym=ff, stride_yn=1, scaling=0.5),

@@ -37,8 +37,8 @@ from torch.library import wrap_triton
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
-    gemm_configs, input_precision, interpreting, prune_gemm_configs, rank_block, register_op,
-    torch_acc_dtype, upcast_flag,
+    NARROW_CONFIG, gemm_configs, input_precision, interpreting, prune_gemm_configs, rank_block,
+    register_op, torch_acc_dtype, upcast_flag,
 )
 
 
@@ -100,7 +100,10 @@ def _lowrank_fwd_kernel(
         if UPCAST:
             xin = xin.to(ACC)
         if DROPOUT:
-            xin = tl.where(keep, xin, 0.0)
+            if GROUPED_RNG:
+                xin = tl.where(keep, xin, 0.0)
+            else:  # a multiply: ptxas-friendlier here, and no i1 tile for the MMA's layout change
+                xin = xin * keep.to(xin.dtype)
         dd = _mma(tl.trans(u), xin, tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC), PREC)
         tl.atomic_add(dd_ptr + offs_r[:, None] * stride_ddr + offs_n[None, :] * stride_ddn,
                       dd * alpha_d, mask=r_ok[:, None] & n_ok[None, :])
@@ -118,21 +121,32 @@ def _lowrank_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fused_bwd_configs(configs, capability: tuple[int, int] | None):
-    """The configs the fused backward (GRAD_D/GRAD_C) may use: on sm_80 its BLOCK_M 128 tiles
-    spill (ptxas: 255 registers, 756–2108 spill bytes), so there only the BLOCK_M 64 ones."""
-    if capability is not None and capability < (9, 0):
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 64]
+def lowrank_configs(configs, capability: tuple[int, int] | None, *, fused_bwd: bool,
+                    per_element_rng: bool):
+    """The spill-free configs of a variant (ptxas numbers in bench/NOTES.md): the fused
+    backward spills at BLOCK_M 128 on sm_80 (756–2108 bytes); the per-element Philox epilogue
+    (in % 8 != 0) spills at 64 × 64 on sm_90 (96 bytes) and gets the 64 × 32 tile."""
+    if per_element_rng:
+        return [c for c in configs if c is NARROW_CONFIG]
+    configs = [c for c in configs if c is not NARROW_CONFIG]
+    if fused_bwd and capability is not None and capability < (9, 0):
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] == 64]
     return configs
 
 
 def _prune(configs, named_args, **kwargs):
-    """Autotune-time: tiles for the operand dtype, and the spill-free ones of the fused backward."""
-    configs = prune_gemm_configs(configs, named_args, **kwargs)
-    if (kwargs.get("GRAD_D") or kwargs.get("GRAD_C")) and not interpreting() \
-            and torch.cuda.is_available():
-        configs = fused_bwd_configs(configs, torch.cuda.get_device_capability()) or configs
-    return configs
+    """Autotune-time: the variant's spill-free tiles (the fp64 tile for fp64 operands)."""
+    if interpreting():
+        return configs
+    x = named_args.get("x_ptr")
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+        return prune_gemm_configs(configs, named_args, **kwargs)
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    kept = lowrank_configs(configs, capability,
+                           fused_bwd=bool(kwargs.get("GRAD_D") or kwargs.get("GRAD_C")),
+                           per_element_rng=bool(kwargs.get("DROPOUT"))
+                           and not kwargs.get("GROUPED_RNG"))
+    return kept or prune_gemm_configs(configs, named_args, **kwargs)
 
 
 _lowrank_fwd_autotuned = triton.autotune(
