@@ -10,6 +10,7 @@ A missing ``_C`` raises ModuleNotFoundError, a broken or stale one ImportError;
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -23,7 +24,7 @@ from .validate import compute_dtype
 log = logging.getLogger("pypeft_fast")
 
 try:
-    from . import _C
+    _C = importlib.import_module(__package__ + "._C")
 except ModuleNotFoundError as e:
     raise ModuleNotFoundError(
         "pypeft_fast._C is not built (build it with `pip install --no-build-isolation -e .`)",
