@@ -458,11 +458,12 @@ def plot(result_rows, path, title):
                 r = next((r for r in result_rows if r["family"] == f and
                           (r["impl"] == impl or (impl == "baseline" and r["impl"] in ("peft", "reference")))),
                          None)
-                vals.append(100 * r[key] if r and r.get(key) is not None else 0.0)
+                vals.append(100 * r[key] if r and r.get(key) is not None else None)
             xs = [i + (j - 0.5) * width for i in range(len(fams))]
             name = "peft / materialising reference" if impl == "baseline" else "pypeft_fast"
-            bars = ax.bar(xs, vals, width, label=name, color=color)
-            ax.bar_label(bars, labels=[f"{v:+.0f}%" for v in vals], fontsize=8, padding=2)
+            bars = ax.bar(xs, [0.0 if v is None else v for v in vals], width, label=name, color=color)
+            ax.bar_label(bars, labels=["failed" if v is None else f"{v:+.0f}%" for v in vals],
+                         fontsize=8, padding=2)
         for i, f in enumerate(fams):
             t = next((r.get(tkey) for r in result_rows if r["family"] == f and tkey in r), None)
             if t is not None:
