@@ -71,7 +71,7 @@ def _sparse_case(n, C, R, density, seed, device="cpu"):
                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
 def test_spmm_matches_dense(device, shape, x_dtype, acc):
     n, C, R = shape
-    layout, vals, S = _sparse_case(n, C, R, 0.2, seed=n + C)
+    layout, vals, S = _sparse_case(n, C, R, 0.2, seed=n + C, device=device)
     x = rand(n, C, seed=7).to(device=device, dtype=x_dtype)
     v = vals[layout.csr_perm].to(acc)
     ref = x.double() @ S.t()
@@ -89,7 +89,7 @@ def test_spmm_matches_dense(device, shape, x_dtype, acc):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_spmm_accumulates_into_out_rounding_once(device, out_dtype):
     n, C, R = 97, 37, 53
-    layout, vals, S = _sparse_case(n, C, R, 0.3, seed=3)
+    layout, vals, S = _sparse_case(n, C, R, 0.3, seed=3, device=device)
     x = rand(n, C, seed=4).to(device=device, dtype=out_dtype)
     y0 = rand(n, R, seed=5).to(device=device, dtype=out_dtype)
     y = y0.clone()
@@ -333,3 +333,31 @@ def test_cpp_backend_is_registered_and_probed():
         assert "CPU tensors" in registry.why_unavailable(family, "cpp", torch.device("cuda"))
     if not native.WITH_CUDA:
         assert "not built with CUDA" in registry.why_unavailable("sparse", "cuda", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("family", ["sparse", "lowrank"])
+def test_cpp_backend_compiles_fullgraph(family):
+    """torch.compile(fullgraph=True) through the native ops (their fakes), same numbers as eager."""
+    import pypeft_fast as pf
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(35, 24, generator=g)
+    flat = torch.randperm(35 * 24, generator=g)[:50]
+    idx = torch.stack([flat // 24, flat % 24])
+    if family == "sparse":
+        P = [torch.randn(50, generator=g)]
+        call = lambda x, P: pf.sparse_linear(x, W, None, P[0], idx, 0.5, backend="cpp")  # noqa: E731
+    else:
+        P = [torch.randn(3, 24, generator=g), torch.randn(35, 3, generator=g)]
+        call = lambda x, P: pf.lowrank_linear(x, W, None, *P, 0.5, 0.2, torch.tensor(9), backend="cpp")  # noqa: E731
+    x = torch.randn(3, 5, 24, generator=g)
+
+    def run(fn):
+        xs = x.clone().requires_grad_(True)
+        Ps = [p.clone().requires_grad_(True) for p in P]
+        y = fn(xs, Ps)
+        y.square().sum().backward()
+        return [y.detach(), xs.grad] + [p.grad for p in Ps]
+
+    for a, b in zip(run(call), run(torch.compile(call, fullgraph=True, backend="aot_eager"))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
