@@ -2,16 +2,15 @@
 
 Build switches (environment variables):
 
-| variable                       | effect                                                          |
-|--------------------------------|-----------------------------------------------------------------|
-| PYPEFT_FAST_PURE_PYTHON=1      | skip every native extension (pure-PyTorch + Triton only)        |
-| PYPEFT_FAST_SKIP_CUDA=1        | build only the C++ CPU kernels, even with a CUDA torch and nvcc |
-| PYPEFT_FAST_CUDA_ARCHS="80;90a" | CUDA architectures (default ``80;90a``; falls back to          |
-|                                |   TORCH_CUDA_ARCH_LIST, e.g. ``8.0;9.0a``, when that is set)    |
-| PYPEFT_FAST_DEBUG=1            | ``-O0 -g`` instead of ``-O3`` (host and device)                 |
-| PYPEFT_FAST_PTXAS_VERBOSE=0    | drop ``-Xptxas -v`` (registers/spills per kernel, on by default)|
-| MAX_JOBS=N                     | parallel compile jobs (default: from cores and free memory)     |
-| CUDA_HOME=/usr/local/cuda-13.0 | the CUDA toolkit root (not the directory of an nvcc wrapper)    |
+| variable                         | effect                                                          |
+|----------------------------------|-----------------------------------------------------------------|
+| PYPEFT_FAST_PURE_PYTHON=1        | skip every native extension (pure-PyTorch + Triton only)        |
+| PYPEFT_FAST_SKIP_CUDA=1          | build only the C++ CPU kernels, even with a CUDA torch and nvcc |
+| PYPEFT_FAST_CUDA_ARCHS="80;90a"  | CUDA architectures (default 80;90a; else TORCH_CUDA_ARCH_LIST)  |
+| PYPEFT_FAST_DEBUG=1              | -O0 -g instead of -O3 (host and device)                         |
+| PYPEFT_FAST_PTXAS_VERBOSE=0      | drop -Xptxas -v (registers/spills per kernel; on by default)    |
+| MAX_JOBS=N                       | parallel compile jobs (default: from cores and free memory)     |
+| CUDA_HOME=/usr/local/cuda-13.0   | the CUDA toolkit root (not the directory of an nvcc wrapper)    |
 
 What gets built, into the one module ``pypeft_fast._C`` (ops under ``torch.ops.pypeft_fast``):
 
