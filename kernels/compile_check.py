@@ -45,7 +45,9 @@ def _kernels():
     import triton.language as tl
 
     from . import kronecker, lowrank, sparse
-    from ._matmul import _strided_matmul_kernel
+    import triton
+
+    from ._matmul import _strided_matmul_kernel, matmul_num_warps
     from ._utils import FP64_CONFIG, NARROW_CONFIG, gemm_configs
 
     bf, f32, i64 = "*bf16", "*fp32", "*i64"
@@ -122,14 +124,19 @@ def _kernels():
                      BLOCK_M=bmm, BLOCK_E=be)))
 
     kr = kronecker._kron_sum_fwd_kernel
-    # LoKr-like factors for 1024 -> 2752: A (1, 43, 32), B (1, 64, 32); h·b_in = 32
-    out.append(("kron_sum_fwd", "fwd: epilogue Σ U·B, bf16", kr, gemm_cfgs,
-                dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, u_ptr=f32, b_ptr=bf, y_ptr=bf,
-                     M=n, N=ff, K=d, QD=64, C=32, HC=32, stride_xm=d, stride_xk=1,
-                     stride_wk=1, stride_wn=d, stride_un=43 * 32, stride_up=32, stride_uh=32,
-                     stride_uc=1, stride_bh=2048, stride_bc=1, stride_bq=32, stride_ym=ff,
-                     stride_yn=1),
-                dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_C=32)))
+
+    def kron_args(h):  # LoKr-like factors for 1024 -> 2752: A (h, 43, 32), B (h, 64, 32)
+        return dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, u_ptr=f32, b_ptr=bf, y_ptr=bf,
+                    M=n, N=ff, K=d, QD=64, C=32, HC=32 * h, stride_xm=d, stride_xk=1,
+                    stride_wk=1, stride_wn=d, stride_un=43 * h * 32, stride_up=h * 32,
+                    stride_uh=32, stride_uc=1, stride_bh=2048, stride_bc=1, stride_bq=32,
+                    stride_ym=ff, stride_yn=1)
+
+    kcx = dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee")
+    out.append(("kron_sum_fwd", "kronecker: epilogue Σ U·B (h·b_in = 32), bf16", kr, gemm_cfgs,
+                kron_args(1), dict(kcx, BLOCK_C=32)))
+    out.append(("kron_sum_fwd", "phm h = 4: epilogue Σ U·B (h·b_in = 128), bf16", kr, gemm_cfgs,
+                kron_args(4), dict(kcx, BLOCK_C=kronecker.block_c(128, interpret=False))))
 
     sm = _strided_matmul_kernel
 
@@ -141,13 +148,22 @@ def _kernels():
                     threshold=6554)
 
     smc = dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_K=64)
-    out.append(("strided_matmul", "u = drop(x)·Aᵀ (n, r), bf16", sm, [None],
+
+    def warps(bp, bq):  # the launcher's choice for a bp × bq tile
+        return [triton.Config({}, num_warps=matmul_num_warps(bp, bq), num_stages=3)]
+    out.append(("strided_matmul", "u = drop(x)·Aᵀ (n, r), bf16", sm, warps(128, 16),
                 sm_args(bf, bf, n, r, d, d, 1, 1, d, r, 1),
                 dict(smc, DROP=1, GROUPED_RNG=True, BLOCK_P=128, BLOCK_Q=16)))
-    out.append(("strided_matmul", "dA = tᵀ·drop(x) (r, in), fp32 × bf16", sm, [None],
+    out.append(("strided_matmul", "dA = tᵀ·drop(x) (r, in), fp32 × bf16", sm, warps(16, 128),
                 sm_args(f32, bf, r, d, n, 1, r, d, 1, d, 1),
                 dict(smc, DROP=2, GROUPED_RNG=True, BLOCK_P=16, BLOCK_Q=128)))
-    out.append(("strided_matmul", "dB = gyᵀ·u (out, r), bf16 × fp32", sm, [None],
+    # the largest tile strided_matmul picks (128 × 64 × 64), fp32 × bf16 (kron dA), div/mod K
+    big = sm_args(f32, bf, 128 * 4, d, n * 32, 32, 1, d, 1, d, 1)
+    big.update(P_INNER=43, K_INNER=32, s_lpi=32, s_lki=1, s_rki=1)
+    out.append(("strided_matmul", "largest tile, fp32 × bf16, (n, l) K index", sm,
+                warps(128, 64), big,
+                dict(smc, DROP=0, GROUPED_RNG=False, BLOCK_P=128, BLOCK_Q=64)))
+    out.append(("strided_matmul", "dB = gyᵀ·u (out, r), bf16 × fp32", sm, warps(128, 16),
                 sm_args(bf, f32, ff, r, n, 1, ff, r, 1, r, 1),
                 dict(smc, DROP=0, GROUPED_RNG=False, BLOCK_P=128, BLOCK_Q=16)))
     return out
@@ -213,10 +229,10 @@ def _compile_one(job):
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                        options=options)
     regs, spills = _ptxas_stats(k.asm["ptx"], arch)
-    label = "—" if cfg is None else (
+    label = "—" if not (cfg and cfg["kwargs"]) else (
         "M{BLOCK_M} N{BLOCK_N} K{BLOCK_K}".format(**cfg["kwargs"])
         + f" w{cfg['num_warps']} s{cfg['num_stages']}")
-    if cfg is None:
+    if not (cfg and cfg["kwargs"]):
         label = " ".join(f"{k}{v}" for k, v in cx.items() if k.startswith("BLOCK_"))
         label += f" w{k.metadata.num_warps}"
     return Result(name, variant, label, arch, regs, spills, k.metadata.shared,
