@@ -96,12 +96,16 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def assert_within(name, got, ref, base):
-    """``|got - ref| ≤ 2·|base - ref| + 4 ulp·max|ref|``, with where it fails."""
+def assert_within(name, got, ref, base, rel_floor: float = 0.0):
+    """``|got - ref| ≤ max(2·|base - ref|, 2·rel_floor·max|ref|) + 4 ulp·max|ref|``, with where it
+    fails. ``rel_floor``: the worst relative error plain peft shows on any tensor of the same model
+    (a deep model's rounding reaches every gradient; one small tensor's own peft error can be
+    luckily small)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs reference {tuple(ref.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    eps = 4 * torch.finfo(got.dtype).eps * max(ref.abs().max().item(), 1e-30)
-    tol = 2 * max_err(base, ref) + eps
+    scale = max(ref.abs().max().item(), 1e-30)
+    eps = 4 * torch.finfo(got.dtype).eps * scale
+    tol = max(2 * max_err(base, ref), 2 * rel_floor * scale) + eps
     diff = (got.double() - ref.double()).abs()
     bad = diff > tol
     if bad.any():
@@ -110,6 +114,11 @@ def assert_within(name, got, ref, base):
             f"{name}: {int(bad.sum())}/{diff.numel()} elements beyond tol {tol:.3g} (2×peft error "
             f"{max_err(base, ref):.3g} + eps {eps:.3g}); worst flat index {worst}: got "
             f"{got.double().flatten()[worst].item():.6g}, reference {ref.double().flatten()[worst].item():.6g}")
+
+
+def peft_relative_error(base: dict, ref: dict) -> float:
+    """Worst ``max|base - ref| / max|ref|`` over the model's gradient tensors."""
+    return max(max_err(base[k], ref[k]) / max(ref[k].abs().max().item(), 1e-30) for k in ref)
 
 
 def compare_to_peft(model, batch, *, expect_served: int):
@@ -126,10 +135,11 @@ def compare_to_peft(model, batch, *, expect_served: int):
     yp, gp = run(patched, batch, gy)
     assert_within("output", yp, y64, yb)
     assert set(gp) == set(g64) and len(gp) > 0
+    rel_floor = peft_relative_error(gb, g64)
     for k in g64:
         assert gp[k].dtype == gb[k].dtype, f"{k}: grad dtype {gp[k].dtype}, peft gives {gb[k].dtype}"
         assert gp[k].abs().max() > 0, f"{k}: zero gradient"
-        assert_within(f"grad {k}", gp[k], g64[k], gb[k])
+        assert_within(f"grad {k}", gp[k], g64[k], gb[k], rel_floor)
     served = sum(e.served_calls for e in report.entries)
     assert served == expect_served, f"{served} pf calls, expected {expect_served}\n{report}"
     assert sum(sum(e.fallback_calls.values()) for e in report.entries) == 0, str(report)
@@ -289,8 +299,9 @@ def test_dropout_matches_reference_with_the_same_mask(monkeypatch):
     queue[:] = [s for s in seeds]
     yb, gb = run(seeded(ref32), batch, gy)
     assert_within("output", yp, y64, yb)
+    rel_floor = peft_relative_error(gb, g64)
     for k in g64:
-        assert_within(f"grad {k}", gp[k], g64[k], gb[k])
+        assert_within(f"grad {k}", gp[k], g64[k], gb[k], rel_floor)
     # the masks matter: without dropout the output is far from the dropped one
     nodrop = copy.deepcopy(model).eval()
     with torch.no_grad():
