@@ -169,6 +169,14 @@ def test_sparse_ops_name_the_bad_argument_and_shapes():
         ops.sparse_sddmm_csr(layout.row_ptr.int(), layout.csr_col, torch.randn(9, 5), torch.randn(9, 7))
     with pytest.raises(RuntimeError, match=r"row_ptr ends at \d+ but col has 2 entries"):
         ops.sparse_sddmm_csr(layout.row_ptr, layout.csr_col[:2], torch.randn(9, 5), torch.randn(9, 7))
+    bad_col = layout.csr_col.clone()
+    bad_col[-1] = 7
+    with pytest.raises(RuntimeError, match=r"col\[\d+\] = 7 is outside \[0, 7\)"):
+        ops.sparse_spmm_csr_t(layout.row_ptr, bad_col, v, 7, torch.randn(9, 7))
+    bad_ptr = layout.row_ptr.clone()
+    bad_ptr[0] = 1
+    with pytest.raises(RuntimeError, match=r"row_ptr starts at 1; expected 0"):
+        ops.sparse_sddmm_csr(bad_ptr, layout.csr_col, torch.randn(9, 5), torch.randn(9, 7))
 
 
 # ---------------------------------------------------------------- Philox: bit for bit

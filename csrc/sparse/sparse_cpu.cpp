@@ -219,9 +219,21 @@ PPF_TRANSPOSERS(double, float, f64_f32)
 
 namespace {
 
-void check_row_ptr_end(const char* op, const at::Tensor& row_ptr, const at::Tensor& col) {
-  const int64_t end = row_ptr[-1].item<int64_t>();
-  PPF_CHECK(op, end == col.numel(), "row_ptr ends at ", end, " but col has ", col.numel(), " entries");
+// On the CPU the index contents are checked too (O(rows + nnz), negligible next to O(n·nnz)):
+// row_ptr starts at 0, never decreases and ends at nnz; every col lies in [0, n_cols).
+void check_csr_contents(const char* op, const at::Tensor& row_ptr_, const at::Tensor& col_,
+                        int64_t n_cols) {
+  const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous();
+  const int64_t* p = row_ptr.data_ptr<int64_t>();
+  const int64_t R = row_ptr.numel() - 1, nnz = col.numel();
+  PPF_CHECK(op, p[R] == nnz, "row_ptr ends at ", p[R], " but col has ", nnz, " entries");
+  PPF_CHECK(op, p[0] == 0, "row_ptr starts at ", p[0], "; expected 0");
+  for (int64_t r = 0; r < R; ++r)
+    PPF_CHECK(op, p[r] <= p[r + 1], "row_ptr decreases at row ", r, " (", p[r], " > ", p[r + 1], ")");
+  const int64_t* c = col.data_ptr<int64_t>();
+  for (int64_t k = 0; k < nnz; ++k)
+    PPF_CHECK(op, c[k] >= 0 && c[k] < n_cols, "col[", k, "] = ", c[k], " is outside [0, ", n_cols,
+              ") (S has ", n_cols, " columns)");
 }
 
 }  // namespace
@@ -232,7 +244,7 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, cons
   static constexpr const char* op = "sparse_spmm_csr_t_acc";
   const int64_t C = x.dim() == 2 ? x.size(1) : -1;
   check_spmm_args(op, row_ptr_, col_, val_, C, x);
-  check_row_ptr_end(op, row_ptr_, col_);
+  check_csr_contents(op, row_ptr_, col_, C);
   const int64_t R = row_ptr_.numel() - 1, n = x.size(0);
   check_out(op, out, n, R, x);
   if (n == 0 || R == 0 || col_.numel() == 0) return;
@@ -270,7 +282,6 @@ at::Tensor sparse_spmm_csr_t_cpu(const at::Tensor& row_ptr, const at::Tensor& co
                                  const at::Tensor& val, int64_t n_cols, const at::Tensor& x) {
   static constexpr const char* op = "sparse_spmm_csr_t";
   check_spmm_args(op, row_ptr, col, val, n_cols, x);
-  check_row_ptr_end(op, row_ptr, col);
   // The functional form: x converted to val's dtype, accumulated into zeros of that dtype.
   const at::Tensor xa = x.to(val.scalar_type());
   at::Tensor out = at::zeros({x.size(0), row_ptr.numel() - 1}, xa.options());
@@ -283,7 +294,7 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
                                 const at::Tensor& a, const at::Tensor& b) {
   static constexpr const char* op = "sparse_sddmm_csr";
   check_sddmm_args(op, row_ptr_, col_, a, b);
-  check_row_ptr_end(op, row_ptr_, col_);
+  check_csr_contents(op, row_ptr_, col_, b.size(1));
   const int64_t R = row_ptr_.numel() - 1, n = a.size(0), C = b.size(1), nnz = col_.numel();
   const bool f64 = a.scalar_type() == at::kDouble;
   at::Tensor out = at::zeros({nnz}, a.options().dtype(f64 ? at::kDouble : at::kFloat));
