@@ -268,6 +268,26 @@ def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc):
     assert torch.equal(dx2, dx)
 
 
+def test_lowrank_ops_with_inputs_that_require_grad_on_every_thread():
+    """The ops run GEMMs inside at::parallel_for, whose workers do not inherit grad mode: inputs
+    that require grad (as in DeltaLinearFunction) must work with several threads and blocks."""
+    s = torch.tensor(5)
+    x, A = torch.randn(700, 97), torch.randn(4, 97, requires_grad=True)
+    t, dx = torch.randn(700, 4, requires_grad=True), torch.zeros(700, 97)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                u = ops.lowrank_dropout_down(x, A, s, 0.1)
+                dA = ops.lowrank_dropout_bwd(t, x, A, s, 0.1, dx, True)
+            if not grad_mode:
+                assert not u.requires_grad and not dA.requires_grad
+            torch.testing.assert_close(u.detach(), philox.dropout_rows(x, s, 0.1) @ A.detach().t())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_lowrank_ops_name_the_bad_argument_and_shapes():
     s = torch.tensor(1)
     with pytest.raises(RuntimeError, match=r"lowrank_dropout_down: A has shape \[4, 9\] but x has shape \[3, 8\]"):

@@ -265,7 +265,9 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
   if (k == 0) return u.zero_();
   const PhiloxKey key = philox_key(seed_value(seed));
   const uint32_t thr = keep_threshold(p);
-  const at::Tensor At = A.t();
+  // Detached: the worker threads of at::parallel_for do not inherit the caller's grad mode, and
+  // the GEMMs below must never record autograd history (the op has no autograd formula).
+  const at::Tensor At = A.detach().t();
   const int64_t RB = rows_per_block(k), blocks = (n + RB - 1) / RB;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
     using acc_t = scalar_t;
@@ -297,11 +299,13 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
 
 // dx += drop(t · A) in place (when dx is given) and returns dA = tᵀ · drop(x) (when need_dA,
 // else an empty (0,) tensor). t: (n, r), A: (r, in) in the accumulation dtype; x, dx: (n, in).
-at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,
+at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, const at::Tensor& A_,
                                    const at::Tensor& seed, double p,
                                    const std::optional<at::Tensor>& dx_opt, bool need_dA) {
   static constexpr const char* op = "lowrank_dropout_bwd";
-  const bool has_dx = check_bwd_args(op, t, x, A, seed, p, dx_opt);
+  const bool has_dx = check_bwd_args(op, t_, x, A_, seed, p, dx_opt);
+  // Detached (see lowrank_dropout_down_cpu): no autograd inside the worker threads.
+  const at::Tensor t = t_.detach(), A = A_.detach();
   const int64_t n = x.size(0), k = x.size(1), r = A.size(0);
   const int nthreads = at::get_num_threads();
   at::Tensor partial = need_dA ? at::zeros({nthreads, r, k}, A.options()) : at::Tensor();

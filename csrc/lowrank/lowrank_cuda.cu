@@ -107,7 +107,7 @@ at::Tensor lowrank_dropout_down_cuda(const at::Tensor& x, const at::Tensor& A,
                                      const at::Tensor& seed, double p) {
   check_down_args("lowrank_dropout_down", x, A, seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  return at::mm(dropout_to(x, seed, p, A.scalar_type()), A.t());
+  return at::mm(dropout_to(x, seed, p, A.scalar_type()), A.detach().t());  // no autograd history
 }
 
 at::Tensor lowrank_dropout_bwd_cuda(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,
@@ -117,7 +117,7 @@ at::Tensor lowrank_dropout_bwd_cuda(const at::Tensor& t, const at::Tensor& x, co
   const bool has_dx = check_bwd_args(op, t, x, A, seed, p, dx_opt);
   const c10::cuda::CUDAGuard guard(x.device());
   if (has_dx && x.numel() > 0) {
-    const at::Tensor z = at::mm(t, A).contiguous();  // (n, in), acc dtype
+    const at::Tensor z = at::mm(t.detach(), A.detach()).contiguous();  // (n, in), acc dtype
     at::Tensor dx_given = *dx_opt;
     // contiguous, and in a dtype whose accumulation dtype is z's (else a converted copy)
     at::Tensor dx = acc_of(dx_given.scalar_type()) != z.scalar_type() ? dx_given.to(z.scalar_type())
@@ -132,7 +132,7 @@ at::Tensor lowrank_dropout_bwd_cuda(const at::Tensor& t, const at::Tensor& x, co
     if (!dx.is_same(dx_given)) dx_given.copy_(dx);
   }
   if (!need_dA) return at::empty({0}, A.options());
-  return at::mm(t.t(), dropout_to(x, seed, p, A.scalar_type()));
+  return at::mm(t.detach().t(), dropout_to(x, seed, p, A.scalar_type()));
 }
 
 }  // namespace pypeft_fast
