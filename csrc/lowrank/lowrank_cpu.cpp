@@ -169,9 +169,14 @@ T dropout_scale(double p) { return static_cast<T>(1.0 / (1.0 - p)); }
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
 
-// Rows per block: about 256 KiB of fp32 per operand block (L2-resident), at least 8 rows; fewer,
-// larger blocks amortise the per-block GEMM call (measured: 16-row blocks cost 2x the mask).
-int64_t rows_per_block(int64_t k) { return std::max<int64_t>(8, 65536 / std::max<int64_t>(k, 1)); }
+// Rows per block: kBlockElements elements per operand block, at least 8 rows. Fewer, larger blocks
+// amortise the per-block GEMM call, whose packing of A is repeated per call (measured: 16-row
+// blocks cost 2x the mask itself).
+#ifndef PPF_LOWRANK_BLOCK_ELEMENTS
+#define PPF_LOWRANK_BLOCK_ELEMENTS 65536
+#endif
+constexpr int64_t kBlockElements = PPF_LOWRANK_BLOCK_ELEMENTS;
+int64_t rows_per_block(int64_t k) { return std::max<int64_t>(8, kBlockElements / std::max<int64_t>(k, 1)); }
 
 at::Tensor blob(void* p, int64_t rows, int64_t cols, const at::TensorOptions& o) {
   return at::from_blob(p, {rows, cols}, o);
