@@ -136,14 +136,14 @@ registry.register_availability("cpp", _cpp_probe)
 registry.register_availability("cuda", _cuda_probe)
 
 # auto=True only where bench/ measured the cpp kernels faster than the torch path on CPU
-# (bench/NOTES.md "csrc (C++/CUDA)"; 2-core Xeon AVX-512, fp32, 1 thread, loaded machine):
-# bench/bench_sparse.py, llama-1024 attn/up/down: SpMM fwd 3.6-5.7x, SpMM bwd 3.6-6.1x, SDDMM
-# 3.0-4.3x faster than torch.sparse (2 threads: SDDMM 2.1-4.1x); sparse_linear fwd+bwd at attn
-# +28 % over the frozen layer vs +121 % for the torch path.
+# (bench/NOTES.md "csrc (C++/CUDA)"; 2-core Xeon AVX-512, fp32, n = 1024, llama-1024 shapes):
+# bench/bench_sparse.py, 1 thread: SpMM fwd 2.5-5.2x, SpMM bwd 4.1-5.2x, SDDMM 3.1-4.0x faster
+# than torch.sparse (2 threads, attn: SDDMM 13.4 -> 3.25 ms, 4.1x); sparse_linear fwd+bwd over
+# the frozen layer: attn +44 % vs +121 %, up +5 % vs +57 %.
 registry.register_kernels("sparse", "cpp", NativeSparse, auto=True)
-# bench/bench_lowrank.py, r=16, p=0.05: mask 21x, u = drop(x)·Aᵀ 6-9x, backward 8-20x faster
-# than the torch path; lowrank_linear fwd+bwd at attn +20.5 % over the frozen layer vs +125 %.
-# (dropout 0 runs the torch kernels: nothing to fuse.)
+# bench/bench_lowrank.py, r = 16, p = 0.05, attn: mask 9x, u = drop(x)·Aᵀ 15.3 -> 1.49 ms,
+# backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
+# +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 runs the torch kernels.
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
 if WITH_CUDA:
     # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
