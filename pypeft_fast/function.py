@@ -9,9 +9,13 @@ Backward (gy: (..., out))::
     dx2d, dparams = kernels.backward(gy2d, x2d, W, params, aux, extras, hp, needs...)
     db = Σ_rows gy2d
 
-What is saved: the caller's ``x`` (the same tensor, never a reshaped copy), the frozen weight, the
-parameters, ``aux`` and the factor-sized ``extras`` the family kernels return. Everything n×in that
-the backward needs beyond x (a dropped copy of x, a reshaped x) is rebuilt there.
+What is saved: the caller's ``x`` (the same tensor, never a reshaped copy), the parameters and
+the factor-sized ``extras`` the family kernels return; the frozen weight only when x needs a
+gradient (as ``F.linear`` does). ``aux`` tensors — a dropout seed, a mask's cached CSR layout —
+are per-mask constants shared by every step, not activations: they ride on ``ctx`` like the
+hyperparameters. Everything n×in that the backward needs beyond x (a dropped copy of x, a
+reshaped x) is rebuilt there. When dx is not needed the kernels get a shape-only stand-in for
+the weight (a stride-0 view of one element): they read its shape, never its data.
 """
 from __future__ import annotations
 
@@ -24,17 +28,24 @@ class DeltaLinearFunction(torch.autograd.Function):
         params, aux = tensors[:n_params], tensors[n_params:]
         x2d = x.reshape(-1, x.shape[-1])
         y2d, extras = kernels.forward(x2d, weight, bias, params, aux, hp)
-        ctx.kernels, ctx.hp, ctx.n_params, ctx.n_aux = kernels, hp, n_params, len(aux)
+        ctx.kernels, ctx.hp, ctx.n_params, ctx.aux = kernels, hp, n_params, aux
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, *params, *aux, *extras)
+        ctx.keeps_weight = ctx.needs_input_grad[3]
+        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
+        ctx.save_for_backward(x, *params, *extras, *((weight,) if ctx.keeps_weight else ()))
         return y2d.view(*x.shape[:-1], y2d.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, *rest = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
+        if ctx.keeps_weight:
+            weight = rest.pop()
+        else:
+            shape, dtype, device = ctx.weight_meta
+            weight = torch.zeros((), dtype=dtype, device=device).expand(shape)
         params = tuple(rest[: ctx.n_params])
-        aux = tuple(rest[ctx.n_params : ctx.n_params + ctx.n_aux])
-        extras = tuple(rest[ctx.n_params + ctx.n_aux :])
+        extras = tuple(rest[ctx.n_params :])
+        aux = ctx.aux
         needs = ctx.needs_input_grad  # (kernels, hp, n_params, x, weight, bias, *params, *aux)
         needs_dx = needs[3]
         needs_dbias = ctx.bias_dtype is not None and needs[5]
@@ -46,4 +57,4 @@ class DeltaLinearFunction(torch.autograd.Function):
         )
         dx = dx2d.view(x.shape) if dx2d is not None else None
         dbias = gy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if needs_dbias else None
-        return (None, None, None, dx, None, dbias, *dparams, *([None] * ctx.n_aux))
+        return (None, None, None, dx, None, dbias, *dparams, *([None] * len(aux)))

@@ -18,6 +18,7 @@ A :class:`Kernels` object computes, on 2-D views (``x2d: (n, in)``, ``gy2d: (n, 
 ``params`` are the trainable delta tensors, ``aux`` the non-differentiable ones (a dropout seed, a
 sparse layout), ``extras`` what forward chose to keep for backward (factor-sized only), ``hp`` a
 frozen dataclass of Python scalars. The bias gradient is computed once, in the autograd Function.
+In backward, ``weight`` is a shape-only stand-in (stride 0, no data) when ``needs_dx`` is False.
 """
 from __future__ import annotations
 

@@ -128,3 +128,17 @@ def test_every_family_saves_x_plus_factor_sized_tensors(family, backend):
     assert total <= x_bytes + factor_bytes, f"{family}/{backend}: saved {total} bytes; x is {x_bytes}"
     ref_total, _, _ = saved_bytes(lambda: ref(x, W, b, P), exclude=(W, b, *_leaves(P)))
     assert total < ref_total, f"{family}/{backend}: saves {total} bytes, the materialising reference {ref_total}"
+
+
+@pytest.mark.parametrize("family, backend", CASES)
+def test_frozen_weight_is_saved_only_when_x_needs_a_gradient(family, backend):
+    """Like F.linear: the first adapted layers after a frozen embedding need no dx, so nothing
+    of the frozen weight is kept for them."""
+    _, x, W, b, _ = _inputs()
+    P, call, _ = family_calls()[family]
+    for needs_dx in (False, True):
+        xi = x.detach().requires_grad_(needs_dx)
+        _, ptrs, y = saved_bytes(lambda: call(xi, W, b, P, backend))
+        assert (W.untyped_storage().data_ptr() in ptrs) == needs_dx
+        y.sum().backward()
+        assert all(t.grad is not None for t in _leaves(P))
