@@ -15,7 +15,9 @@ row it is compared with:
 
 A step is forward (causal-LM cross-entropy), backward, ``AdamW.step()`` and ``zero_grad``. The
 variants run interleaved — warm-ups for all, then round after round of one step each — so a
-change in machine load hits every row alike; the table shows the median. Saved activations are
+change in machine load hits every row alike; the table shows the median, and next to it the
+overhead computed from each row's fastest step (on a shared machine load comes in bursts; the
+fastest step is the least disturbed one). Saved activations are
 the bytes of the tensors autograd saves during one forward (``torch.autograd.graph.
 saved_tensors_hooks``), each storage counted once, as in MEASURED.md (this includes the frozen
 weights autograd keeps a reference to); the column "excl. weights" leaves the model's own
@@ -367,6 +369,8 @@ def rows(a, variants, device, dtype) -> list[dict]:
         row = {
             "family": v.family, "impl": v.impl, "label": v.label,
             "step_s": v.step_s, "step_s_all": v.times,
+            "step_s_min": min(v.times) if v.times else None,
+            "time_over_floor_min": (min(v.times) / min(floor.times) - 1.0) if v.times and floor.times else None,
             "speedup_vs_peft": (ref.step_s / v.step_s) if (ref is not None and v.impl == "pypeft_fast") else None,
             "time_over_floor": v.step_s / floor.step_s - 1.0,
             "saved_bytes": v.saved_bytes,
@@ -384,7 +388,8 @@ def rows(a, variants, device, dtype) -> list[dict]:
             row["pf_fallback_calls"] = sum(sum(e.fallback_calls.values()) for e in v.report.entries)
         if v.error is not None:
             row["error"] = v.error
-            for k in ("step_s", "speedup_vs_peft", "time_over_floor", "saved_over_floor",
+            for k in ("step_s", "step_s_min", "time_over_floor_min", "speedup_vs_peft", "time_over_floor",
+                      "saved_over_floor",
                       "saved_nonparam_over_floor"):
                 row[k] = None
         out.append(row)
@@ -396,18 +401,19 @@ def _pct(x) -> str:
 
 
 def table(result_rows) -> str:
-    head = ("variant", "step s", "vs peft", "time over floor", "saved MiB", "mem over floor",
+    head = ("variant", "step s", "vs peft", "time over floor", "(min-based)", "saved MiB", "mem over floor",
             "excl. weights", "trainable")
     body = []
     for r in result_rows:
         floor = r["impl"] == "floor"
         if r.get("error"):
-            body.append((r["label"], "failed", "—", "—", "—", "—", "—", f"{r['trainable_params']:,}"))
+            body.append((r["label"], "failed", "—", "—", "—", "—", "—", "—", f"{r['trainable_params']:,}"))
             continue
         body.append((
             r["label"], f"{r['step_s']:.3f}",
             "—" if r["speedup_vs_peft"] is None else f"{r['speedup_vs_peft']:.2f}×",
             "—" if floor else _pct(r["time_over_floor"]),
+            f"{r['step_s_min']:.3f} s" if floor else _pct(r["time_over_floor_min"]),
             f"{r['saved_bytes'] / 2**20:.1f}",
             "—" if floor else _pct(r["saved_over_floor"]),
             f"{r['saved_nonparam_bytes'] / 2**20:.1f}" + ("" if floor else
