@@ -4,14 +4,15 @@
 # (ptxas -v), writes the registers/shared memory/spills per kernel, and imports the CUDA build
 # on this GPU-less machine (ops registered for CUDA, nothing initialises a device).
 #
-#   bash .ci/build_cuda.sh            # venv .venv-cuda (created once: torch==2.14.1, ~1.5 min)
+#   bash .ci/build_cuda.sh            # venv created once (torch==2.14.1, ~5.5 GB, ~1.5 min), then reused
 #
 # Environment: CUDA_HOME (default /usr/local/cuda-13.0: the toolkit root, not an nvcc wrapper's
-# directory), PYPEFT_FAST_CUDA_VENV, PYPEFT_FAST_CUDA_TORCH (default torch==2.14.1), MAX_JOBS.
+# directory), PYPEFT_FAST_CUDA_VENV (default ~/.cache/pypeft_fast/venv-cuda, outside the clone so
+# that CI runs reuse it), PYPEFT_FAST_CUDA_TORCH (default torch==2.14.1), MAX_JOBS.
 # Output: build/cuda-check/{build.log,ptxas.txt}.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${PYPEFT_FAST_CUDA_VENV:-$ROOT/.venv-cuda}
+VENV=${PYPEFT_FAST_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pypeft_fast/venv-cuda}
 TORCH_SPEC=${PYPEFT_FAST_CUDA_TORCH:-torch==2.14.1}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 OUT=$ROOT/build/cuda-check
@@ -22,9 +23,11 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
   echo "build_cuda.sh: creating $VENV with $TORCH_SPEC (a CUDA build of torch)"
+  mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_SPEC" setuptools wheel ninja numpy safetensors
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja numpy safetensors
 fi
+export PATH="$VENV/bin:$PATH"  # the venv's ninja (parallel compile)
 "$VENV/bin/python" -c "import torch; print('build_cuda.sh: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 rm -rf "$OUT"
