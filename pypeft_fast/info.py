@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata as md
 import platform
+import sys
 
 import torch
 
@@ -25,8 +25,13 @@ def report() -> str:
         lines.append(f"{dist:<13}{_version(dist)}")
     # torch.cuda.is_available() does not create a CUDA context.
     lines.append(f"cuda         {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}")
-    native = importlib.util.find_spec("pypeft_fast._C") is not None
-    lines.append(f"native ext   {'built' if native else 'not built'}")
+    native = sys.modules.get("pypeft_fast.native")
+    if native is not None:
+        b = native.BUILD_INFO
+        lines.append(f"native ext   built against torch {b.get('torch_version')}, "
+                     f"CUDA kernels: {('yes, ' + b.get('cuda_archs', '')) if b.get('with_cuda') else 'no'}")
+    else:
+        lines.append("native ext   not loaded")
     for name, err in backends.LOAD_ERRORS.items():
         lines.append(f"  {name} backend: {err}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
