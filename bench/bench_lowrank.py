@@ -14,7 +14,6 @@ then the layer level: frozen F.linear vs lowrank_linear(dropout=0.05) per backen
 
     python bench/bench_lowrank.py [--shapes ...] [--threads N] [--no-layer]
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHAPES, available_backends, environment, median_time, print_table, run_family_bench  # noqa: E402
+from common import ops_and_layer_cli, SHAPES, available_backends, environment, median_time, print_table, run_family_bench  # noqa: E402
 
 import pypeft_fast as pf  # noqa: E402
 from pypeft_fast.philox import dropout_rows  # noqa: E402
@@ -105,14 +104,4 @@ def layer_flops(s, P_):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--no-layer", action="store_true", help="only the op-level table")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_ops(args.shapes, args.reps)
-    if not args.no_layer:
-        run_family_bench("lowrank", make_layer, args.shapes, ["frozen", "torch", "cpp", "triton", "cuda"], layer_flops)
+    ops_and_layer_cli(__doc__, "lowrank", run_ops, make_layer, layer_flops)

@@ -133,3 +133,20 @@ def available_backends(family: str) -> list[str]:
     from pypeft_fast import registry
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return [b for b in registry.BACKENDS if registry.why_unavailable(family, b, dev) is None]
+
+
+def ops_and_layer_cli(doc: str, family: str, run_ops, make_layer, layer_flops) -> None:
+    """The command line shared by the benches that print an op-level table (``run_ops(shapes,
+    reps)``) and then the layer-level table of :func:`run_family_bench`."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-layer", action="store_true", help="only the op-level table")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_ops(args.shapes, args.reps)
+    if not args.no_layer:
+        run_family_bench(family, make_layer, args.shapes, ["frozen", "torch", "cpp", "triton", "cuda"], layer_flops)
