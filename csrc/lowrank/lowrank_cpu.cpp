@@ -182,6 +182,16 @@ at::Tensor blob(void* p, int64_t rows, int64_t cols, const at::TensorOptions& o)
   return at::from_blob(p, {rows, cols}, o);
 }
 
+// d[i, j] = x[r0 + i, j] · m[i, j] for a block of rows: drop(x) for the rows in cache.
+template <typename acc_t, typename x_t>
+void dropped_rows(const x_t* xp, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int64_t k,
+                  const acc_t* m, acc_t* d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const x_t* xr = xp + (r0 + i) * s0;
+    for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j * s1]) * m[i * k + j];
+  }
+}
+
 }  // namespace
 
 // Raw Philox4x32-10 outputs for counters (m, 4) and key (2,), uint32 values held in int64.
@@ -287,12 +297,7 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
           const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
-          for (int64_t i = 0; i < rows; ++i) {
-            const x_t* xr = xp + (r0 + i) * s0;
-            acc_t* d = xd.data() + i * k;
-            const acc_t* mr = m + i * k;
-            for (int64_t j = 0; j < k; ++j) d[j] = static_cast<acc_t>(xr[j * s1]) * mr[j];
-          }
+          dropped_rows(xp, s0, s1, r0, rows, k, m, xd.data());
           at::Tensor ub = u.narrow(0, r0, rows);
           at::mm_out(ub, blob(xd.data(), rows, k, A.options()), At);
         }
@@ -347,12 +352,7 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
               }
             }
             if (need_dA) {  // buf = x[rows] ⊙ m; partial[tid] += t[rows]ᵀ · buf
-              for (int64_t i = 0; i < rows; ++i) {
-                const x_t* xr = xp + (r0 + i) * s0;
-                acc_t* d = buf.data() + i * k;
-                const acc_t* mr = m + i * k;
-                for (int64_t j = 0; j < k; ++j) d[j] = static_cast<acc_t>(xr[j * s1]) * mr[j];
-              }
+              dropped_rows(xp, s0, s1, r0, rows, k, m, buf.data());
               at::Tensor pt = partial.select(0, tid);
               pt.addmm_(t.narrow(0, r0, rows).t(), bb);
             }
