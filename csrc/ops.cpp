@@ -4,7 +4,8 @@
 // these schema strings and checks them against the loaded library.
 //
 // Names do not clash with the torch-path custom ops pypeft_fast::torch_spmm_csr_t and
-// pypeft_fast::torch_sddmm_csr (pypeft_fast/families/sparse.py).
+// pypeft_fast::torch_sddmm_csr (pypeft_fast/families/sparse.py), nor with the Triton ops
+// (kernels/: lowrank_fwd/bwd, kron_sum_fwd/bwd, sparse_fwd/bwd).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -20,6 +21,9 @@ TORCH_LIBRARY(pypeft_fast, m) {
   m.def("philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor");
   m.def("lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor");
   m.def("lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor");
+  // Kronecker / PHM: A (h, ao, ai), B (h, bo, bi); x (n, ai·bi); y, gy (n, ao·bo)
+  m.def("kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()");
+  m.def("kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
@@ -32,4 +36,6 @@ TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   m.impl("philox_dropout", &philox_dropout_cpu);
   m.impl("lowrank_dropout_down", &lowrank_dropout_down_cpu);
   m.impl("lowrank_dropout_bwd", &lowrank_dropout_bwd_cpu);
+  m.impl("kron_sum_apply_acc", &kron_sum_apply_acc_cpu);
+  m.impl("kron_sum_apply_bwd", &kron_sum_apply_bwd_cpu);
 }

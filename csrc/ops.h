@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace pypeft_fast {
 
@@ -25,5 +26,14 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
 at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,
                                    const at::Tensor& seed, double p,
                                    const std::optional<at::Tensor>& dx, bool need_dA);
+
+// Kronecker / PHM structured apply (csrc/kron_sum/)
+void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                             const at::Tensor& B, double scaling);
+std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
+                                                    const at::Tensor& A, const at::Tensor& B,
+                                                    double scaling,
+                                                    const std::optional<at::Tensor>& dx,
+                                                    bool need_dA, bool need_dB);
 
 }  // namespace pypeft_fast

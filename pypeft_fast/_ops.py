@@ -22,6 +22,13 @@ sources is refused, not half-used) and registers the fake (meta) implementations
     lowrank_dropout_bwd(t (n, r), x (n, in), A (r, in), seed, p, dx (n, in)!?, need_dA) -> dA
         dx += drop(t · A) in place (if dx given); dA = tᵀ · drop(x) (r, in) if need_dA else (0,).
 
+    kron_sum_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
+        y += x · (s·Σₕ Aₕ ⊗ Bₕ)ᵀ in place, ΔW never formed; summed in A's dtype
+        (float32/float64), rounded once to y's; x and y may be any float dtype.
+    kron_sum_apply_bwd(gy (n, ao·bo), x, A, B, scaling, dx (n, ai·bi)!?, need_dA, need_dB) -> (dA, dB)
+        dx += gy · (s·Σₕ Aₕ ⊗ Bₕ) in place (if dx given); dA, dB shaped like A, B (each (0,)
+        when not asked for), in A's dtype.
+
 ``seed`` is a 0-d int64 CPU tensor; ``p`` in [0, 1). Index tensors are trusted beyond their
 shapes: the sparse family validates a mask once, when it builds its layout.
 """
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``."""
 
 SCHEMAS = {
@@ -41,6 +48,8 @@ SCHEMAS = {
     "philox_dropout": "philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor",
     "lowrank_dropout_down": "lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor",
     "lowrank_dropout_bwd": "lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor",
+    "kron_sum_apply_acc": "kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
+    "kron_sum_apply_bwd": "kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
 }
 
 
@@ -118,3 +127,28 @@ def register_fakes() -> None:
                      lambda: f"lowrank_dropout_bwd: t has shape {tuple(t.shape)}; expected "
                              f"({x.shape[0]}, {A.shape[0]})")
         return A.new_empty(A.shape) if need_dA else A.new_empty((0,))
+
+    def _kron_check(op, x, A, B, **acts):
+        torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],
+                     lambda: f"{op}: A {tuple(A.shape)} and B {tuple(B.shape)} must be "
+                             "(h, ao, ai) and (h, bo, bi)")
+        torch._check(x.dim() == 2 and x.shape[1] == A.shape[2] * B.shape[2],
+                     lambda: f"{op}: x has shape {tuple(x.shape)}; expected "
+                             f"(n, {A.shape[2] * B.shape[2]})")
+        for name, (t, cols) in acts.items():
+            if t is not None:
+                torch._check(t.dim() == 2 and t.shape[0] == x.shape[0] and t.shape[1] == cols,
+                             lambda: f"{op}: {name} has shape {tuple(t.shape)}; expected "
+                                     f"({x.shape[0]}, {cols})")
+
+    @torch.library.register_fake(lib + "kron_sum_apply_acc")
+    def _(y, x, A, B, scaling):
+        _kron_check("kron_sum_apply_acc", x, A, B, y=(y, A.shape[1] * B.shape[1]))
+        return None
+
+    @torch.library.register_fake(lib + "kron_sum_apply_bwd")
+    def _(gy, x, A, B, scaling, dx, need_dA, need_dB):
+        _kron_check("kron_sum_apply_bwd", x, A, B, gy=(gy, A.shape[1] * B.shape[1]),
+                    dx=(dx, x.shape[1]))
+        return (A.new_empty(A.shape) if need_dA else A.new_empty((0,)),
+                B.new_empty(B.shape) if need_dB else B.new_empty((0,)))

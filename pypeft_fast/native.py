@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._accumulate import addmm_into
+from .families.kron_sum import TorchKronSumFactoredB
 from .families.lowrank import TorchLowRank
 from .validate import compute_dtype
 
@@ -118,6 +119,38 @@ class NativeLowRank:
         return dx, (dA, dB)
 
 
+class NativeKronSum:
+    """Kronecker and PHM families: y += s·Σₕ (Aₕ ⊗ Bₕ)·x a token at a time by the native
+    structured apply (the small products of every token in cache, ΔW never formed), accumulated
+    into the frozen GEMM's output; one native pass for dx, dA and dB. B given as rank-k factors
+    (S, T) stays on the torch path's factored kernels, which are cheaper than any dense B."""
+
+    factored_b = True
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        if len(params) == 3:
+            return TorchKronSumFactoredB.forward(x2d, weight, bias, params, aux, hp)
+        A3, B3 = params
+        cd = compute_dtype(x2d, A3, B3)
+        y = F.linear(x2d, weight, bias)
+        ops.kron_sum_apply_acc(y, x2d, A3.to(cd), B3.to(cd), hp.scaling)
+        return y, ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if len(params) == 3:
+            return TorchKronSumFactoredB.backward(gy2d, x2d, weight, params, aux, extras, hp,
+                                                  needs_dx, needs_dparams)
+        A3, B3 = params
+        need_dA, need_dB = needs_dparams
+        cd = compute_dtype(x2d, A3, B3)
+        dx = gy2d @ weight if needs_dx else None
+        dA, dB = ops.kron_sum_apply_bwd(gy2d, x2d, A3.to(cd), B3.to(cd), hp.scaling, dx,
+                                  bool(need_dA), bool(need_dB))
+        return dx, (dA.to(A3.dtype) if need_dA else None, dB.to(B3.dtype) if need_dB else None)
+
+
 def _cpp_probe(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the cpp kernels run on CPU tensors (use backend='cuda' or 'auto' on {device.type})"
@@ -145,7 +178,12 @@ registry.register_kernels("sparse", "cpp", NativeSparse, auto=True)
 # backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
 # +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 runs the torch kernels.
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
+# bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kron_sum below.
+registry.register_kernels("kronecker", "cpp", NativeKronSum, auto=True)
+registry.register_kernels("phm", "cpp", NativeKronSum, auto=True)
 if WITH_CUDA:
     # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
     registry.register_kernels("sparse", "cuda", NativeSparse, auto=False)
     registry.register_kernels("lowrank", "cuda", NativeLowRank, auto=False)
+    registry.register_kernels("kronecker", "cuda", NativeKronSum, auto=False)
+    registry.register_kernels("phm", "cuda", NativeKronSum, auto=False)

@@ -303,6 +303,82 @@ def test_lowrank_ops_name_the_bad_argument_and_shapes():
                                 torch.zeros(3, 7), True)
 
 
+# ---------------------------------------------------------------- Kronecker / PHM structured apply
+
+# (n, h, (ao, ai), (bo, bi)): LoKr-like (h = 1) and PHM-like (h > 1), ragged and vector-aligned
+# factor sides (the kernel pads bi, bo and ai to whole vectors), one token, a one-element factor.
+KRON_SHAPES = [(37, 1, (3, 5), (7, 9)), (70, 1, (32, 16), (32, 32)), (9, 3, (2, 5), (17, 33)),
+               (1, 2, (4, 3), (16, 48)), (45, 4, (4, 4), (5, 3)), (5, 1, (1, 1), (6, 4))]
+
+
+def _kron_dense(A, B, s):
+    return s * sum(torch.kron(A[i], B[i]) for i in range(A.shape[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,h,a,b", KRON_SHAPES)
+@pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                         (torch.bfloat16, torch.float32)])
+def test_kron_sum_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
+    s = 0.7
+    x = rand(n, a[1] * b[1], seed=1).to(device=device, dtype=x_dtype)
+    A = rand(h, *a, seed=2).to(device=device, dtype=acc)
+    B = rand(h, *b, seed=3).to(device=device, dtype=acc)
+    gy = rand(n, a[0] * b[0], seed=4).to(device=device, dtype=x_dtype)
+    y0 = rand(n, a[0] * b[0], seed=5).to(device=device, dtype=x_dtype)
+    dW64, dW = _kron_dense(A.double(), B.double(), s), _kron_dense(A, B, s)
+
+    y = y0.clone()
+    ops.kron_sum_apply_acc(y, x, A, B, s)
+    assert_within("y += x·ΔWᵀ", y, y0.double() + x.double() @ dW64.t(),
+                  (y0.to(acc) + x.to(acc) @ dW.t()).to(x_dtype), x_dtype)
+
+    dx0 = rand(n, a[1] * b[1], seed=6).to(device=device, dtype=x_dtype)
+    dx = dx0.clone()
+    dA, dB = ops.kron_sum_apply_bwd(gy, x, A, B, s, dx, True, True)
+    assert_within("dx += gy·ΔW", dx, dx0.double() + gy.double() @ dW64,
+                  (dx0.to(acc) + gy.to(acc) @ dW).to(x_dtype), x_dtype)
+    # dA, dB: the chain rule through ΔW = s·Σ Aₕ ⊗ Bₕ from dΔW = gyᵀ·x, in float64 and in acc
+    grads = {}
+    for dt in (torch.float64, acc):
+        Ad, Bd = A.to(dt).requires_grad_(), B.to(dt).requires_grad_()
+        dWg = gy.to(dt).t() @ x.to(dt)
+        grads[dt] = torch.autograd.grad(_kron_dense(Ad, Bd, s), (Ad, Bd), dWg)
+    assert_within("dA", dA, grads[torch.float64][0], grads[acc][0], acc)
+    assert_within("dB", dB, grads[torch.float64][1], grads[acc][1], acc)
+
+    # each output alone, and nothing asked for
+    dx2 = dx0.clone()
+    dA2, dB2 = ops.kron_sum_apply_bwd(gy, x, A, B, s, dx2, False, False)
+    assert dA2.numel() == 0 and dB2.numel() == 0
+    torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
+    dA3, dB3 = ops.kron_sum_apply_bwd(gy, x, A, B, s, None, True, False)
+    torch.testing.assert_close(dA3, dA)
+    assert dB3.numel() == 0
+
+
+def test_kron_sum_apply_accepts_strided_activations():
+    x = rand(40, 64, seed=1).float().t().contiguous().t()  # column-major: converted per block
+    A, B = rand(1, 4, 8, seed=2).float(), rand(1, 8, 8, seed=3).float()
+    y = torch.zeros(40, 32)
+    ops.kron_sum_apply_acc(y, x, A, B, 1.0)
+    torch.testing.assert_close(y, x @ _kron_dense(A, B, 1.0).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_kron_sum_ops_name_the_bad_argument_and_shapes():
+    A, B = torch.randn(2, 3, 4), torch.randn(2, 5, 6)
+    with pytest.raises(RuntimeError, match=r"kron_sum_apply_acc: x has shape \[7, 23\]; expected \(n, 24\)"):
+        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 23), A, B, 1.0)
+    with pytest.raises(RuntimeError, match=r"kron_sum_apply_acc: y has shape \[7, 14\]; expected \(7, 15\)"):
+        ops.kron_sum_apply_acc(torch.zeros(7, 14), torch.randn(7, 24), A, B, 1.0)
+    with pytest.raises(RuntimeError, match=r"B has shape \[3, 5, 6\] but A has shape \[2, 3, 4\]; expected the same number"):
+        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A, torch.randn(3, 5, 6), 1.0)
+    with pytest.raises(RuntimeError, match=r"A has dtype BFloat16; expected float32 or float64"):
+        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A.bfloat16(), B, 1.0)
+    with pytest.raises(RuntimeError, match=r"kron_sum_apply_bwd: dx has shape \[7, 20\]; expected \(7, 24\)"):
+        ops.kron_sum_apply_bwd(torch.randn(7, 15), torch.randn(7, 24), A, B, 1.0, torch.zeros(7, 20), True, True)
+
+
 # ---------------------------------------------------------------- opcheck on every op
 
 
@@ -313,6 +389,7 @@ def _opcheck_cases():
     s = torch.tensor(42)
     A, t = torch.randn(3, 11), torch.randn(13, 3)
     ctr = torch.randint(0, 2**32, (5, 4), dtype=torch.int64)
+    KA, KB = torch.randn(2, 5, 2), torch.randn(2, 7, 11)
     return {
         "sparse_spmm_csr_t": (layout.row_ptr, layout.csr_col, v, 11, x),
         "sparse_spmm_csr_t_acc": (torch.randn(13, 9), layout.row_ptr, layout.csr_col, v, x),
@@ -322,6 +399,9 @@ def _opcheck_cases():
         "philox_dropout": (x.bfloat16(), s, 0.2, torch.float32),
         "lowrank_dropout_down": (x, A, s, 0.2),
         "lowrank_dropout_bwd": (t, x, A, s, 0.2, torch.randn(13, 11), True),
+        "kron_sum_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
+        "kron_sum_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
+                               torch.randn(13, 22), True, True),
     }
 
 

@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "../kron_sum/kron_sum_body.h"
+
 #define PPF_CHECK(op, cond, ...) TORCH_CHECK((cond), "pypeft_fast::", op, ": ", __VA_ARGS__)
 
 namespace pypeft_fast {
@@ -151,6 +153,35 @@ inline bool check_bwd_args(const char* op, const at::Tensor& t, const at::Tensor
     check_same_device(op, "dx", *dx, "x", x);
   }
   return has_dx;
+}
+
+// y = x·(s·Σₕ Aₕ ⊗ Bₕ)ᵀ with A (h, ao, ai), B (h, bo, bi) in the accumulation dtype, x (n, ai·bi).
+inline KronShape check_kron_args(const char* op, const at::Tensor& x, const at::Tensor& A,
+                                 const at::Tensor& B) {
+  check_dim(op, "A", A, 3);
+  check_dim(op, "B", B, 3);
+  check_acc(op, "A", A);
+  check_dtype(op, "B", B, A.scalar_type());
+  PPF_CHECK(op, B.size(0) == A.size(0), "B has shape ", B.sizes(), " but A has shape ", A.sizes(),
+            "; expected the same number of Kronecker terms h (dim 0)");
+  const KronShape s{A.size(0), A.size(1), A.size(2), B.size(1), B.size(2)};
+  check_dim(op, "x", x, 2);
+  check_floating(op, "x", x);
+  PPF_CHECK(op, x.size(1) == s.in(), "x has shape ", x.sizes(), "; expected (n, ", s.in(),
+            ") = (n, A.size(2)·B.size(2)) for A ", A.sizes(), " and B ", B.sizes());
+  check_same_device(op, "A", A, "x", x);
+  check_same_device(op, "B", B, "x", x);
+  return s;
+}
+
+// An (n, cols) activation-like argument of a Kronecker op (y, gy or dx).
+inline void check_kron_out(const char* op, const char* arg, const at::Tensor& t, int64_t n,
+                           int64_t cols, const at::Tensor& x) {
+  check_dim(op, arg, t, 2);
+  check_floating(op, arg, t);
+  PPF_CHECK(op, t.size(0) == n && t.size(1) == cols, arg, " has shape ", t.sizes(), "; expected (",
+            n, ", ", cols, ") for x ", x.sizes());
+  check_same_device(op, arg, t, "x", x);
 }
 
 }  // namespace pypeft_fast
