@@ -443,7 +443,7 @@ def test_cpp_backend_is_registered_and_probed():
         assert "not built with CUDA" in registry.why_unavailable("sparse", "cuda", torch.device("cuda"))
 
 
-@pytest.mark.parametrize("family", ["sparse", "lowrank"])
+@pytest.mark.parametrize("family", ["sparse", "lowrank", "kronecker"])
 def test_cpp_backend_compiles_fullgraph(family):
     """torch.compile(fullgraph=True) through the native ops (their fakes), same numbers as eager."""
     import pypeft_fast as pf
@@ -455,6 +455,9 @@ def test_cpp_backend_compiles_fullgraph(family):
     if family == "sparse":
         P = [torch.randn(50, generator=g)]
         call = lambda x, P: pf.sparse_linear(x, W, None, P[0], idx, 0.5, backend="cpp")  # noqa: E731
+    elif family == "kronecker":  # 35 = 5·7, 24 = 4·6
+        P = [torch.randn(5, 4, generator=g), torch.randn(7, 6, generator=g)]
+        call = lambda x, P: pf.kronecker_linear(x, W, None, *P, 0.5, backend="cpp")  # noqa: E731
     else:
         P = [torch.randn(3, 24, generator=g), torch.randn(35, 3, generator=g)]
         call = lambda x, P: pf.lowrank_linear(x, W, None, *P, 0.5, 0.2, torch.tensor(9), backend="cpp")  # noqa: E731
