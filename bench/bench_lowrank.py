@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ops_and_layer_cli, SHAPES, available_backends, environment, median_time, print_table, run_family_bench  # noqa: E402
+from common import ops_and_layer_cli, available_backends, run_op_table  # noqa: E402
 
 import pypeft_fast as pf  # noqa: E402
 from pypeft_fast.philox import dropout_rows  # noqa: E402
@@ -68,24 +68,8 @@ def op_cost(op, s):
 
 
 def run_ops(shapes, reps):
-    env = environment()
-    rows = []
-    for key in shapes:
-        s = SHAPES[key]
-        for op, provs in op_calls(s).items():
-            flops, byts = op_cost(op, s)
-            t_torch = None
-            for prov, fn in provs.items():
-                t = median_time(fn, warmup=2, reps=reps)
-                t_torch = t if prov == "torch" else t_torch
-                rows.append({"shape": key, "op": op, "provider": prov, "ms": t * 1e3,
-                             "ms/1M elem": t * 1e3 / (s.n * s.in_f / 1e6),
-                             "torch/this": t_torch / t if t_torch and prov != "nodrop" else None,
-                             "GFLOP/s": flops / t / 1e9 if flops else None, "GB/s": byts / t / 1e9, **env})
-    print(f"\nlow-rank dropout ops (r={RANK}, p={P}): median ms; torch/this = speed-up over the torch path")
-    print_table(rows, ["shape", "op", "provider", "ms", "ms/1M elem", "torch/this", "GFLOP/s", "GB/s"])
-    print(f"device {env['device']}, torch {env['torch']}, {env['date']}")
-    return rows
+    return run_op_table(f"low-rank dropout ops (r={RANK}, p={P})", shapes, lambda s: ({}, op_calls(s)),
+                        op_cost, reps, no_ratio=("nodrop",))
 
 
 def make_layer(s):

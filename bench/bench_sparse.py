@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ops_and_layer_cli, SHAPES, available_backends, environment, median_time, print_table, run_family_bench  # noqa: E402
+from common import ops_and_layer_cli, available_backends, run_op_table  # noqa: E402
 
 import pypeft_fast as pf  # noqa: E402
 from pypeft_fast.families.sparse import build_layout  # noqa: E402
@@ -82,24 +82,10 @@ def op_cost(op, s, nnz, elt=4):
 
 
 def run_ops(shapes, reps):
-    env = environment()
-    rows = []
-    for key in shapes:
-        s = SHAPES[key]
+    def calls_of(s):
         calls, nnz = op_calls(s)
-        for op, provs in calls.items():
-            flops, byts = op_cost(op, s, nnz)
-            t_torch = None
-            for prov, fn in provs.items():
-                t = median_time(fn, warmup=2, reps=reps)
-                t_torch = t if prov == "torch" else t_torch
-                rows.append({"shape": key, "nnz": nnz, "op": op, "provider": prov, "ms": t * 1e3,
-                             "torch/this": t_torch / t if t_torch else None,
-                             "GFLOP/s": flops / t / 1e9, "GB/s": byts / t / 1e9, **env})
-    print("\nsparse ops: median ms; torch/this = speed-up over the torch path")
-    print_table(rows, ["shape", "nnz", "op", "provider", "ms", "torch/this", "GFLOP/s", "GB/s"])
-    print(f"device {env['device']}, torch {env['torch']}, {env['date']}")
-    return rows
+        return {"nnz": nnz}, calls
+    return run_op_table("sparse ops", shapes, calls_of, op_cost, reps, extra_columns=("nnz",))
 
 
 def make_layer(s):

@@ -47,6 +47,50 @@ def median_time(fn, *, warmup: int = 2, reps: int = 7) -> float:
     return statistics.median(times)
 
 
+def median_times_interleaved(fns: dict, *, warmup: int = 2, reps: int = 9) -> dict:
+    """Median wall time (s) of each ``fns[name]()``, the providers run in turn within every
+    repetition, so that a change in machine load hits all of them alike (side by side)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_op_table(title: str, shapes: list[str], op_calls, op_cost, reps: int,
+                 extra_columns: tuple[str, ...] = (), no_ratio: tuple[str, ...] = ()) -> list[dict]:
+    """The op-level table of a family bench: for every shape, ``op_calls(shape) -> (extra row
+    fields, {op: {provider: fn}})`` timed side by side (:func:`median_times_interleaved`), with
+    ``op_cost(op, shape, **extra) -> (FLOPs, bytes)``; torch/this is the speed-up over the
+    "torch" provider (left empty for the providers in ``no_ratio``)."""
+    env = environment()
+    rows = []
+    for key in shapes:
+        s = SHAPES[key]
+        extra, calls = op_calls(s)
+        for op, provs in calls.items():
+            flops, byts = op_cost(op, s, **extra)
+            times = median_times_interleaved(provs, reps=reps)
+            for prov, t in times.items():
+                ratio = times["torch"] / t if "torch" in times and prov not in no_ratio else None
+                rows.append({"shape": key, **extra, "op": op, "provider": prov, "ms": t * 1e3,
+                             "ms/1M elem": t * 1e3 / (s.n * s.in_f / 1e6), "torch/this": ratio,
+                             "GFLOP/s": flops / t / 1e9 if flops else None, "GB/s": byts / t / 1e9,
+                             **env})
+    print(f"\n{title}: median ms; torch/this = speed-up over the torch path (run side by side)")
+    print_table(rows, ["shape", *extra_columns, "op", "provider", "ms", "torch/this", "GFLOP/s", "GB/s"])
+    print(f"device {env['device']}, torch {env['torch']}, {env['date']}")
+    return rows
+
+
 def frozen_linear_flops(s: LayerShape, needs_dx: bool = True) -> float:
     """Forward y = x·Wᵀ plus, in backward, dx = gy·W (W frozen: no weight gradient)."""
     return 2.0 * s.n * s.in_f * s.out_f * (2 if needs_dx else 1)
@@ -135,7 +179,8 @@ def available_backends(family: str) -> list[str]:
     return [b for b in registry.BACKENDS if registry.why_unavailable(family, b, dev) is None]
 
 
-def ops_and_layer_cli(doc: str, family: str, run_ops, make_layer, layer_flops) -> None:
+def ops_and_layer_cli(doc: str, family: str, run_ops, make_layer, layer_flops,
+                      layer_providers=("frozen", "torch", "cpp", "triton", "cuda")) -> None:
     """The command line shared by the benches that print an op-level table (``run_ops(shapes,
     reps)``) and then the layer-level table of :func:`run_family_bench`."""
     import argparse
@@ -149,4 +194,4 @@ def ops_and_layer_cli(doc: str, family: str, run_ops, make_layer, layer_flops) -
         torch.set_num_threads(args.threads)
     run_ops(args.shapes, args.reps)
     if not args.no_layer:
-        run_family_bench(family, make_layer, args.shapes, ["frozen", "torch", "cpp", "triton", "cuda"], layer_flops)
+        run_family_bench(family, make_layer, args.shapes, list(layer_providers), layer_flops)

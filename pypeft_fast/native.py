@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._accumulate import addmm_into
-from .families.kron_sum import TorchKronSumFactoredB
+from .families.kron_sum import TorchKronSumKernels, macs_per_row
 from .families.lowrank import TorchLowRank
 from .validate import compute_dtype
 
@@ -121,33 +121,55 @@ class NativeLowRank:
 
 class NativeKronSum:
     """Kronecker and PHM families: y += s·Σₕ (Aₕ ⊗ Bₕ)·x a token at a time by the native
-    structured apply (the small products of every token in cache, ΔW never formed), accumulated
-    into the frozen GEMM's output; one native pass for dx, dA and dB. B given as rank-k factors
-    (S, T) stays on the torch path's factored kernels, which are cheaper than any dense B."""
+    structured apply (each token's small products in cache, ΔW never formed), accumulated into
+    the frozen GEMM's output; one native pass for dx, dA and dB.
 
-    factored_b = True
+    The torch path's kernels run instead (both exact) for a dense B stack larger than
+    ``MAX_B_ELEMENTS`` — there the per-token products stream B from memory for every token and
+    the torch path's one GEMM over all tokens wins — and for B given as rank-k factors (S, T)
+    when ``prefers_factored``: the dense B would not be served natively, or its multiply-adds
+    exceed ``DENSE_OVER_FACTORED`` × the factored ones (the native dense products run about
+    2.5× as many multiply-adds per second as the factored path's skinny GEMMs; bench/NOTES.md).
+    On CUDA also a token's U = A·X tile (ao·h·bi values) must fit the kernel's shared memory."""
 
-    @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
-        if len(params) == 3:
-            return TorchKronSumFactoredB.forward(x2d, weight, bias, params, aux, hp)
+    MAX_B_ELEMENTS = 32768  # h·bo·bi; measured crossover between 32 K (native 1.5× faster) and 64 K
+    DENSE_OVER_FACTORED = 2.0
+    CUDA_SHARED_BYTES = 48 * 1024
+
+    @classmethod
+    def prefers_factored(cls, A3_shape, b_shape, k) -> bool:
+        dense, factored = macs_per_row(A3_shape, b_shape, k)
+        fits = A3_shape[0] * b_shape[0] * b_shape[1] <= cls.MAX_B_ELEMENTS
+        return not fits or dense > cls.DENSE_OVER_FACTORED * factored
+
+    @classmethod
+    def _serves(cls, x2d, A3, B3) -> bool:
+        if B3.numel() > cls.MAX_B_ELEMENTS:
+            return False
+        h, ao = A3.shape[0], A3.shape[1]
+        return x2d.device.type != "cuda" or h * ao * B3.shape[2] * 8 <= cls.CUDA_SHARED_BYTES
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        if len(params) == 3 or not cls._serves(x2d, *params):
+            return TorchKronSumKernels.forward(x2d, weight, bias, params, aux, hp)
         A3, B3 = params
         cd = compute_dtype(x2d, A3, B3)
         y = F.linear(x2d, weight, bias)
         ops.kron_sum_apply_acc(y, x2d, A3.to(cd), B3.to(cd), hp.scaling)
         return y, ()
 
-    @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        if len(params) == 3:
-            return TorchKronSumFactoredB.backward(gy2d, x2d, weight, params, aux, extras, hp,
-                                                  needs_dx, needs_dparams)
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if len(params) == 3 or not cls._serves(x2d, *params):
+            return TorchKronSumKernels.backward(gy2d, x2d, weight, params, aux, extras, hp,
+                                                needs_dx, needs_dparams)
         A3, B3 = params
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A3, B3)
         dx = gy2d @ weight if needs_dx else None
         dA, dB = ops.kron_sum_apply_bwd(gy2d, x2d, A3.to(cd), B3.to(cd), hp.scaling, dx,
-                                  bool(need_dA), bool(need_dB))
+                                        bool(need_dA), bool(need_dB))
         return dx, (dA.to(A3.dtype) if need_dA else None, dB.to(B3.dtype) if need_dB else None)
 
 

@@ -472,3 +472,29 @@ def test_cpp_backend_compiles_fullgraph(family):
 
     for a, b in zip(run(call), run(torch.compile(call, fullgraph=True, backend="aot_eager"))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
+    """Dense B up to MAX_B_ELEMENTS runs the native op; a larger B stack and rank-k (S, T)
+    factors run the torch path's kernels (both exact: the family tests check the numbers)."""
+    import pypeft_fast as pf
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(torch.ops.pypeft_fast, name)
+
+    monkeypatch.setattr(native, "ops", Spy())
+    W = torch.randn(24, 30)
+    x = torch.randn(5, 30, requires_grad=True)
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5, requires_grad=True),
+                  torch.randn(2, 8, 6, requires_grad=True), 0.5, "cpp").sum().backward()
+    assert calls == ["kron_sum_apply_acc", "kron_sum_apply_bwd"]
+    calls.clear()
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), (torch.randn(2, 8, 1), torch.randn(2, 1, 6)),
+                  0.5, "cpp").sum().backward()
+    assert calls == []
+    monkeypatch.setattr(native.NativeKronSum, "MAX_B_ELEMENTS", 2 * 8 * 6 - 1)
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), torch.randn(2, 8, 6), 0.5, "cpp").sum().backward()
+    assert calls == []

@@ -54,50 +54,59 @@ def _apply_A(A_rows, x2d, a_in, b_in, dtype):
     return torch.bmm(A_rows.expand(n, *A_rows.shape), X3)
 
 
+def torch_kron_sum_acc(y, x2d, A3, B3, scaling):
+    """y (n, out) + x·(s·Σₕ Aₕ ⊗ Bₕ)ᵀ with the torch ops above (in place where the dtypes allow;
+    returns the result). The torch twin of the native ``kron_sum_apply_acc``."""
+    h, a_out, a_in = A3.shape
+    _, b_out, b_in = B3.shape
+    n = x2d.shape[0]
+    cd = compute_dtype(x2d, A3, B3)
+    A_rows, B_cols = stacked_factors(A3, B3, cd, scaling)
+    U = _apply_A(A_rows, x2d, a_in, b_in, cd)
+    y = addmm_into(y.view(n * a_out, b_out), U.view(n * a_out, h * b_in), B_cols.t())
+    return y.view(n, a_out * b_out)
+
+
+def torch_kron_sum_bwd(gy2d, x2d, A3, B3, scaling, dx, need_dA, need_dB):
+    """(dx + gy·(s·Σₕ Aₕ ⊗ Bₕ) if dx is given, dA, dB): the torch twin of the native
+    ``kron_sum_apply_bwd`` (dx updated in place where the dtypes allow)."""
+    h, a_out, a_in = A3.shape
+    _, b_out, b_in = B3.shape
+    n = x2d.shape[0]
+    cd = compute_dtype(x2d, A3, B3)
+    A_rows, B_cols = stacked_factors(A3, B3, cd, 1.0)
+    gY = gy2d.to(cd).reshape(n * a_out, b_out)
+    dA = dB = None
+    if dx is not None or need_dA:
+        V = (gY @ (B_cols * scaling)).view(n, a_out * h, b_in)
+    if dx is not None:
+        At = A_rows.t().expand(n, a_in, a_out * h)
+        if dx.dtype == cd:
+            dx.view(n, a_in, b_in).baddbmm_(At, V)
+        else:
+            dx = add_into(dx, torch.bmm(At, V).view(n, a_in * b_in))
+    if need_dA:
+        X3 = x2d.to(cd).reshape(n, a_in, b_in)
+        dA_rows = torch.bmm(V, X3.transpose(1, 2)).sum(0)  # Σₙ Vₙ·Xₙᵀ
+        dA = dA_rows.view(a_out, h, a_in).transpose(0, 1).to(A3.dtype)
+    if need_dB:
+        U = _apply_A(A_rows * scaling, x2d, a_in, b_in, cd)
+        dB_cols = gY.t() @ U.view(n * a_out, h * b_in)
+        dB = dB_cols.view(b_out, h, b_in).transpose(0, 1).to(B3.dtype)
+    return dx, dA, dB
+
+
 class TorchKronSum:
     """Dense factors: params (A (h, a_out, a_in), B (h, b_out, b_in))."""
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
-        A3, B3 = params
-        h, a_out, a_in = A3.shape
-        _, b_out, b_in = B3.shape
-        n = x2d.shape[0]
-        cd = compute_dtype(x2d, A3, B3)
-        A_rows, B_cols = stacked_factors(A3, B3, cd, hp.scaling)
-        U = _apply_A(A_rows, x2d, a_in, b_in, cd)
-        y = F.linear(x2d, weight, bias)
-        y = addmm_into(y.view(n * a_out, b_out), U.view(n * a_out, h * b_in), B_cols.t())
-        return y.view(n, a_out * b_out), ()
+        return torch_kron_sum_acc(F.linear(x2d, weight, bias), x2d, *params, hp.scaling), ()
 
     @staticmethod
     def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        A3, B3 = params
-        h, a_out, a_in = A3.shape
-        _, b_out, b_in = B3.shape
-        n = x2d.shape[0]
-        need_dA, need_dB = needs_dparams
-        cd = compute_dtype(x2d, A3, B3)
-        A_rows, B_cols = stacked_factors(A3, B3, cd, 1.0)
-        gY = gy2d.to(cd).reshape(n * a_out, b_out)
-        dx = dA = dB = None
-        if needs_dx or need_dA:
-            V = (gY @ (B_cols * hp.scaling)).view(n, a_out * h, b_in)
-        if needs_dx:
-            dx = gy2d @ weight
-            At = A_rows.t().expand(n, a_in, a_out * h)
-            if dx.dtype == cd:
-                dx.view(n, a_in, b_in).baddbmm_(At, V)
-            else:
-                dx = add_into(dx, torch.bmm(At, V).view(n, a_in * b_in))
-        if need_dA:
-            X3 = x2d.to(cd).reshape(n, a_in, b_in)
-            dA_rows = torch.bmm(V, X3.transpose(1, 2)).sum(0)  # Σₙ Vₙ·Xₙᵀ
-            dA = dA_rows.view(a_out, h, a_in).transpose(0, 1).to(A3.dtype)
-        if need_dB:
-            U = _apply_A(A_rows * hp.scaling, x2d, a_in, b_in, cd)
-            dB_cols = gY.t() @ U.view(n * a_out, h * b_in)
-            dB = dB_cols.view(b_out, h, b_in).transpose(0, 1).to(B3.dtype)
+        dx = gy2d @ weight if needs_dx else None
+        dx, dA, dB = torch_kron_sum_bwd(gy2d, x2d, *params, hp.scaling, dx, *needs_dparams)
         return dx, (dA, dB)
 
 
@@ -175,19 +184,27 @@ class TorchKronSumFactoredB:
         return dx, (dA, dS, dT)
 
 
-def factored_is_cheaper(A3_shape, b_shape, k) -> bool:
-    """Multiply-adds per row of x: factored B vs B formed densely (see the classes above)."""
+def macs_per_row(A3_shape, b_shape, k) -> tuple[int, int]:
+    """Multiply-adds per row of x, forward: (B formed densely, B kept as rank-k factors)."""
     h, a_out, a_in = A3_shape
     b_out, b_in = b_shape
     dense = h * a_out * b_in * (a_in + b_out)
     factored = h * k * (a_in * b_in + a_out * a_in + a_out * b_out)
+    return dense, factored
+
+
+def factored_is_cheaper(A3_shape, b_shape, k) -> bool:
+    """Factored B costs fewer multiply-adds than B formed densely (see the classes above)."""
+    dense, factored = macs_per_row(A3_shape, b_shape, k)
     return factored < dense
 
 
 class TorchKronSumKernels:
     """The torch path for both parameter layouts: 2 params (A, B) or 3 (A, S, T)."""
 
-    factored_b = True  # accepts B as (S, T); backends without this get B = S @ T formed
+    # Kernels that accept B as (S, T) say when they want it kept factored; without this hook
+    # B = S @ T is formed (factor-sized) and the dense kernels run.
+    prefers_factored = staticmethod(factored_is_cheaper)
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
@@ -202,8 +219,8 @@ class TorchKronSumKernels:
 
 def apply_kron_sum(family, x, weight, bias, A3, B, scaling, backend, device):
     """Runs ``family``'s kernels on A3 (h, a_out, a_in) and B — a tensor (h, b_out, b_in) or a
-    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend supports it and it
-    is cheaper, else formed (factor-sized, never ΔW-sized)."""
+    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend's kernels prefer it
+    (``prefers_factored``), else formed (factor-sized, never ΔW-sized)."""
     from .. import registry
     from ..function import DeltaLinearFunction
 
@@ -211,8 +228,8 @@ def apply_kron_sum(family, x, weight, bias, A3, B, scaling, backend, device):
     hp = KronSumHP(scaling)
     if isinstance(B, tuple):
         S, T = B
-        if getattr(kernels, "factored_b", False) and factored_is_cheaper(
-                A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
+        prefers = getattr(kernels, "prefers_factored", None)
+        if prefers is not None and prefers(A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
             return DeltaLinearFunction.apply(kernels, hp, 3, x, weight, bias, A3, S, T)
         B = S @ T
     return DeltaLinearFunction.apply(kernels, hp, 2, x, weight, bias, A3, B)
