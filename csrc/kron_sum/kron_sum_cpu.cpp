@@ -102,6 +102,9 @@ PPF_INLINE void add_to(int64_t n, const T* p, T* c) {
   for (int64_t i = 0; i < n; ++i) c[i] += p[i];
 }
 
+// The depth of one dB product (kSumDepth / ao tokens stacked) before it is added.
+constexpr int64_t kSumDepth = 32;
+
 // Tokens whose stacked U (T·ao·h × bip) stay within 16K elements (64 KB of float, L2-resident):
 // the products that a token makes alone (Ar·X, Arᵀ·V, V·Xᵀ) run per token, the ones with B on
 // the right (U·Bt, G·Bs, Gᵀ·U) run once for the T tokens, with T·ao rows (or T·ao deep).
@@ -187,8 +190,10 @@ PPF_INLINE void kron_fwd_rows(const KronPad& g, const T* Ar, const T* Bt, const 
 
 // Backward of `rows` tokens (G_t = gy[t] as ao × bo): dx[t] += s·Σₕ Aₕᵀ·G_t·Bₕ (if dx),
 // dA_rows += V_t·X_tᵀ as (ao·h × aip) (if dA), dB_cols += Gᵀ·(Ar·X) as (bo × h·bip), unscaled
-// (if dB). Each token's dA product and each token tile's dB product is formed alone and then
-// added: float32 sums over many tokens stay two-level (depth bi or T·ao, then the count). gy, x, dx contiguous acc-dtype rows; work: kron_bwd_work() elements, zeroed.
+// (if dB). The sums over tokens are three-level, so that float32 dA/dB stay as accurate as a
+// blocked GEMM's: a product of depth ≤ max(bi, kSumDepth) is formed alone, added into the token
+// tile's sum, which is added into the thread's.
+// gy, x, dx: contiguous acc-dtype rows; work: kron_bwd_work() elements, zeroed by the caller.
 template <typename T>
 PPF_INLINE void kron_bwd_rows(const KronPad& g, const T* Ar, const T* Bs, const T* gy, const T* x,
                               int64_t rows, T* dx, T* dA, T* dB, T* work) {
@@ -199,9 +204,14 @@ PPF_INLINE void kron_bwd_rows(const KronPad& g, const T* Ar, const T* Bs, const 
   T* dxb = xt + s.bi * g.aip;
   T* vb = dxb + s.ai * g.bip;
   T* ub = vb + TT * per;
-  T* pb = ub + TT * per;  // one product of dA or dB before it is added
+  T* pb = ub + TT * per;                     // one product of dA or dB, before it is added
+  T* ta = pb + std::max(g.m() * g.aip, s.bo * g.hb());  // dA of this token tile
+  T* tb = ta + g.m() * g.aip;                            // dB of this token tile
+  const int64_t kc = std::max<int64_t>(1, kSumDepth / std::max<int64_t>(s.ao, 1));
   for (int64_t t0 = 0; t0 < rows; t0 += TT) {
     const int64_t nt = std::min(TT, rows - t0);
+    if (dA != nullptr) std::fill(ta, ta + g.m() * g.aip, T(0));
+    if (dB != nullptr) std::fill(tb, tb + s.bo * g.hb(), T(0));
     const T* G = gy + t0 * s.out();  // (nt·ao × bo)
     const T* X0 = x + t0 * s.in();
     if (dx != nullptr || dA != nullptr) {  // V = G·Bs for the nt tokens: (nt·ao × h·bip)
@@ -222,13 +232,19 @@ PPF_INLINE void kron_bwd_rows(const KronPad& g, const T* Ar, const T* Bs, const 
         const T* xr = X0 + t * s.in();
         transpose_padded(xr, s.ai, s.bi, xt, g.aip);
         gemm_set<T>(g.m(), g.aip, s.bi, V, g.bip, 1, xt, g.aip, pb, g.aip);
-        add_to(g.m() * g.aip, pb, dA);
+        add_to(g.m() * g.aip, pb, ta);
       }
     }
-    if (dB != nullptr) {  // U = Ar·X for the nt tokens, dB_cols += Gᵀ·U (nt·ao deep)
+    if (dA != nullptr) add_to(g.m() * g.aip, ta, dA);
+    if (dB != nullptr) {  // U = Ar·X for the nt tokens, dB_cols += Gᵀ·U, kc tokens per product
       stacked_U(g, Ar, X0, nt, ub, xb);
-      gemm_set<T>(s.bo, g.hb(), nt * s.ao, G, 1, s.bo, ub, g.hb(), pb, g.hb());
-      add_to(s.bo * g.hb(), pb, dB);
+      for (int64_t c0 = 0; c0 < nt; c0 += kc) {
+        const int64_t nc = std::min(kc, nt - c0);
+        gemm_set<T>(s.bo, g.hb(), nc * s.ao, G + c0 * s.out(), 1, s.bo, ub + c0 * per, g.hb(), pb,
+                    g.hb());
+        add_to(s.bo * g.hb(), pb, tb);
+      }
+      add_to(s.bo * g.hb(), tb, dB);
     }
   }
 }
@@ -238,7 +254,7 @@ int64_t kron_fwd_work(const KronPad& g) {
 }
 int64_t kron_bwd_work(const KronPad& g) {
   return 2 * g.s.ai * g.bip + g.s.bi * g.aip + 2 * token_tile(g) * g.m() * g.bip +
-         std::max(g.m() * g.aip, g.s.bo * g.hb());
+         std::max(g.m() * g.aip, g.s.bo * g.hb()) + g.m() * g.aip + g.s.bo * g.hb();
 }
 
 }  // namespace
