@@ -37,6 +37,7 @@ struct KronShape {
   int64_t h, ao, ai, bo, bi;
   PPF_HD int64_t in() const { return ai * bi; }
   PPF_HD int64_t out() const { return ao * bo; }
+  PPF_HD bool empty(int64_t n) const { return n == 0 || in() == 0 || out() == 0; }
 };
 
 }  // namespace pypeft_fast

@@ -23,6 +23,7 @@
 #include "../common/lanes.h"
 #include "../ops.h"
 #include "kron_sum_body.h"
+#include "kron_sum_layout.h"
 
 namespace pypeft_fast {
 
@@ -339,14 +340,13 @@ void add_back(at::Tensor& out, int64_t r0, int64_t rows, const at::Tensor& tmp) 
 void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_,
                              const at::Tensor& B_, double scaling) {
   static constexpr const char* op = "kron_sum_apply_acc";
-  const KronShape s = check_kron_args(op, x, A_, B_);
-  check_kron_out(op, "y", y, x.size(0), s.out(), x);
+  const KronShape s = check_kron_fwd_args(op, y, x, A_, B_);
   const int64_t n = x.size(0);
-  if (n == 0 || s.out() == 0 || s.in() == 0) return;
+  if (s.empty(n)) return;
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
   const KronPad g = padded(s, acc);
-  const at::Tensor Ar = A.permute({1, 0, 2}).reshape({g.m(), s.ai}).contiguous();
+  const at::Tensor Ar = stacked_rows(A);
   at::Tensor Bt = at::zeros({s.h, g.bip, g.bop}, A.options());
   Bt.narrow(1, 0, s.bi).narrow(2, 0, s.bo).copy_(B.transpose(1, 2).mul(scaling));
   AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
@@ -376,19 +376,17 @@ std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cpu(const at::Tensor& gy, 
                                                     const std::optional<at::Tensor>& dx_opt,
                                                     bool need_dA, bool need_dB) {
   static constexpr const char* op = "kron_sum_apply_bwd";
-  const KronShape s = check_kron_args(op, x, A_, B_);
+  bool has_dx;
+  const KronShape s = check_kron_bwd_args(op, gy, x, A_, B_, dx_opt, has_dx);
   const int64_t n = x.size(0);
-  check_kron_out(op, "gy", gy, n, s.out(), x);
-  const bool has_dx = dx_opt.has_value() && dx_opt->defined();
-  if (has_dx) check_kron_out(op, "dx", *dx_opt, n, s.in(), x);
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
   const KronPad g = padded(s, acc);
   const int nthreads = at::get_num_threads();
   at::Tensor dA_part = need_dA ? at::zeros({nthreads, g.m(), g.aip}, A.options()) : at::Tensor();
   at::Tensor dB_part = need_dB ? at::zeros({nthreads, s.bo, g.hb()}, A.options()) : at::Tensor();
-  if (n > 0 && s.out() > 0 && s.in() > 0 && (has_dx || need_dA || need_dB)) {
-    const at::Tensor Ar = A.permute({1, 0, 2}).reshape({g.m(), s.ai}).contiguous();
+  if (!s.empty(n) && (has_dx || need_dA || need_dB)) {
+    const at::Tensor Ar = stacked_rows(A);
     at::Tensor Bs = at::zeros({s.bo, s.h, g.bip}, A.options());
     Bs.narrow(2, 0, s.bi).copy_(B.permute({1, 0, 2}).mul(scaling));
     at::Tensor dx = has_dx ? *dx_opt : at::Tensor();

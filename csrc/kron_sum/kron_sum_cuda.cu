@@ -17,6 +17,7 @@
 #include "../common/cuda_utils.cuh"
 #include "../ops.h"
 #include "kron_sum_body.h"
+#include "kron_sum_layout.h"
 
 namespace pypeft_fast {
 namespace {
@@ -135,16 +136,15 @@ void reduce(const at::Tensor& P, int64_t pt, int64_t pr, int64_t pk, const at::T
 void kron_sum_apply_acc_cuda(at::Tensor& y, const at::Tensor& x_, const at::Tensor& A_,
                              const at::Tensor& B_, double scaling) {
   static constexpr const char* op = "kron_sum_apply_acc";
-  const KronShape s = check_kron_args(op, x_, A_, B_);
-  check_kron_out(op, "y", y, x_.size(0), s.out(), x_);
+  const KronShape s = check_kron_fwd_args(op, y, x_, A_, B_);
   const int64_t n = x_.size(0);
-  if (n == 0 || s.out() == 0 || s.in() == 0) return;
+  if (s.empty(n)) return;
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
   const size_t smem = shared_bytes(op, s, A);
   const at::Tensor x = x_.to(acc).contiguous();
-  const at::Tensor Ar = A.permute({1, 0, 2}).reshape({s.ao * s.h, s.ai}).contiguous();
+  const at::Tensor Ar = stacked_rows(A);
   const at::Tensor Bt = B.permute({0, 2, 1}).reshape({s.h * s.bi, s.bo}).mul(scaling).contiguous();
   at::Tensor ya = is_acc_block(y, acc) ? y : at::zeros({n, s.out()}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -164,20 +164,18 @@ std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cuda(const at::Tensor& gy_
                                                            const std::optional<at::Tensor>& dx_opt,
                                                            bool need_dA, bool need_dB) {
   static constexpr const char* op = "kron_sum_apply_bwd";
-  const KronShape s = check_kron_args(op, x_, A_, B_);
+  bool has_dx;
+  const KronShape s = check_kron_bwd_args(op, gy_, x_, A_, B_, dx_opt, has_dx);
   const int64_t n = x_.size(0), m = s.ao * s.h, hb = s.h * s.bi, per = m * s.bi;
-  check_kron_out(op, "gy", gy_, n, s.out(), x_);
-  const bool has_dx = dx_opt.has_value() && dx_opt->defined();
-  if (has_dx) check_kron_out(op, "dx", *dx_opt, n, s.in(), x_);
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
   at::Tensor dA_rows = at::zeros({m, s.ai}, A.options());
   at::Tensor dB_cols = at::zeros({s.bo, hb}, A.options());
-  if (n > 0 && s.out() > 0 && s.in() > 0 && (has_dx || need_dA || need_dB)) {
+  if (!s.empty(n) && (has_dx || need_dA || need_dB)) {
     const c10::cuda::CUDAGuard guard(x_.device());
     const size_t smem = shared_bytes(op, s, A);
     const at::Tensor x = x_.to(acc).contiguous(), g = gy_.to(acc).contiguous();
-    const at::Tensor Ar = A.permute({1, 0, 2}).reshape({m, s.ai}).contiguous();
+    const at::Tensor Ar = stacked_rows(A);
     const at::Tensor Bs = B.permute({1, 0, 2}).reshape({s.bo, hb}).mul(scaling).contiguous();
     at::Tensor dx = has_dx ? *dx_opt : at::Tensor();
     at::Tensor dxa = !has_dx || is_acc_block(dx, acc) ? dx : at::zeros({n, s.in()}, x.options());
