@@ -1,7 +1,8 @@
 // CPU launchers of the Kronecker / PHM structured apply: ΔW = s·Σₕ Aₕ ⊗ Bₕ is never formed.
 //
 // Each token's X (ai × bi) goes through the small products of kron_sum_body.h while it is in L1
-// (the factors, a few KB, stay there too). Stacked layouts, as in pypeft_fast/families/kron_sum.py:
+// (the factors, a few KB, stay there too); the products with B on the right run once for a tile
+// of tokens stacked (token_tile). Stacked layouts, as in pypeft_fast/families/kron_sum.py:
 //   Ar[(i,h), j]    = A[h,i,j]          (ao·h × ai)     U = Ar·X  is (ao·h × bi) ≡ (ao × h·bi)
 //   Bt[(h,l), k]    = s·B[h,k,l]        (h·bi × bo)     Y += U·Bt
 //   Bs[k, (h,l)]    = s·B[h,k,l]        (bo × h·bi)     V = G·Bs  (ao × h·bi) ≡ (ao·h × bi)

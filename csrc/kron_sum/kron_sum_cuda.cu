@@ -13,6 +13,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
 #include "../ops.h"
@@ -99,11 +101,13 @@ _kron_reduce(const T* __restrict__ P, int64_t pt, int64_t pr, int64_t pk, const 
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * cols) return;
   const int64_t r = e / cols, c = e % cols;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kReduceTokenChunk;
-  const int64_t t1 = t0 + kReduceTokenChunk < n ? t0 + kReduceTokenChunk : n;
-  T acc = T(0);
-  for (int64_t t = t0; t < t1; ++t) acc += dot(P + t * pt + r * pr, pk, K, Q + t * qt + c * qr, qk);
-  atomicAdd(out + e, acc);
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * kReduceTokenChunk; t0 < n;
+       t0 += static_cast<int64_t>(gridDim.y) * kReduceTokenChunk) {
+    const int64_t t1 = t0 + kReduceTokenChunk < n ? t0 + kReduceTokenChunk : n;
+    T acc = T(0);
+    for (int64_t t = t0; t < t1; ++t) acc += dot(P + t * pt + r * pr, pk, K, Q + t * qt + c * qr, qk);
+    atomicAdd(out + e, acc);
+  }
 }
 
 bool is_acc_block(const at::Tensor& t, at::ScalarType acc) {
@@ -125,7 +129,7 @@ void reduce(const at::Tensor& P, int64_t pt, int64_t pr, int64_t pk, const at::T
             int64_t qr, int64_t qk, int64_t K, at::Tensor& out, int64_t n, cudaStream_t stream) {
   const int64_t rows = out.size(0), cols = out.size(1);
   const dim3 grid(static_cast<unsigned>(ceil_div(rows * cols, kThreads)),
-                  static_cast<unsigned>(ceil_div(n, kReduceTokenChunk)));
+                  static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kReduceTokenChunk), 65535)));
   _kron_reduce<T><<<grid, kThreads, 0, stream>>>(P.data_ptr<T>(), pt, pr, pk, Q.data_ptr<T>(), qt,
                                                  qr, qk, K, rows, cols, n, out.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
