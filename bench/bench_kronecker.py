@@ -23,20 +23,13 @@ from common import ops_and_layer_cli, available_backends, run_op_table  # noqa: 
 import pypeft_fast as pf  # noqa: E402
 from pypeft_fast.families.kron_sum import torch_kron_sum_acc, torch_kron_sum_bwd  # noqa: E402
 from pypeft_fast.families.kronecker import delta_weight  # noqa: E402
+from pypeft_fast.inject.specs import factorization  # noqa: E402
 
 SCALING = 0.5
 
 
-def lokr_factorization(dim: int) -> tuple[int, int]:
-    """peft's factorization(dim, -1): the divisor pair closest to √dim, smaller first."""
-    m = int(dim ** 0.5)
-    while dim % m:
-        m -= 1
-    return m, dim // m
-
-
 def factor_shapes(s):
-    (ao, bo), (ai, bi) = lokr_factorization(s.out_f), lokr_factorization(s.in_f)
+    (ao, bo), (ai, bi) = factorization(s.out_f), factorization(s.in_f)  # peft LoKr's, -1
     return (ao, ai), (bo, bi)
 
 

@@ -134,7 +134,7 @@ class NativeKronSum:
 
     MAX_B_ELEMENTS = 32768  # h·bo·bi; measured crossover between 32 K (native 1.5× faster) and 64 K
     DENSE_OVER_FACTORED = 2.0
-    CUDA_SHARED_BYTES = 48 * 1024
+    CUDA_SHARED_BYTES = 48 * 1024  # kMaxSharedBytes in csrc/kron_sum/kron_sum_cuda.cu (checked there too)
 
     @classmethod
     def prefers_factored(cls, A3_shape, b_shape, k) -> bool:
