@@ -32,7 +32,7 @@ from torch.library import wrap_triton
 
 from ._utils import (
     _cast_out, _mma, _tile_ids, acc_dtype, check_int32_indexing, input_precision, interpreting,
-    FP64_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count, torch_acc_dtype,
+    NARROW_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count, torch_acc_dtype,
     upcast_flag,
 )
 
@@ -43,17 +43,11 @@ def sparse_gemm_configs(capability: tuple[int, int] | None = None):
     44–152 spill bytes), so below sm_90 only the 64 × 64 tile is kept (bench/NOTES.md)."""
     if interpreting():
         return gemm_configs()
-    configs = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-                      num_warps=4, num_stages=3),
-        FP64_CONFIG,
-    ]
+    # gemm_configs()'s tiles without the 64 × 128 one and the narrow-epilogue tile
+    configs = [c for c in gemm_configs() if c is not NARROW_CONFIG
+               and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
     if capability is not None and capability < (9, 0):
-        configs = configs[2:]
+        configs = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64]
     return configs
 
 
