@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import types
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from transformers import (  # noqa: E402
 import pypeft_fast as pf  # noqa: E402
 import pypeft_fast.families.lowrank as lowrank_mod  # noqa: E402
 from pypeft_fast.patch import is_patched  # noqa: E402
+from pypeft_fast.patch.install import ServedForward  # noqa: E402
 from pypeft_fast.philox import keep_mask  # noqa: E402
 
 VOCAB = 101
@@ -217,7 +217,7 @@ def test_patch_is_per_instance_and_unpatch_restores():
     assert isinstance(report, pf.PatchReport)
     assert [type(m) for m in model.modules() if isinstance(m, lora_cls)] == [lora_cls] * 4  # same classes
     assert lora_cls.forward is class_forward  # the class is never touched
-    assert all(is_patched(m) and isinstance(m.__dict__["forward"], types.MethodType) for m in layers)
+    assert all(is_patched(m) and isinstance(m.__dict__["forward"], ServedForward) for m in layers)
     assert {n: p for n, p in model.named_parameters()} == params_before  # the same Parameter objects
     assert [e.status for e in report] == ["patched"] * 4
     text = str(report)

@@ -20,6 +20,7 @@ import os
 import torch
 from torch import nn
 
+from ..base_layer import oriented
 from ..families.sparse import validate_indices
 from .config import FORMAT, DeltaConfig
 from .modules import delta_modules, find_targets, find_trainable, inject, planned_shapes
@@ -110,8 +111,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             targets = find_targets(model, cfg)
         except ValueError as e:
             raise ValueError(f"{where}: the saved config does not fit this model: {e}") from None
-        bases = {n: ((mod.weight.shape[1], mod.weight.shape[0]) if kind == "Conv1D"
-                     else tuple(mod.weight.shape)) for n, mod, kind in targets}
+        bases = {n: tuple(oriented(mod.weight, kind).shape) for n, mod, kind in targets}
         plan = planned_shapes(cfg, [])  # the shared Parameters
         for target in targets:  # a layer the family cannot take is listed with the rest
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..base_layer import oriented
 from .modules import DeltaLinear, delta_modules
 
 def _delta_tensors(m: DeltaLinear):
@@ -40,7 +41,7 @@ def _rounded_delta(m: DeltaLinear) -> torch.Tensor:
         if t.is_floating_point():
             dt = torch.promote_types(dt, t.dtype)
     dw = m.delta_weight(dtype=dt).to(w.dtype)
-    return dw.t() if m.base_kind == "Conv1D" else dw
+    return oriented(dw, m.base_kind)  # back to the stored orientation (a view)
 
 
 def _modules(model: nn.Module, what: str):

@@ -15,32 +15,10 @@ import re
 import torch
 from torch import nn
 
+from ..base_layer import base_kind, is_linear_like, oriented
 from ..registry import FAMILIES
 from .config import DeltaConfig
 from .specs import SPECS
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional; without it only nn.Linear exists
-        return None
-    return Conv1D
-
-
-def base_kind(module: nn.Module) -> str | None:
-    """"Linear" or "Conv1D" for a layer inject can wrap, else None."""
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return "Linear"
-    conv1d = _conv1d_class()
-    if conv1d is not None and type(module) is conv1d:
-        return "Conv1D"
-    return None
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 class DeltaLinear(nn.Module):
@@ -85,8 +63,7 @@ class DeltaLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """W as (out, in): the Parameter itself, or a transposed view of a Conv1D's (in, out)."""
-        w = self.base_layer.weight
-        return w.t() if self.base_kind == "Conv1D" else w
+        return oriented(self.base_layer.weight, self.base_kind)
 
     @property
     def out_features(self) -> int:
@@ -100,9 +77,7 @@ class DeltaLinear(nn.Module):
         base = self._modules["base_layer"]
         if self.merged:  # ΔW is folded into W
             return base(x)
-        w = base._parameters["weight"]
-        if self.base_kind == "Conv1D":
-            w = w.t()  # (in, out) → (out, in), a view
+        w = oriented(base._parameters["weight"], self.base_kind)  # (out, in), a view
         return SPECS[self.family].call(self, x, w, base._parameters.get("bias"))
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -152,7 +127,7 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> list[tuple[str, nn.Mo
             skipped_inside.add(name)
             continue
         if config.target_modules == "all-linear":
-            hit = _is_linear_like(mod) and mod is not out_emb
+            hit = is_linear_like(mod) and mod is not out_emb
         else:
             hit = _name_matches(config.target_modules, name)
         if not hit or (config.exclude_modules and _name_matches(config.exclude_modules, name)):
@@ -176,7 +151,7 @@ def find_targets(model: nn.Module, config: DeltaConfig) -> list[tuple[str, nn.Mo
                              f"expected a floating-point weight")
         targets.append((name, mod, kind))
     if not targets:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear_like(m)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear_like(m)})
         raise ValueError(f"inject: target_modules={config.target_modules!r} matched no layer of "
                          f"{type(model).__name__}; its linear layers are named {linear[:20]}")
     return targets
@@ -217,7 +192,7 @@ def planned_shapes(config: DeltaConfig, targets) -> dict[str, dict]:
     plan = {}
     for name, mod, kind in targets:
         w = mod.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if kind == "Conv1D" else tuple(w.shape)
+        out_f, in_f = tuple(oriented(w, kind).shape)
         plan[name] = spec.shapes(config, out_f, in_f, name)
     shared = getattr(spec, "shared_shapes", lambda cfg: {})(config)
     plan["__shared__"] = {k: (s, "param") for k, s in shared.items()}
@@ -272,7 +247,7 @@ def inject(model: nn.Module, config: DeltaConfig) -> nn.Module:
         dt = adapter_dtype(config, w.dtype)
         t = {k: torch.empty(s, dtype=dt if knd == "param" else torch.int64, device=w.device)
              for k, (s, knd) in plan[name].items()}
-        w_oi = w.t() if kind == "Conv1D" else w
+        w_oi = oriented(w, kind)
         with torch.no_grad():
             spec.init_layer(config, t, w_oi, name)
         params = {k: v for k, v in t.items() if plan[name][k][1] == "param"}

@@ -1,0 +1,74 @@
+"""Why a peft layer or one call of it cannot be served: conditions shared by every method.
+
+``static_base_reason`` is checked once at patch time; ``common_reason`` on every call, before the
+method handler's own ``adapter_reason`` / ``call_reason``. Each returns None (servable) or the
+reason, which the report counts and logs once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base_layer import linear_view
+
+
+def plain_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, nn.Parameter)
+
+
+def static_base_reason(module) -> str | None:
+    """Why the base layer can never be served (checked at patch time)."""
+    base = module.base_layer
+    if linear_view(base, subclasses=False) is None:
+        return (f"base layer is {type(base).__module__}.{type(base).__name__} (quantized or custom); "
+                "only torch.nn.Linear and transformers Conv1D are served")
+    if not plain_tensor(base.weight):
+        return f"base weight is a {type(base.weight).__name__} (quantized tensor subclass)"
+    return None
+
+
+def common_reason(module, x, args, kwargs) -> str | None:
+    """Conditions every family needs on each call; None when the call can be served."""
+    if args or kwargs:
+        if "adapter_names" in kwargs:
+            return "mixed-batch adapter_names"
+        return "extra forward arguments " + ", ".join([f"#{i}" for i in range(len(args))] + list(kwargs))
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapter merged into the base weight"
+    active = module.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} adapters active at once ({', '.join(active)})"
+    if not isinstance(x, torch.Tensor):
+        return f"input is a {type(x).__name__}, not a tensor"
+    base = module.base_layer
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "hooks on the base layer"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is enabled"
+    reason = static_base_reason(module)
+    if reason is not None:
+        return reason
+    if base.weight.requires_grad:
+        return "base weight is trainable (requires_grad)"
+    if x.dtype != base.weight.dtype:
+        return f"input is {x.dtype} but the base weight is {base.weight.dtype}"
+    return None
+
+
+def static_layer_reason(module, handler) -> str | None:
+    """Status at patch time: the per-call conditions that do not depend on the input."""
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapter merged into the base weight"
+    active = module.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} adapters active at once ({', '.join(active)})"
+    return handler.adapter_reason(module, active[0], None)
+
+
+def scalar(s) -> float:
+    """peft's per-adapter scaling as a Python float (peft may keep a 0-d tensor)."""
+    return float(s.item()) if isinstance(s, torch.Tensor) else float(s)

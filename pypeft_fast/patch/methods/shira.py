@@ -1,0 +1,46 @@
+"""peft SHiRA ``Linear`` layers served by :func:`pypeft_fast.sparse_linear`."""
+from __future__ import annotations
+
+import torch
+
+from ...base_layer import linear_view
+from ...families.sparse import sparse_linear
+from ..checks import scalar
+
+PEFT_CLASS = ("peft.tuners.shira.layer", "Linear")
+"""The exact peft class served (subclasses, e.g. quantized ones, are not)."""
+
+
+class Handler:
+    peft_type = "shira"
+
+    @staticmethod
+    def adapter_reason(module, adapter: str, training: bool | None) -> str | None:
+        if adapter not in module.shira_weight:
+            return f"adapter {adapter!r} has no weights on this layer"
+        if adapter not in module.shira_indices:
+            return f"adapter {adapter!r} has no shira_indices"
+        if getattr(module, "quantization_backend", None):
+            return "quantized base layer"
+        if getattr(module, "fan_in_fan_out", False):
+            return "SHiRA with fan_in_fan_out"
+        return None
+
+    @staticmethod
+    def call_reason(module, adapter, x) -> str | None:
+        return None
+
+    @staticmethod
+    def forward(module, adapter, x, state):
+        weight, bias = linear_view(module.base_layer)
+        values = module.shira_weight[adapter]
+        src = module.shira_indices[adapter]
+        # peft stores the mask as int32 (2, nnz); pypeft_fast wants int64. Convert once per
+        # indices tensor (and version) so the sparse layout cache keyed on it keeps hitting.
+        hit = state.cache.get(adapter)
+        if hit is None or hit[0] is not src or hit[1] != src._version or hit[2].device != values.device:
+            idx = src.to(device=values.device, dtype=torch.int64)
+            hit = (src, src._version, idx)
+            state.cache[adapter] = hit
+        return sparse_linear(x, weight, bias, values, hit[2], scaling=scalar(module.scaling[adapter]),
+                             backend=state.backend, name=state.entry.name)
