@@ -1,7 +1,6 @@
 """``python -m pypeft_fast <command>`` / ``pypeft-fast <command>``.
 
-Commands: ``info`` (versions, usable backends and why others are not), ``demo`` (trains each
-family on a small regression problem against the materialising reference), ``bench`` (the
+Commands: ``info`` (versions, usable backends and why others are not), ``bench`` (the
 end-to-end comparison on a built-in tiny Llama; see README).
 """
 from __future__ import annotations
@@ -12,7 +11,6 @@ import sys
 
 COMMANDS = {
     "info": ("pypeft_fast.info", "versions and which backends are usable (and why not)"),
-    "demo": ("pypeft_fast.demo", "train each family on a small regression problem vs the reference"),
     "bench": ("pypeft_fast.bench", "end-to-end training-step comparison against peft on a tiny Llama"),
 }
 

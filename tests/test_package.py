@@ -36,3 +36,13 @@ def test_cli_rejects_unknown_command():
 def test_every_family_is_registered_with_a_torch_path(family):
     import pypeft_fast as pf
     assert "torch" in pf.FAMILIES[family].backends
+
+
+def test_every_cli_command_listed_in_help_imports():
+    """A command in `--help` whose module does not exist (the old `demo`) is a crash for users."""
+    import importlib
+
+    from pypeft_fast.__main__ import COMMANDS
+    for name, (module, _help) in COMMANDS.items():
+        assert importlib.util.find_spec(module) is not None, f"`pypeft-fast {name}` points at missing {module}"
+        assert callable(getattr(importlib.import_module(module), "main", None)), f"{module} has no main()"
