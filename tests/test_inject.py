@@ -270,8 +270,7 @@ def test_conv1d_weight_is_never_copied(family, backend):
     """Forward + backward through GPT-2's Conv1D layers never copy a frozen weight: the op gets
     the transposed view. Every aten op's fresh output (storage not shared with an input) is
     compared with each Conv1D weight and its transpose."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+    from pypeft_fast.measure import OpOutputs
 
     model = perturb(build("gpt2", family, backend=backend))
     weights = [m.base_layer.weight.detach() for _, m in delta_modules(model)]
@@ -281,24 +280,17 @@ def test_conv1d_weight_is_never_copied(family, backend):
         return any(t.shape == v.shape and torch.equal(t.to(v.dtype), v)
                    for w in weights for v in (w, w.t()))
 
-    class WeightCopies(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
-            for t in tree_leaves(out):
-                if (isinstance(t, torch.Tensor) and t.dim() == 2
-                        and t.untyped_storage().data_ptr() not in inputs and is_copy(t)):
-                    copies.append(f"{func}: {tuple(t.shape)}")
-            return out
+    def record(func, t, fresh):
+        if fresh and t.dim() == 2 and is_copy(t):
+            copies.append(f"{func}: {tuple(t.shape)}")
 
     # the detector itself: an explicit copy is caught
-    with WeightCopies():
+    with OpOutputs(record):
         weights[0].t().contiguous()
     assert len(copies) == 1
     copies.clear()
     ids = ids_for()
-    with WeightCopies():
+    with OpOutputs(record):
         output(model, ids).square().mean().backward()
     assert not copies, copies[:5]
     assert all(p.grad is not None for p in trainable(model).values())

@@ -6,30 +6,14 @@
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import pypeft_fast as pf
 from pypeft_fast.families import kronecker, lowrank, phm, sparse
+from pypeft_fast.measure import LargestAllocation, saved_bytes
 from pypeft_fast.reference import reference_linear
 from numerics import cpu_backends
 
 N, IN, OUT, R = 16, 512, 384, 4   # out × in = 196 608 dwarfs n × in = 8 192
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor (in elements) that any non-view aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                    self.largest, self.op = t.numel(), str(func)
-        return out
 
 
 def _inputs():
@@ -85,22 +69,6 @@ def test_the_detector_catches_a_materialised_delta():
     with LargestAllocation() as rec:
         ref(x, W, b, P).sum().backward()
     assert rec.largest >= OUT * IN
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes saved for backward during ``fn()``, deduplicated by storage, minus ``exclude``."""
-    storages = {}
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), set(storages), out
 
 
 @pytest.mark.parametrize("backend", cpu_backends("lowrank"))
