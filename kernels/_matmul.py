@@ -20,8 +20,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._utils import (
-    _cast_out, _keep_mask, _mma, acc_dtype, input_precision, interpreting, split_count,
-    upcast_flag,
+    _cast_out, _keep_mask, _mma, acc_dtype, check_int32_offsets, input_precision, interpreting,
+    split_count, upcast_flag,
 )
 
 
@@ -106,10 +106,12 @@ def _dim(spec):
 
 
 def strided_matmul(L, R, P, Q, K, *, lp, lk, rk, rq, out, op, oq, alpha=1.0, drop=0, seed=None,
-                   row_len=1, threshold=0):
+                   row_len=1, threshold=0, caller="strided_matmul"):
     """``out[p, q] = α·Σ_k L[p, k]·R[k, q]`` written into ``out`` (fp32/fp64, any layout given by
     ``op``/``oq``). ``lp, lk, rk, rq, op, oq`` are dimension specs (see :func:`_dim`); the inner
-    sizes of p (in lp and op), q (rq, oq) and k (lk, rk) must agree. Returns ``out``."""
+    sizes of p (in lp and op), q (rq, oq) and k (lk, rk) must agree; every spec indexes inside
+    its tensor (so the tensors' own spans bound the int32 offsets). ``caller`` names the op in
+    errors. Returns ``out``."""
     pi, lpo, lpi = _dim(lp)
     ki, lko, lki = _dim(lk)
     ki2, rko, rki = _dim(rk)
@@ -128,6 +130,8 @@ def strided_matmul(L, R, P, Q, K, *, lp, lk, rk, rq, out, op, oq, alpha=1.0, dro
     splits = split_count(tiles, K, block_k, out.device)
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), block_k), splits) * block_k
     splits = max(1, triton.cdiv(K, k_per_split))
+    check_int32_offsets(f"{caller} (strided matmul)", L=L, R=R, out=out,
+                        split_partials=(splits,) + tuple(out.shape) if splits > 1 else None)
     target = out
     if splits > 1:
         target = torch.empty((splits,) + tuple(out.shape), dtype=out.dtype, device=out.device)

@@ -43,12 +43,54 @@ def torch_acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def check_int32_indexing(*tensors: torch.Tensor) -> None:
-    """Offsets are int32 inside the kernels (the Philox element index is int64)."""
-    for t in tensors:
-        if t.numel() >= 2**31:
-            raise ValueError(f"tensor of shape {tuple(t.shape)} has ≥ 2**31 elements; the Triton "
-                             "kernels index with int32")
+INT32_OFFSET_LIMIT = 2**31 - 2**16
+"""Largest element span a kernel operand may have. Offsets inside the kernels are int32 (the
+Philox element index is int64): ``offs * stride`` for a tensor reaching past 2³¹ would wrap and
+write out of bounds. The margin below 2³¹ covers the masked lanes of the last tile
+(``pid·BLOCK + arange(BLOCK)`` must not wrap either; blocks are ≤ 512)."""
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def element_span(shape, strides) -> int:
+    """How many elements an int32 index into a (shape, strides) tensor must reach: the larger of
+    its element count (sizes bound the tile offsets, also along stride-0 dims) and 1 + its
+    largest element offset Σ (size − 1)·|stride|; 0 for an empty tensor."""
+    if any(size == 0 for size in shape):
+        return 0
+    numel, reach = 1, 1
+    for size, stride in zip(shape, strides):
+        numel *= size
+        reach += (size - 1) * abs(stride)
+    return max(numel, reach)
+
+
+def check_int32_offsets(op: str, **operands) -> None:
+    """Raise a ValueError naming ``op``, the operand and its shape when an operand a kernel
+    indexes spans more than :data:`INT32_OFFSET_LIMIT` elements. Values: a tensor, a shape tuple
+    (a contiguous tensor about to be allocated: checked before the allocation) or None (absent).
+    Every launcher calls it on every tensor it hands a kernel, inputs, outputs and temporaries."""
+    limit = INT32_OFFSET_LIMIT
+    for name, t in operands.items():
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor):
+            shape, strides = tuple(t.shape), tuple(t.stride())
+        else:
+            shape = tuple(t)
+            strides = _contiguous_strides(shape)
+        span = element_span(shape, strides)
+        if span > limit:
+            raise ValueError(
+                f"{op}: {name} of shape {shape} (strides {strides}) spans {span} elements, more "
+                f"than the {limit} the Triton kernels address with int32 offsets; split the call "
+                "(fewer tokens per call) or use backend='torch'")
 
 
 def num_sms(device: torch.device) -> int:

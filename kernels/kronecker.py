@@ -32,7 +32,7 @@ from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
-    _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_indexing,
+    _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_offsets,
     gemm_configs, input_precision, interpreting, prune_gemm_configs, register_op, torch_acc_dtype,
     upcast_flag,
 )
@@ -111,7 +111,7 @@ def _gemm(X, w, w_strides, bias, U, u_strides, Bm, b_strides, y, M, N, K, QD, C,
     )
 
 
-def _apply_A(A, x, scaling, cd):
+def _apply_A(A, x, scaling, cd, caller):
     """U[n, i, h, l] = s·Σⱼ A[h, i, j]·X[n, j, l]: (n, a_out, h, b_in) in cd."""
     h, a_out, a_in = A.shape
     n = x.shape[0]
@@ -121,7 +121,7 @@ def _apply_A(A, x, scaling, cd):
                           lp=(a_out, A.stride(0), A.stride(1)), lk=A.stride(2),
                           rk=b_in * x.stride(1), rq=(b_in, x.stride(0), x.stride(1)),
                           out=U, op=(a_out, U.stride(2), U.stride(1)),
-                          oq=(b_in, U.stride(0), U.stride(3)), alpha=scaling)
+                          oq=(b_in, U.stride(0), U.stride(3)), alpha=scaling, caller=caller)
 
 
 def _kron_sum_fwd_fake(x, weight, bias, A, B, scaling):
@@ -139,11 +139,12 @@ def kron_sum_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     _, b_out, b_in = B.shape
     n = x.shape[0]
     out_f = weight.shape[0]
-    check_int32_indexing(x, weight)
+    check_int32_offsets("kron_sum_fwd", x=x, weight=weight, bias=bias, A=A, B=B, y=(n, out_f),
+                        U=(n, a_out, h, b_in))
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     if n == 0 or out_f == 0:
         return y
-    U = _apply_A(A, x, scaling, torch_acc_dtype(x, A, B))
+    U = _apply_A(A, x, scaling, torch_acc_dtype(x, A, B), "kron_sum_fwd")
     _gemm(x, weight, (weight.stride(1), weight.stride(0)), bias,
           U, (U.stride(0), U.stride(1), U.stride(2), U.stride(3)),
           B, (B.stride(0), B.stride(2), B.stride(1)), y, n, out_f, x.shape[1], b_out, b_in,
@@ -165,7 +166,11 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
     _, b_out, b_in = B.shape
     n, out_f = gy.shape
     in_f = weight.shape[1]
-    check_int32_indexing(x, weight, gy)
+    check_int32_offsets("kron_sum_bwd", gy=gy, x=x, weight=weight, A=A, B=B,
+                        dx=(n, in_f) if needs_dx else None,
+                        G=(n, a_in, h, b_out) if needs_dx else None,
+                        V=(n, a_out, h, b_in) if need_dA else None,
+                        U=(n, a_out, h, b_in) if need_dB else None)
     cd = torch_acc_dtype(x, A, B)
     dx, dA, dB = (gy.new_empty((0,)) for _ in range(3))  # outputs may not alias
     if needs_dx:
@@ -177,7 +182,8 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
                            lp=(a_in, A.stride(0), A.stride(2)), lk=A.stride(1),
                            rk=b_out * gy.stride(1), rq=(b_out, gy.stride(0), gy.stride(1)),
                            out=G, op=(a_in, G.stride(2), G.stride(1)),
-                           oq=(b_out, G.stride(0), G.stride(3)), alpha=scaling)
+                           oq=(b_out, G.stride(0), G.stride(3)), alpha=scaling,
+                           caller="kron_sum_bwd")
             _gemm(gy, weight, (weight.stride(0), weight.stride(1)), None,
                   G, (G.stride(0), G.stride(1), G.stride(2), G.stride(3)),
                   B, (B.stride(0), B.stride(1), B.stride(2)), dx, n, in_f, out_f, b_in, b_out,
@@ -189,20 +195,22 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
                        lp=(a_out, gy.stride(0), b_out * gy.stride(1)), lk=gy.stride(1),
                        rk=B.stride(1), rq=(b_in, B.stride(0), B.stride(2)),
                        out=V, op=(a_out, V.stride(0), V.stride(1)),
-                       oq=(b_in, V.stride(2), V.stride(3)), alpha=scaling)
+                       oq=(b_in, V.stride(2), V.stride(3)), alpha=scaling, caller="kron_sum_bwd")
         dA32 = torch.empty((h, a_out, a_in), dtype=cd, device=x.device)
         strided_matmul(V, x, h * a_out, a_in, n * b_in,
                        lp=(a_out, V.stride(2), V.stride(1)), lk=(b_in, V.stride(0), V.stride(3)),
                        rk=(b_in, x.stride(0), x.stride(1)), rq=b_in * x.stride(1),
-                       out=dA32, op=(a_out, dA32.stride(0), dA32.stride(1)), oq=dA32.stride(2))
+                       out=dA32, op=(a_out, dA32.stride(0), dA32.stride(1)), oq=dA32.stride(2),
+                       caller="kron_sum_bwd")
         dA = dA32.to(A.dtype)
     if need_dB:
         # dB[h, k, l] = Σ_{n,i} gY[n, i, k]·U[n, i, h, l]   (U recomputed, with s)
-        U = _apply_A(A, x, scaling, cd)
+        U = _apply_A(A, x, scaling, cd, "kron_sum_bwd")
         dB32 = torch.empty((h, b_out, b_in), dtype=cd, device=x.device)
         strided_matmul(gy, U, b_out, h * b_in, n * a_out,
                        lp=gy.stride(1), lk=(a_out, gy.stride(0), b_out * gy.stride(1)),
                        rk=(a_out, U.stride(0), U.stride(1)), rq=(b_in, U.stride(2), U.stride(3)),
-                       out=dB32, op=dB32.stride(1), oq=(b_in, dB32.stride(0), dB32.stride(2)))
+                       out=dB32, op=dB32.stride(1), oq=(b_in, dB32.stride(0), dB32.stride(2)),
+                       caller="kron_sum_bwd")
         dB = dB32.to(B.dtype)
     return dx, dA, dB

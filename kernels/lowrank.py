@@ -36,7 +36,7 @@ from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
-    _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_indexing,
+    _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_offsets,
     NARROW_CONFIG, gemm_configs, input_precision, interpreting, prune_gemm_configs, rank_block,
     register_op, torch_acc_dtype, upcast_flag,
 )
@@ -167,12 +167,13 @@ def _dropout_args(dropout: float):
 
 
 def _skinny(L, R, P, Q, K, strides_l, strides_r, alpha, *, drop=0, seed=None, row_len=1,
-            threshold=0, out_dtype):
+            threshold=0, out_dtype, caller):
     """α·L'·R' (P, Q) in out_dtype (fp32/fp64), plain strides ((p, k) of L, (k, q) of R)."""
     out = torch.empty((P, Q), dtype=out_dtype, device=L.device)
     return strided_matmul(L, R, P, Q, K, lp=strides_l[0], lk=strides_l[1], rk=strides_r[0],
                           rq=strides_r[1], out=out, op=out.stride(0), oq=out.stride(1),
-                          alpha=alpha, drop=drop, seed=seed, row_len=row_len, threshold=threshold)
+                          alpha=alpha, drop=drop, seed=seed, row_len=row_len, threshold=threshold,
+                          caller=caller)
 
 
 def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R, scaling,
@@ -215,7 +216,8 @@ def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     (fp64 for fp64 inputs), saved for dB."""
     n, k = x.shape
     out_f, r = weight.shape[0], A.shape[0]
-    check_int32_indexing(x, weight)
+    check_int32_offsets("lowrank_fwd", x=x, weight=weight, bias=bias, A=A, B=B, y=(n, out_f),
+                        u=(n, r))
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     drop = dropout > 0.0
     threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
@@ -224,7 +226,7 @@ def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if separate_u:
         u = _skinny(x, A, n, r, k, (x.stride(0), x.stride(1)), (A.stride(1), A.stride(0)),
                     keep_scale, drop=1 if drop else 0, seed=seed, row_len=k,
-                    threshold=threshold, out_dtype=torch_acc_dtype(x, A, B))
+                    threshold=threshold, out_dtype=torch_acc_dtype(x, A, B), caller="lowrank_fwd")
     else:
         u = torch.empty((n, r), dtype=torch_acc_dtype(x, A, B), device=x.device)
     if n > 0 and out_f > 0:
@@ -255,7 +257,8 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     """
     n, out_f = gy.shape
     k, r = weight.shape[1], A.shape[0]
-    check_int32_indexing(x, weight, gy)
+    check_int32_offsets("lowrank_bwd", gy=gy, x=x, weight=weight, A=A, B=B, u=u,
+                        dx=(n, k) if needs_dx else None, t=(n, r), dA=(r, k), dB=(out_f, r))
     drop = dropout > 0.0
     threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
     cd = torch_acc_dtype(x, A, B)
@@ -282,11 +285,11 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     # no dx GEMM to ride on: skinny split-K passes
     if need_dA:
         t = _skinny(gy, B, n, r, out_f, (gy.stride(0), gy.stride(1)), (B.stride(0), B.stride(1)),
-                    1.0, out_dtype=cd)
+                    1.0, out_dtype=cd, caller="lowrank_bwd")
         dA = _skinny(t, x, r, k, n, (t.stride(1), t.stride(0)), (x.stride(0), x.stride(1)),
                      scaling * keep_scale, drop=2 if drop else 0, seed=seed, row_len=k,
-                     threshold=threshold, out_dtype=cd).to(A.dtype)
+                     threshold=threshold, out_dtype=cd, caller="lowrank_bwd").to(A.dtype)
     if need_dB:
         dB = _skinny(gy, u, out_f, r, n, (gy.stride(1), gy.stride(0)), (u.stride(0), u.stride(1)),
-                     scaling, out_dtype=cd).to(B.dtype)
+                     scaling, out_dtype=cd, caller="lowrank_bwd").to(B.dtype)
     return dx, dA, dB

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._utils import (
-    _cast_out, _mma, _tile_ids, acc_dtype, check_int32_indexing, input_precision, interpreting,
+    _cast_out, _mma, _tile_ids, acc_dtype, check_int32_offsets, input_precision, interpreting,
     NARROW_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count, torch_acc_dtype,
     upcast_flag,
 )
@@ -223,7 +223,8 @@ def sparse_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     (out+1,), csr_col (nnz,), csr_perm (nnz,) (CSR position → index in values). → y (n, out)."""
     n, k = x.shape
     out_f = weight.shape[0]
-    check_int32_indexing(x, weight)
+    check_int32_offsets("sparse_fwd", x=x, weight=weight, bias=bias, values=values,
+                        csr_perm=csr_perm, row_ptr=row_ptr, csr_col=csr_col, y=(n, out_f))
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     if n > 0 and out_f > 0:
         _gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, row_ptr, csr_col, csr_perm,
@@ -247,7 +248,9 @@ def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: 
     not asked for comes back as an empty (0,) tensor."""
     n, out_f = gy.shape
     k = weight.shape[1]
-    check_int32_indexing(x, weight, gy)
+    check_int32_offsets("sparse_bwd", gy=gy, x=x, weight=weight, values=values,
+                        csr_perm=csr_perm, row_ptr=row_ptr, csr_col=csr_col, csc_perm=csc_perm,
+                        col_ptr=col_ptr, csc_row=csc_row, dx=(n, k) if needs_dx else None)
     dx, dv = gy.new_empty((0,)), gy.new_empty((0,))  # outputs may not alias
     if needs_dx:
         dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
@@ -264,6 +267,8 @@ def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: 
         splits = split_count(tiles, n, block_m, gy.device)
         m_per_split = triton.cdiv(triton.cdiv(max(n, 1), block_m), splits) * block_m
         splits = max(1, triton.cdiv(n, m_per_split))
+        check_int32_offsets("sparse_bwd", tile_ptr=tile_ptr, local=local, dst=dst,
+                            split_partials=(splits, nnz))
         ws = torch.zeros((splits, nnz), dtype=cd, device=gy.device)
         if nnz > 0:
             wrap_triton(_sparse_sddmm_kernel)[(tiles, splits)](
