@@ -1,0 +1,93 @@
+"""The micro-benchmark matrix: which (family, implementation, mode, shape, rank, tokens) cases
+``pytest bench/`` runs under each ``--bench-selection``. The tensors of a case come from
+:func:`pypeft_fast.workloads.make_case` (one setup factory per family, shared with the e2e bench
+and the profiler); nothing here builds tensors.
+
+Selections (``--bench-selection``):
+
+* ``default`` — what finishes in minutes: every case family × every implementation usable on
+  the device kind × forward / backward / full, at rank 16, at the device's main shapes
+  (CPU: BERT-base's query 768→768 and intermediate 768→3072 at CPU_TOKENS = 4 × 256; GPU:
+  Llama-3-8B's q, k, gate/up and down projections at GPU_TOKENS = 8 × 2048); plus the scaling
+  view: mode full, pypeft_fast's ``auto`` choice and the reference, ranks 8 / 16 / 64 × sequence
+  256 / 1024 (batch 4 on CPU, 16 on GPU) at the first main shape.
+* ``full`` — every shape of ``workloads.SHAPES`` × ranks 8 / 16 / 64 × every mode and
+  implementation (opt-in: hours on a CPU).
+* ``tiny`` — the CI smoke: ragged tiny shapes (``workloads.TINY_SHAPES``, 37 tokens, rank 4),
+  every family, implementation (Triton under its interpreter where TRITON_INTERPRET=1) and
+  mode, each result checked against the float64 reference.
+
+Implementations: pypeft_fast's backends by name (``torch``, ``cpp`` on CPU; ``torch``,
+``triton``, ``cuda`` on a GPU), ``auto`` (the scaling view only) and ``reference``, which is the
+case family's reference (``peft``'s forward math, or ``materialise`` for PHM); a case whose
+implementation cannot run here is skipped with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pypeft_fast import workloads
+
+RANKS = (8, 16, 64)
+DEFAULT_RANK = 16
+SCALING_SEQS = (256, 1024)
+BATCH = {"cpu": 4, "cuda": 16}
+MAIN_SHAPES = {
+    "cpu": ("bert-base/query", "bert-base/intermediate"),
+    "cuda": ("llama-3-8b/q_proj", "llama-3-8b/k_proj", "llama-3-8b/up_proj", "llama-3-8b/down_proj"),
+}
+TOKENS = {"cpu": workloads.CPU_TOKENS, "cuda": workloads.GPU_TOKENS}
+IMPLS = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "triton", "cuda")}
+TINY_RANK = 4
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    family: str
+    impl: str
+    mode: str
+    shape: str
+    rank: int
+    tokens: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}-{self.impl}-{self.mode}-{self.shape}-r{self.rank}-n{self.tokens}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.family} {self.shape} r{self.rank} n{self.tokens} {self.mode}"
+
+
+def cases(selection: str, device_kind: str, tokens: int | None = None,
+          interpreter_triton: bool = False) -> list[BenchCase]:
+    fams = list(workloads.CASE_FAMILIES)
+    modes = workloads.MODES
+    impls = IMPLS[device_kind]
+    out: list[BenchCase] = []
+    if selection == "tiny":
+        impls = impls + (("triton",) if interpreter_triton and device_kind == "cpu" else ())
+        n = tokens or workloads.TINY_TOKENS
+        out = [BenchCase(f, i, m, s, TINY_RANK, n)
+               for s in workloads.TINY_SHAPES for f in fams for i in impls for m in modes]
+    elif selection == "full":
+        n = tokens or TOKENS[device_kind]
+        out = [BenchCase(f, i, m, s, r, n)
+               for s in workloads.SHAPES for r in RANKS for f in fams for i in impls for m in modes]
+    elif selection == "default":
+        n = tokens or TOKENS[device_kind]
+        shapes = MAIN_SHAPES[device_kind]
+        out = [BenchCase(f, i, m, s, DEFAULT_RANK, n)
+               for s in shapes for f in fams for i in impls for m in modes]
+        seen = set(out)
+        for seq in SCALING_SEQS:
+            for r in RANKS:
+                for f in fams:
+                    for i in ("auto", "reference"):
+                        c = BenchCase(f, i, "full", shapes[0], r, BATCH[device_kind] * seq)
+                        if c not in seen:
+                            out.append(c)
+                            seen.add(c)
+    else:
+        raise ValueError(f"--bench-selection must be default, full or tiny; got {selection!r}")
+    return out
