@@ -16,10 +16,47 @@ are per-mask constants shared by every step, not activations: they ride on ``ctx
 hyperparameters. Everything n×in that the backward needs beyond x (a dropped copy of x, a
 reshaped x) is rebuilt there. When dx is not needed the kernels get a shape-only stand-in for
 the weight (a stride-0 view of one element): they read its shape, never its data.
+
+Autocast (``torch.autocast``, any device): :func:`delta_linear` — the entry every family's public
+function calls — does what autocast does to the frozen ``F.linear``: x, W and b (float32/float16/
+bfloat16, never float64) are cast to the autocast dtype (differentiable casts: dx comes back in
+x's dtype), then the Function runs with autocast disabled. The kernels then see the case they
+already serve for a bf16 base with fp32 adapters: the frozen GEMM in the autocast dtype, the
+delta branch accumulated in float32 from the parameters as they are (peft rounds its adapter
+term to bf16 — A and B for LoRA, the formed ΔW for LoKr, W + ΔW for SHiRA —; we do not, so the
+parameter gradients are float32 sums, never rounded to bf16), y in the autocast dtype. What is
+saved is the bf16 x once (the float32 x is not kept), the parameters themselves, no casts of them.
 """
 from __future__ import annotations
 
 import torch
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on ``device_type``, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(t, dtype: torch.dtype | None):
+    """``t`` as autocast would hand it to ``F.linear``: floating, non-float64 tensors cast to
+    ``dtype`` (None: autocast off, ``t`` unchanged); anything else unchanged."""
+    if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    if t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def delta_linear(kernels, hp, n_params, x, weight, bias, *tensors):
+    """``y = x·Wᵀ + b + x·ΔWᵀ`` through ``kernels``: the one call every family's public function
+    makes (after its checks). Under autocast x, W and b are cast as autocast casts ``F.linear``'s
+    (see the module docstring); ``tensors`` = the ``n_params`` delta parameters, then aux."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
+    return DeltaLinearFunction.apply(kernels, hp, n_params, x, weight, bias, *tensors)
 
 
 class DeltaLinearFunction(torch.autograd.Function):
@@ -27,7 +64,8 @@ class DeltaLinearFunction(torch.autograd.Function):
     def forward(ctx, kernels, hp, n_params, x, weight, bias, *tensors):
         params, aux = tensors[:n_params], tensors[n_params:]
         x2d = x.reshape(-1, x.shape[-1])
-        y2d, extras = kernels.forward(x2d, weight, bias, params, aux, hp)
+        with torch.autocast(x.device.type, enabled=False):  # inputs were cast by delta_linear
+            y2d, extras = kernels.forward(x2d, weight, bias, params, aux, hp)
         ctx.kernels, ctx.hp, ctx.n_params, ctx.aux = kernels, hp, n_params, aux
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.keeps_weight = ctx.needs_input_grad[3]
@@ -52,9 +90,10 @@ class DeltaLinearFunction(torch.autograd.Function):
         needs_dparams = tuple(needs[6 : 6 + ctx.n_params])
         gy2d = gy.reshape(-1, gy.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
-        dx2d, dparams = ctx.kernels.backward(
-            gy2d, x2d, weight, params, aux, extras, ctx.hp, needs_dx, needs_dparams
-        )
+        with torch.autocast(x.device.type, enabled=False):  # backward may run inside autocast
+            dx2d, dparams = ctx.kernels.backward(
+                gy2d, x2d, weight, params, aux, extras, ctx.hp, needs_dx, needs_dparams
+            )
         dx = dx2d.view(x.shape) if dx2d is not None else None
         dbias = gy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if needs_dbias else None
         return (None, None, None, dx, None, dbias, *dparams, *([None] * len(aux)))

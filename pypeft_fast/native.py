@@ -20,6 +20,8 @@ from . import _ops, registry
 from .families._accumulate import addmm_into
 from .families.kron_sum import TorchKronSumKernels, macs_per_row
 from .families.lowrank import TorchLowRank
+from .families.lowrank_dora import TorchDoRA
+from .philox import keep_rows
 from .validate import compute_dtype
 
 log = logging.getLogger("pypeft_fast")
@@ -81,13 +83,37 @@ class NativeSparse:
         return dx, (dv,)
 
 
+class NativeDoRA(TorchDoRA):
+    """DoRA (``families/lowrank_dora.py``) with the native Philox mask ops: peft's base(drop(x))
+    needs drop(x) itself (a transient), made by the native dropout kernel."""
+
+    @staticmethod
+    def dropped(x2d, seed, p):
+        return ops.philox_dropout(x2d, seed, p)
+
+    @staticmethod
+    def keep(seed, n, k, p, device):
+        if device.type != "cpu":
+            return keep_rows(seed, n, k, p, device=device)
+        return ops.philox_keep_mask(seed, n * k, p).view(n, k)
+
+
 class NativeLowRank:
     """Low-rank family with dropout: the mask is generated inside the kernels that read x
     (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
-    ``dA = tᵀ·drop(x)``). Without dropout there is nothing to fuse: the torch kernels run."""
+    ``dA = tᵀ·drop(x)``). Without dropout there is nothing to fuse: the torch kernels run.
+    DoRA runs :class:`NativeDoRA`; parallel adapters (activation, gate) are not served."""
+
+    @staticmethod
+    def serves(hp) -> str | None:
+        if hp.variant == "adapter":
+            return "the native low-rank kernels have no activation/gate (parallel adapter) path"
+        return None
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
+        if hp.magnitude:
+            return NativeDoRA.forward(x2d, weight, bias, params, aux, hp)
         if hp.dropout == 0.0:
             return TorchLowRank.forward(x2d, weight, bias, params, aux, hp)
         A, B = params
@@ -99,6 +125,9 @@ class NativeLowRank:
 
     @staticmethod
     def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if hp.magnitude:
+            return NativeDoRA.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                       needs_dparams)
         if hp.dropout == 0.0:
             return TorchLowRank.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
                                          needs_dparams)

@@ -37,7 +37,14 @@ def factor_shape(f) -> tuple:
 def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tensor:
     """``f`` or ``L @ R`` for a pair (factor-sized), after checking it."""
     f = check_factor(where, arg, f, batched)
-    return f[0] @ f[1] if isinstance(f, tuple) else f
+    return factor_product(*f) if isinstance(f, tuple) else f
+
+
+def factor_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``L @ R`` in the factors' own dtype, autocast or not: the adapter stays float32 under
+    autocast (function.py), so no bf16 copies of L and R are made and kept for backward."""
+    with torch.autocast(L.device.type, enabled=False):
+        return L @ R
 
 
 def factor_tensors(f) -> tuple:

@@ -222,7 +222,8 @@ def apply_kron_sum(family, x, weight, bias, A3, B, scaling, backend, device):
     pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend's kernels prefer it
     (``prefers_factored``), else formed (factor-sized, never ΔW-sized)."""
     from .. import registry
-    from ..function import DeltaLinearFunction
+    from ..function import delta_linear
+    from .factors import factor_product
 
     _, kernels = registry.resolve(family, backend, device)
     hp = KronSumHP(scaling)
@@ -230,6 +231,6 @@ def apply_kron_sum(family, x, weight, bias, A3, B, scaling, backend, device):
         S, T = B
         prefers = getattr(kernels, "prefers_factored", None)
         if prefers is not None and prefers(A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
-            return DeltaLinearFunction.apply(kernels, hp, 3, x, weight, bias, A3, S, T)
-        B = S @ T
-    return DeltaLinearFunction.apply(kernels, hp, 2, x, weight, bias, A3, B)
+            return delta_linear(kernels, hp, 3, x, weight, bias, A3, S, T)
+        B = factor_product(S, T)
+    return delta_linear(kernels, hp, 2, x, weight, bias, A3, B)

@@ -15,6 +15,12 @@ Backward (t = s·gy·B, (n, r))::
 Saved: x (the caller's tensor), u (n×r, float32) and the 8-byte seed. The dropped copy of x and
 its mask are never kept between forward and backward; backward rebuilds the mask once (a
 transient bool n×in) for both dx and dA.
+
+Variants of the same family (same public function, same registry entry; each backend's kernels
+say which they serve through ``serves(hp)``):
+
+* DoRA — ``magnitude=m`` (and ``lora_bias=b_B``): :mod:`.lowrank_dora`;
+* parallel adapters — ``activation=`` between A and B, ``gate=(w_g, b_g)``: :mod:`.lowrank_adapter`.
 """
 from __future__ import annotations
 
@@ -24,20 +30,35 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from ..function import DeltaLinearFunction
-from ..philox import apply_keep, draw_seed, dropout_rows, keep_rows
+from ..function import delta_linear
+from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import (
-    check_base, check_param, check_same_device, check_scaling, compute_dtype, fail,
+    check_base, check_dropout, check_param, check_same_device, check_scaling, check_seed,
+    compute_dtype, fail,
 )
 from ._accumulate import add_into, addmm_into
+from .lowrank_adapter import ACTIVATIONS, TorchParallelAdapter
+from .lowrank_dora import TorchDoRA
 
 FAMILY = "lowrank"
+log = registry.log
 
 
 @dataclass(frozen=True)
 class LowRankHP:
     scaling: float
     dropout: float
+    magnitude: bool = False       # DoRA: params (A, B, m[, b_B])
+    activation: str | None = None  # parallel adapter: f between A and B
+    gate: bool = False            # UniPELT gate: params (A, B, w_g, b_g)
+
+    @property
+    def variant(self) -> str | None:
+        if self.magnitude:
+            return "dora"
+        if self.activation is not None or self.gate:
+            return "adapter"
+        return None
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -52,10 +73,17 @@ def _dropped(x2d, aux, hp, dtype):
 
 
 class TorchLowRank:
-    """The pure-PyTorch kernels: three GEMMs forward (one fused add), four backward."""
+    """The pure-PyTorch kernels: three GEMMs forward (one fused add), four backward; the DoRA
+    and parallel-adapter variants run their own torch kernels."""
+
+    @staticmethod
+    def serves(hp) -> str | None:
+        return None
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
+        if hp.variant is not None:
+            return _VARIANTS[hp.variant].forward(x2d, weight, bias, params, aux, hp)
         A, B = params
         cd = compute_dtype(x2d, A, B)
         u = _dropped(x2d, aux, hp, cd) @ A.to(cd).t()
@@ -65,6 +93,9 @@ class TorchLowRank:
 
     @staticmethod
     def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if hp.variant is not None:
+            return _VARIANTS[hp.variant].backward(gy2d, x2d, weight, params, aux, extras, hp,
+                                                  needs_dx, needs_dparams)
         A, B = params
         (u,) = extras
         need_dA, need_dB = needs_dparams
@@ -90,18 +121,47 @@ class TorchLowRank:
         return dx, (dA, dB)
 
 
+_VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
+
 registry.register_family(FAMILY, delta_weight)
 registry.register_kernels(FAMILY, "torch", TorchLowRank)
 
+_warned_variants: set = set()
+
+
+def _kernels_for(hp, backend, device, where):
+    """The resolved backend's kernels if they serve ``hp``'s variant; else an explicit backend
+    raises and "auto" says so once and runs the torch kernels (same results)."""
+    chosen, kernels = registry.resolve(FAMILY, backend, device)
+    serves = getattr(kernels, "serves", None)
+    reason = None if hp.variant is None else (serves(hp) if serves else f"{chosen} has no variants")
+    if reason is None:
+        return kernels
+    if backend != "auto":
+        raise RuntimeError(f"pypeft_fast lowrank ({where}): backend {chosen!r} cannot serve "
+                           f"{hp.variant}: {reason}")
+    key = (chosen, hp.variant, reason)
+    if key not in _warned_variants:
+        _warned_variants.add(key)
+        log.warning("pypeft_fast lowrank: backend %r does not serve %s (%s); using the torch "
+                    "kernels", chosen, hp.variant, reason)
+    return TorchLowRank
+
 
 def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, backend="auto",
-                   *, name=None):
+                   *, name=None, magnitude=None, lora_bias=None, activation=None, gate=None):
     """``y = x·Wᵀ + b + scaling·(drop(x)·Aᵀ)·Bᵀ`` without keeping drop(x).
 
     x: (..., in); weight: (out, in), frozen; bias: (out,) or None; A: (r, in) (peft's
     ``lora_A.weight``); B: (out, r) (``lora_B.weight``). ``dropout`` p in [0, 1); the mask is
     Philox-generated from ``seed`` (an int or 0-d int64 tensor; None draws one from torch's
     default generator, so checkpoint recomputation sees the same mask).
+
+    DoRA: ``magnitude`` m (out,) (peft's ``lora_magnitude_vector[...].weight``) makes it
+    peft's DoRA (:mod:`.lowrank_dora`); ``lora_bias`` b_B (out,) is peft's ``lora_B.bias``
+    (DoRA only: plain LoRA folds s·b_B into ``bias``). Parallel adapter: ``activation`` one of
+    None, "relu", "gelu", "silu" between A and B; ``gate`` a pair (w_g (in,), b_g (1,)) for
+    UniPELT's per-token gate σ(x·w_g + b_g) on the delta (:mod:`.lowrank_adapter`).
     """
     where = name or "lowrank_linear"
     out_f, in_f = check_base(where, x, weight, bias)
@@ -111,22 +171,38 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     check_param(where, "B", B, expected_shape=(out_f, r))
     device = check_same_device(where, x=x, weight=weight, bias=bias, A=A, B=B)
     scaling = check_scaling(where, scaling)
-    if isinstance(dropout, torch.Tensor) or not (0.0 <= float(dropout) < 1.0):
-        fail(where, f"dropout must be a float in [0, 1), got {dropout!r}")
-    dropout = float(dropout)
-    aux = ()
-    if dropout > 0.0:
-        if seed is None:
-            seed = draw_seed()
-        elif isinstance(seed, int):
-            seed = torch.tensor(seed, dtype=torch.int64)
-        elif not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.dim() == 0):
-            fail(where, f"seed must be an int or a 0-d int64 tensor, got {seed!r}")
-        aux = (seed.cpu(),)
-    _, kernels = registry.resolve(FAMILY, backend, device)
-    return DeltaLinearFunction.apply(
-        kernels, LowRankHP(scaling, dropout), 2, x, weight, bias, A, B, *aux
-    )
+    dropout = check_dropout(where, dropout)
+    extra = _variant_params(where, out_f, in_f, magnitude, lora_bias, activation, gate)
+    if extra:
+        check_same_device(where, x=x, **{f"param {i + 3}": t for i, t in enumerate(extra)})
+    aux = (check_seed(where, seed),) if dropout > 0.0 else ()  # a copy: the caller may reuse it
+    hp = LowRankHP(scaling, dropout, magnitude is not None, activation, gate is not None)
+    kernels = _kernels_for(hp, backend, device, where)
+    return delta_linear(kernels, hp, 2 + len(extra), x, weight, bias, A, B, *extra, *aux)
+
+
+def _variant_params(where, out_f, in_f, magnitude, lora_bias, activation, gate) -> tuple:
+    """The DoRA / parallel-adapter parameters after ``A, B``, checked."""
+    if activation is not None and activation not in ACTIVATIONS:
+        fail(where, f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if magnitude is None:
+        if lora_bias is not None:
+            fail(where, "lora_bias is DoRA's (with magnitude=); for plain LoRA add scaling·b_B "
+                        "to bias")
+        if gate is None:
+            return ()
+        if not isinstance(gate, (tuple, list)) or len(gate) != 2:
+            fail(where, f"gate must be a pair (w_g (in,), b_g (1,)), got {type(gate).__name__}")
+        check_param(where, "gate[0]", gate[0], expected_shape=(in_f,))
+        check_param(where, "gate[1]", gate[1], expected_shape=(1,))
+        return tuple(gate)
+    if activation is not None or gate is not None:
+        fail(where, "magnitude (DoRA) cannot be combined with activation= or gate=")
+    check_param(where, "magnitude", magnitude, expected_shape=(out_f,))
+    if lora_bias is None:
+        return (magnitude,)
+    check_param(where, "lora_bias", lora_bias, expected_shape=(out_f,))
+    return (magnitude, lora_bias)
 
 
 __all__ = ["lowrank_linear", "delta_weight", "LowRankHP", "TorchLowRank"]

@@ -19,7 +19,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import registry
-from ..function import DeltaLinearFunction
+from ..function import delta_linear
 from ..validate import (
     check_base, check_same_device, check_scaling, compute_dtype, fail, shape_str,
 )
@@ -212,4 +212,4 @@ def sparse_linear(x, weight, bias, values, indices, scaling=1.0, backend="auto",
     scaling = check_scaling(where, scaling)
     _, kernels = registry.resolve(FAMILY, backend, device)
     hp = SparseHP(scaling, out_f, in_f)
-    return DeltaLinearFunction.apply(kernels, hp, 1, x, weight, bias, values, *layout.tensors())
+    return delta_linear(kernels, hp, 1, x, weight, bias, values, *layout.tensors())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..base_layer import linear_view
+from ..function import autocast_cast, autocast_dtype
 
 
 def plain_tensor(t) -> bool:
@@ -45,14 +46,16 @@ def common_reason(module, x, args, kwargs) -> str | None:
     base = module.base_layer
     if base._forward_hooks or base._forward_pre_hooks:
         return "hooks on the base layer"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled"
     reason = static_base_reason(module)
     if reason is not None:
         return reason
     if base.weight.requires_grad:
         return "base weight is trainable (requires_grad)"
-    if x.dtype != base.weight.dtype:
+    # Under autocast the ops cast x and the weights to the autocast dtype, as peft's F.linear
+    # calls are cast (pypeft_fast/function.py, delta_linear): only what autocast leaves alone
+    # (float64) must already agree.
+    cast = autocast_dtype(x.device.type)
+    if autocast_cast(x, cast).dtype != autocast_cast(base.weight, cast).dtype:
         return f"input is {x.dtype} but the base weight is {base.weight.dtype}"
     return None
 

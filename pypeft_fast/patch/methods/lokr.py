@@ -42,5 +42,6 @@ class Handler:
 
         w1 = factor(module.lokr_w1, module.lokr_w1_a, module.lokr_w1_b)
         w2 = factor(module.lokr_w2, module.lokr_w2_a, module.lokr_w2_b)
-        return kronecker_linear(x, weight, bias, w1, w2, scaling=scalar(module.scaling[adapter]),
-                                backend=state.backend, name=state.entry.name)
+        y = kronecker_linear(x, weight, bias, w1, w2, scaling=scalar(module.scaling[adapter]),
+                             backend=state.backend, name=state.entry.name)
+        return y.to(x.dtype)  # peft's LoKr returns the input's dtype (under autocast too)

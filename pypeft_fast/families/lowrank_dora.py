@@ -1,0 +1,261 @@
+"""DoRA on the low-rank family (``lowrank_linear(..., magnitude=m)``, peft ``use_dora=True``).
+
+peft 0.21.2's semantics (``peft/tuners/lora/dora.py``, ``variants.py``), with c = m / ‖V‖ per
+output row, ‖V‖ᵢ = ‖Wᵢ + s·(B·A)ᵢ + s·b_Bᵢ·1‖ (peft builds its ``lora_weight`` as
+``lora_B(lora_A(I))ᵀ``, so a ``lora_bias`` b_B enters the norm broadcast over the row) and the
+norm treated as a constant (detached: no gradient flows through it)::
+
+    p = 0:  y = c ⊙ (x·Wᵀ + s·u·Bᵀ + s·b_B) + b,                 u = x·Aᵀ
+    p > 0:  y = x·Wᵀ + b + (c-1) ⊙ (x̃·Wᵀ) + c ⊙ s·(u·Bᵀ + b_B),   u = x̃·Aᵀ, x̃ = drop(x)
+
+(p > 0 is peft's "base layer applied to dropout(x)": one more frozen-size GEMM forward and one
+backward.) The norm never forms W + s·B·A:
+
+    ‖V‖ᵢ² = ‖Wᵢ‖² + 2s·Bᵢ·(A·Wᵀ)_{:,i} + s²·Bᵢ·(A·Aᵀ)·Bᵢᵀ
+            + 2s·b_Bᵢ·ΣWᵢ + 2s²·b_Bᵢ·Bᵢ·(A·1) + s²·in·b_Bᵢ²
+
+‖Wᵢ‖² and ΣWᵢ are cached per frozen weight (its identity, view geometry and ``_version``);
+A·Wᵀ (r × out) is one pass over W, r·in·out multiply-adds (the frozen GEMM's n·in·out, r/n of it).
+
+Backward, with z = x·Wᵀ + s·u·Bᵀ + s·b_B (p = 0; x̃·Wᵀ in place of x·Wᵀ for p > 0),
+g = c ⊙ gy, P = gyᵀ·u (out × r), t = s·g·B (n × r)::
+
+    dx  = g·W + t·A                            (p = 0)
+    dx  = gy·W + drop'(((c-1) ⊙ gy)·W + t·A)   (p > 0: the second frozen-size GEMM)
+    dA  = tᵀ·x̃,   dB = s·c ⊙ P,   db_B = s·Σᵢ gᵢ
+    dm  = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖
+
+The magnitude gradient needs Σᵢ gy ⊙ (x·Wᵀ), which costs either n × out saved or one more
+frozen-size GEMM in backward (bench/NOTES.md "DoRA"). Default (``DM_SOURCE``):
+
+* p = 0 — ``"output"``: the op's own output y is saved (the same storage the caller gets, so free
+  wherever the next op saves it too) and dm = (Σᵢ gyᵢ ⊙ yᵢ − b·Σᵢ gyᵢ) / m, since y − b = c ⊙ z
+  and c·‖V‖ = m. (A magnitude entry exactly 0 would make this 0/0: those entries are
+  recomputed from x·W_jᵀ.)
+* p > 0 — ``"recompute"``: x̃·Wᵀ is recomputed in backward (x̃ is rebuilt from the seed for dA
+  anyway): 3 frozen GEMMs over LoRA's 2 instead of an n × out activation.
+
+``PYPEFT_FAST_DORA_DM=recompute|saved`` overrides both (``saved``: p = 0 as above, p > 0 keeps
+x̃·Wᵀ, n × out) — for the benchmark's side-by-side measurement; results agree to rounding.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..philox import apply_keep, dropout_rows, keep_rows
+from ..validate import compute_dtype
+
+ROWS_PER_CHUNK_ELEMENTS = 1 << 20
+"""W is read in blocks of rows of at most this many elements (a low-precision W is converted to
+the accumulation dtype a block at a time: the transient stays far below W's size)."""
+
+_ROW_STATS: dict[int, tuple] = {}
+
+
+def _row_blocks(weight: torch.Tensor):
+    out_f, in_f = weight.shape
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // max(in_f, 1))
+    for j0 in range(0, out_f, step):
+        yield j0, min(out_f, j0 + step)
+
+
+def weight_row_stats(weight: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖Wᵢ‖², ΣWᵢ) per output row in ``cd``, cached per weight version.
+
+    The key is the tensor that owns the storage (a Conv1D's ``W.t()`` view is made afresh on
+    every call; its ``_base`` is the Parameter), the view's geometry and the shared version
+    counter, so an in-place update of W (``merge``, ``load_state_dict``) recomputes them."""
+    anchor = weight if weight._base is None else weight._base
+    key = id(anchor)
+    geometry = (tuple(weight.shape), tuple(weight.stride()), weight.storage_offset(), cd,
+                weight.device)
+    hit = _ROW_STATS.get(key)
+    if hit is not None:
+        ref, geo, version, stats = hit
+        if ref() is anchor and geo == geometry and version == weight._version:
+            return stats
+    sq = torch.empty(weight.shape[0], dtype=cd, device=weight.device)
+    rs = torch.empty_like(sq)
+    for j0, j1 in _row_blocks(weight):
+        wc = weight[j0:j1].to(cd)
+        torch.linalg.vector_norm(wc, dim=1, out=sq[j0:j1]).square_()
+        torch.sum(wc, dim=1, out=rs[j0:j1])
+    stats = (sq, rs)
+    _ROW_STATS[key] = (weakref.ref(anchor, lambda _r, k=key: _ROW_STATS.pop(k, None)), geometry,
+                       weight._version, stats)
+    return stats
+
+
+def a_times_wt(A: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A·Wᵀ (r × out) in A's dtype: one pass over W, by row blocks when W must be converted."""
+    if weight.dtype == A.dtype:
+        return A @ weight.t()
+    out = torch.empty(A.shape[0], weight.shape[0], dtype=A.dtype, device=A.device)
+    for j0, j1 in _row_blocks(weight):
+        torch.mm(A, weight[j0:j1].to(A.dtype).t(), out=out[:, j0:j1])
+    return out
+
+
+def factored_norm(weight, A, B, scaling, b_B, cd) -> torch.Tensor:
+    """‖W + s·B·A (+ s·b_B·1ᵀ)‖ per output row (out,), in ``cd``, from factor-sized products
+    and one pass over W (module docstring); A, B, b_B already in ``cd``."""
+    s = scaling
+    sq, rs = weight_row_stats(weight, cd)
+    aw = a_times_wt(A, weight)                        # (r, out)
+    ba = B @ (A @ A.t())                              # (out, r)
+    n2 = sq + (2 * s) * (B * aw.t()).sum(1) + (s * s) * (ba * B).sum(1)
+    if b_B is not None:
+        n2 = n2 + (2 * s) * b_B * rs + (2 * s * s) * b_B * (B @ A.sum(1)) \
+            + (s * s * weight.shape[1]) * b_B * b_B
+    return n2.clamp_min_(0).sqrt_()
+
+
+def dm_source(p: float) -> str:
+    forced = os.environ.get("PYPEFT_FAST_DORA_DM")
+    if forced in ("recompute", "saved"):
+        return forced if p > 0 else ("recompute" if forced == "recompute" else "output")
+    return "output" if p == 0 else "recompute"
+
+
+def _scaled_epilogue(xw, u, B, s, c, shift):
+    """c ⊙ (xw + s·u·Bᵀ) + shift, summed in u's dtype and rounded once to xw's dtype."""
+    acc = xw.addmm_(u, B.t(), alpha=s) if xw.dtype == u.dtype else torch.addmm(xw.to(u.dtype), u, B.t(), alpha=s)
+    acc.mul_(c)
+    if shift is not None:
+        acc.add_(shift)
+    return acc.to(xw.dtype)
+
+
+class TorchDoRA:
+    """The pure-PyTorch DoRA kernels (module docstring). params = (A, B, m[, b_B]).
+
+    A backend reuses them with its own dropout mask ops (``dropped`` / ``keep``: the same Philox
+    mask) by subclassing."""
+
+    @staticmethod
+    def serves(hp) -> str | None:
+        return None
+
+    @staticmethod
+    def dropped(x2d, seed, p):
+        return dropout_rows(x2d, seed, p)
+
+    @staticmethod
+    def keep(seed, n, k, p, device):
+        return keep_rows(seed, n, k, p, device=device)
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        A, B, m = params[:3]
+        b_B = params[3] if len(params) > 3 else None
+        cd = compute_dtype(x2d, A, B, m)
+        s = hp.scaling
+        Ac, Bc = A.to(cd), B.to(cd)
+        bBc = None if b_B is None else b_B.to(cd)
+        norm = factored_norm(weight, Ac, Bc, s, bBc, cd)
+        c = m.to(cd) / norm
+        src = dm_source(hp.dropout)
+        if hp.dropout == 0.0:
+            u = x2d.to(cd) @ Ac.t()
+            shift = None if bias is None else bias.to(cd)
+            if bBc is not None:
+                shift = c * (s * bBc) if shift is None else shift + c * (s * bBc)
+            y = _scaled_epilogue(F.linear(x2d, weight), u, Bc, s, c, shift)
+            if src == "output":
+                return y, (u, norm, weight, y, None if bias is None else bias.to(cd))
+            return y, (u, norm, weight)
+        xd = cls.dropped(x2d, aux[0], hp.dropout)         # transient, never saved
+        u = xd.to(cd) @ Ac.t()
+        y = F.linear(x2d, weight, bias)                   # peft's base result
+        v = F.linear(xd, weight)                          # peft's base_layer(dropout(x)), no bias
+        delta = u @ Bc.t()
+        if bBc is not None:
+            delta.add_(bBc)
+        delta.mul_(c * s).add_(v.to(cd) * (c - 1))
+        y = delta.add_(y).to(y.dtype)
+        if src == "saved":
+            return y, (u, norm, weight, v)
+        return y, (u, norm, weight)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A, B, m = params[:3]
+        b_B = params[3] if len(params) > 3 else None
+        u, norm, *kept = extras
+        cd = compute_dtype(x2d, A, B, m)
+        s, p = hp.scaling, hp.dropout
+        Ac, Bc, mc = A.to(cd), B.to(cd), m.to(cd)
+        c = mc / norm
+        gyc = gy2d.to(cd)
+        g = gyc * c                                        # (n, out) transient
+        need_dA, need_dB, need_dm = needs_dparams[:3]
+        need_dbB = b_B is not None and needs_dparams[3]
+        keep = cls.keep(aux[0], *x2d.shape, p, x2d.device) if p else None
+        dx = dA = dB = dm = dbB = None
+        t = None
+        if needs_dx or need_dA:
+            t = (g @ Bc).mul_(s)                           # (n, r)
+        if needs_dx:
+            if keep is None:
+                dx = g.to(gy2d.dtype) @ weight
+                if dx.dtype == cd:
+                    dx.addmm_(t, Ac)
+                else:
+                    dx = torch.addmm(dx.to(cd), t, Ac).to(gy2d.dtype)
+            else:
+                h = (gyc * (c - 1)).to(gy2d.dtype) @ weight
+                h = torch.addmm(h.to(cd), t, Ac) if h.dtype != cd else h.addmm_(t, Ac)
+                h = apply_keep(h, keep, p, inplace=True)
+                dx = gy2d @ weight
+                dx = dx.add_(h) if dx.dtype == h.dtype else h.add_(dx).to(gy2d.dtype)
+        xd = None
+        if need_dA:
+            xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, p)
+            dA = (t.t() @ xd).to(A.dtype)
+        P = gyc.t() @ u if (need_dB or need_dm) else None  # (out, r)
+        if need_dB:
+            dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
+        if need_dbB:
+            dbB = (g.sum(0) * s).to(b_B.dtype)
+        if need_dm:
+            dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd)
+            dm = dm.to(m.dtype)
+        grads = (dA, dB, dm) + ((dbB,) if b_B is not None else ())
+        return dx, grads
+
+
+def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd):
+    """dm = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖ (module docstring), z from what forward kept: (W, y, b) — the
+    output —, (W, x̃·Wᵀ) or (W,) to recompute. ``xd``: the dropped x in the accumulation dtype
+    if backward built it for dA, else None."""
+    weight = kept[0]
+    if len(kept) == 3:                                     # the saved output y (and b), p = 0
+        _, y, b = kept
+        acc = (gyc * y.to(cd)).sum(0)
+        if b is not None:
+            acc.sub_(gyc.sum(0) * b)
+        dm = acc / mc
+        zero = mc == 0
+        if bool(zero.any()):                               # y − b = 0 there: z from x·W_jᵀ
+            j = zero.nonzero().squeeze(1)
+            zj = F.linear(x2d, weight[j]).to(cd) + s * (u @ Bc[j].t())
+            if b_B is not None:
+                zj = zj + s * b_B.to(cd)[j]
+            dm[j] = (gyc[:, j] * zj).sum(0) / norm[j]
+        return dm
+    if len(kept) == 2:                                     # the saved x̃·Wᵀ (p > 0, "saved")
+        base = kept[1]
+    else:                                                  # recompute x·Wᵀ or x̃·Wᵀ
+        if xd is not None and xd.dtype == x2d.dtype:
+            xin = xd
+        else:
+            xin = x2d if keep is None else apply_keep(x2d, keep, p)
+        base = F.linear(xin, weight)
+    acc = (gyc * base.to(cd)).sum(0) + s * (P * Bc).sum(1)
+    if b_B is not None:
+        acc.add_(gyc.sum(0) * (s * b_B.to(cd)))
+    return acc / norm
