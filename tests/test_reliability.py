@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pypeft_fast import registry
+from numerics import cpu_backends
 
 TRITON_CPU = registry.why_unavailable("lowrank", "triton", torch.device("cpu")) is None
 needs_triton = pytest.mark.skipif(not TRITON_CPU, reason="Triton interpreter unavailable")
@@ -106,3 +107,275 @@ def test_every_kernel_operand_is_bounds_checked(monkeypatch, case, limit, op, op
     monkeypatch.setattr(_utils, "INT32_OFFSET_LIMIT", limit, raising=False)
     with pytest.raises(ValueError, match=rf"^{op}.*: {operand} of shape"):
         run()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the dropout seed is copied at forward
+# ---------------------------------------------------------------------------------------------
+
+def _lowrank_leaves(n=37, k=29, o=23, r=3, seed=0, dtype=torch.float32):
+    from numerics import rand
+    x = rand(n, k, seed=seed).to(dtype).requires_grad_()
+    w = rand(o, k, seed=seed + 1).to(dtype)
+    A = rand(r, k, seed=seed + 2).to(dtype).requires_grad_()
+    B = rand(o, r, seed=seed + 3).to(dtype).requires_grad_()
+    return x, w, A, B
+
+
+@pytest.mark.parametrize("backend", cpu_backends("lowrank"))
+def test_seed_mutated_between_forward_and_backward(backend):
+    import pypeft_fast as pf
+    grads = []
+    for mutate in (False, True):
+        x, w, A, B = _lowrank_leaves()
+        s = torch.tensor(1234, dtype=torch.int64)
+        y = pf.lowrank_linear(x, w, None, A, B, 2.0, 0.4, s, backend)
+        if mutate:
+            s += 1  # the caller reuses its seed tensor
+        y.backward(torch.ones_like(y))
+        grads.append((x.grad, A.grad, B.grad))
+    for name, a, b in zip(("dx", "dA", "dB"), *grads):
+        assert torch.equal(a, b), f"{backend}: {name} changed after the caller mutated its seed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. scaling and dropout validation; 7. seed range
+# ---------------------------------------------------------------------------------------------
+
+def _family_calls():
+    """(family, call(scaling=..., **kw)) for every family's public function, tiny shapes."""
+    import pypeft_fast as pf
+    from numerics import rand
+    x, w = rand(5, 6, seed=0), rand(4, 6, seed=1)
+    A, B = rand(2, 6, seed=2), rand(4, 2, seed=3)
+    kA, kB = rand(2, 3, seed=4), rand(2, 2, seed=5)
+    pA, pB = rand(2, 2, 3, seed=6), rand(2, 2, 2, seed=7)
+    vals, idx = rand(3, seed=8), torch.tensor([[0, 1, 3], [0, 5, 2]])
+    return {
+        "lowrank": lambda s, **kw: pf.lowrank_linear(x, w, None, A, B, s, name="L.lora", **kw),
+        "kronecker": lambda s, **kw: pf.kronecker_linear(x, w, None, kA, kB, s, name="L.lokr", **kw),
+        "phm": lambda s, **kw: pf.phm_linear(x, w, None, pA, pB, s, name="L.phm", **kw),
+        "sparse": lambda s, **kw: pf.sparse_linear(x, w, None, vals, idx, s, name="L.shira", **kw),
+    }
+
+
+@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "2", 1j, True, None,
+                                 torch.tensor([1.0, 2.0]), torch.tensor(float("nan")),
+                                 torch.tensor(2.0, requires_grad=True), torch.tensor(1 + 1j)])
+def test_scaling_must_be_a_finite_real_number(family, bad):
+    call = _family_calls()[family]
+    with pytest.raises(ValueError, match=r"^L\.\w+: scaling"):
+        call(bad)
+
+
+@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+def test_scaling_as_0d_tensor_equals_the_number(family):
+    import numpy as np
+    call = _family_calls()[family]
+    want = call(0.75)
+    for s in (torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64), np.float32(0.75)):
+        assert torch.equal(call(s), want), f"{family}: scaling {s!r}"
+
+
+@pytest.mark.parametrize("bad", ["0.5", float("nan"), 1.0, -0.1, torch.tensor(0.5), True])
+def test_dropout_must_be_a_number_in_0_1(bad):
+    call = _family_calls()["lowrank"]
+    with pytest.raises(ValueError, match=r"^L\.lora: dropout"):
+        call(1.0, dropout=bad)
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**64, "7", 1.5, True,
+                                  torch.tensor(3, dtype=torch.int32), torch.tensor([3])])
+def test_bad_seed_raises_naming_the_layer(seed):
+    call = _family_calls()["lowrank"]
+    with pytest.raises(ValueError, match=r"^L\.lora: seed"):
+        call(1.0, dropout=0.1, seed=seed)
+
+
+def test_seed_at_the_int64_limits_runs():
+    call = _family_calls()["lowrank"]
+    for s in (2**63 - 1, -(2**63), 0):
+        assert torch.equal(call(1.0, dropout=0.1, seed=s),
+                           call(1.0, dropout=0.1, seed=torch.tensor(s)))
+
+
+def _nan_factor_cases():
+    """(family, public fn, args with a NaN and an Inf in a factor, float64 ΔW of them)."""
+    import pypeft_fast as pf
+    from pypeft_fast.families import kronecker, lowrank, phm
+    from numerics import rand
+    A, B = rand(3, 29, seed=2), rand(23, 3, seed=3)
+    A[1, 4] = float("nan")
+    B[5, 0] = float("inf")
+    kA, kB = rand(23, 1, seed=4), rand(1, 29, seed=5)
+    kA[3, 0] = float("nan")
+    pA, pB = rand(2, 23, 1, seed=6), rand(2, 1, 29, seed=7)
+    pB[1, 0, 8] = float("inf")
+    vals, idx = rand(4, seed=8), torch.tensor([[0, 3, 7, 22], [1, 28, 4, 4]])
+    vals[2] = float("nan")
+    def sparse_dw(v, s):
+        d = torch.zeros(23, 29, dtype=v.dtype)
+        d[idx[0], idx[1]] = v
+        return d * s
+    return [
+        ("lowrank", pf.lowrank_linear, (A, B), lambda a, b, s: lowrank.delta_weight(a, b, s)),
+        ("kronecker", pf.kronecker_linear, (kA, kB), kronecker.delta_weight),
+        ("phm", pf.phm_linear, (pA, pB), phm.delta_weight),
+        ("sparse", lambda x, w, b, v, s, backend: pf.sparse_linear(x, w, b, v, idx, s, backend),
+         (vals,), sparse_dw),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["lowrank", "kronecker", "phm", "sparse"])
+def test_scaling_zero_propagates_nan_and_inf_like_f_linear(case):
+    from numerics import rand
+    family, fn, factors, dw = _nan_factor_cases()[case]
+    x, w = rand(37, 29, seed=0), rand(23, 29, seed=1)
+    ref = torch.nn.functional.linear(x.double(), w.double() + dw(*(f.double() for f in factors), 0.0))
+    assert ref.isnan().any()
+    for backend in cpu_backends(family):
+        y = fn(x, w, None, *factors, 0.0, backend=backend)
+        if family == "kronecker" and backend == "triton":
+            # Its epilogue MMA spans several block-rows of ΔW per tile: a non-finite U row meets
+            # the other rows' zero B columns (NaN·0) and spreads over the tile. Masking the
+            # product costs +66 registers and a 64-byte spill on sm_80 (compile_check), for
+            # factors that already diverged: it must propagate, may spread (README).
+            assert not (ref.isnan() & ~y.isnan()).any(), f"{family}/{backend}: a NaN was dropped"
+            continue
+        assert torch.equal(y.isnan(), ref.isnan()), \
+            f"{family}/{backend}: {int((y.isnan() != ref.isnan()).sum())} NaN positions differ"
+        fin = ref.isfinite()
+        torch.testing.assert_close(y.double()[fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. SHiRA / sparse_linear under torch.inference_mode; 7. indices mutated in place
+# ---------------------------------------------------------------------------------------------
+
+def _sparse_inputs(seed=0):
+    from numerics import rand
+    x = rand(37, 29, seed=seed)
+    w = rand(23, 29, seed=seed + 1)
+    v = rand(5, seed=seed + 2)
+    idx = [[0, 3, 7, 22, 22], [1, 28, 4, 4, 0]]
+    return x, w, v, idx
+
+
+def _sparse_run(backend, x, w, v, idx):
+    import pypeft_fast as pf
+    xl, vl = x.clone().requires_grad_(), v.clone().requires_grad_()
+    y = pf.sparse_linear(xl, w, None, vl, idx, 0.5, backend)
+    y.backward(torch.ones_like(y))
+    return y.detach(), xl.grad, vl.grad
+
+
+@pytest.mark.parametrize("backend", cpu_backends("sparse"))
+def test_sparse_linear_with_indices_made_under_inference_mode(backend):
+    import pypeft_fast as pf
+    x, w, v, idx = _sparse_inputs()
+    want = _sparse_run(backend, x, w, v, torch.tensor(idx))
+    with torch.inference_mode():
+        inf_idx = torch.tensor(idx)
+        y_inf = pf.sparse_linear(x, w, None, v, inf_idx, 0.5, backend)
+    assert torch.equal(y_inf, want[0])
+    for got, ref in zip(_sparse_run(backend, x, w, v, inf_idx), want):  # then train with them
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("sparse"))
+def test_sparse_layout_built_under_inference_mode_then_trained(backend):
+    import pypeft_fast as pf
+    x, w, v, idx = _sparse_inputs()
+    want = _sparse_run(backend, x, w, v, torch.tensor(idx))
+    indices = torch.tensor(idx)
+    with torch.inference_mode():  # first call: the cached layout is built in inference mode
+        pf.sparse_linear(x, w, None, v, indices, 0.5, backend)
+    for got, ref in zip(_sparse_run(backend, x, w, v, indices), want):
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("how", ["numpy", "data"])
+@pytest.mark.parametrize("backend", cpu_backends("sparse"))
+def test_indices_mutated_behind_the_version_counter_are_detected(backend, how):
+    import pypeft_fast as pf
+    x, w, v, idx = _sparse_inputs()
+    indices = torch.tensor(idx)
+    first = pf.sparse_linear(x, w, None, v, indices, 0.5, backend)
+    if how == "numpy":
+        indices.numpy()[1, 0] = 9  # bypasses the version counter
+    else:
+        indices.data[1, 0] = 9
+    got = pf.sparse_linear(x, w, None, v, indices, 0.5, backend)
+    want = pf.sparse_linear(x, w, None, v, indices.clone(), 0.5, backend)
+    assert not torch.equal(first, want)
+    assert torch.equal(got, want), f"{backend}: stale layout after indices.{how} write"
+    indices.numpy()[1, 0] = 29  # out of range: validation runs again
+    with pytest.raises(ValueError, match=r"cols \(indices\[1\]\) span"):
+        pf.sparse_linear(x, w, None, v, indices, 0.5, backend)
+
+
+def _peft_shira_mlp():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 7))
+    model = peft.get_peft_model(net, peft.ShiraConfig(r=2, target_modules=["0", "2"],
+                                                      init_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "shira_weight" in n:
+                p.mul_(0.05)
+    return model
+
+
+def _grads_of(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.pow(2).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_run(got, want, what):
+    y, g = got
+    y0, g0 = want
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6, msg=f"{what}: outputs")
+    assert g.keys() == g0.keys(), what
+    for n in g0:
+        torch.testing.assert_close(g[n], g0[n], rtol=1e-5, atol=1e-6, msg=f"{what}: grad {n}")
+
+
+def test_patched_shira_called_under_inference_mode_then_trained():
+    import copy
+
+    import pypeft_fast as pf
+    model = _peft_shira_mlp()
+    reference = copy.deepcopy(model)  # peft's own forward
+    x = torch.randn(9, 12)
+    want = _grads_of(reference, x)
+    report = pf.patch(model)
+    assert len(report.patched) == 2
+    with torch.inference_mode():
+        y_inf = model(x)
+    torch.testing.assert_close(y_inf, want[0], rtol=1e-5, atol=1e-6)
+    _assert_same_run(_grads_of(model, x), want, "after an inference_mode call")
+    with torch.inference_mode():  # and again, alternating
+        model(x)
+    _assert_same_run(_grads_of(model, x), want, "second round")
+
+
+def test_patched_shira_follows_indices_written_through_data():
+    import copy
+
+    import pypeft_fast as pf
+    model = _peft_shira_mlp()
+    x = torch.randn(9, 12)
+    pf.patch(model)
+    model(x)  # caches the converted indices and the layout
+    layer = model.base_model.model[0]
+    src = layer.shira_indices["default"]
+    col = int(src[1, 0])
+    src.data[1, 0] = (col + 1) % 12 if ((col + 1) % 12) not in src[1][src[0] == src[0, 0]].tolist() \
+        else (col + 2) % 12
+    reference = copy.deepcopy(model)
+    pf.unpatch(reference)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)

@@ -96,18 +96,47 @@ def validate_indices(where: str, indices, out_features: int, in_features: int) -
                     "each position of the mask may appear once")
 
 
+@dataclass(frozen=True)
+class IndicesStamp:
+    """What a cache entry built from an indices tensor knows of its contents: the version counter
+    (bumped by in-place ops; None for an inference tensor, which has none), the data pointer,
+    shape and device — and, for a CPU tensor, a copy of the contents, because writes through
+    ``.data`` or ``.numpy()`` bypass the version counter. (On a GPU that comparison would cost a
+    device sync per call: there such writes are not detected — README, "Reliability notes".)"""
+
+    key: tuple
+    copy: torch.Tensor | None
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "IndicesStamp":
+        with torch.inference_mode(False):  # a normal tensor even when called in inference mode
+            copy = t.clone() if t.device.type == "cpu" else None
+        return IndicesStamp(_stamp_key(t), copy)
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return self.key == _stamp_key(t) and (self.copy is None or torch.equal(self.copy, t))
+
+
+def _stamp_key(t: torch.Tensor) -> tuple:
+    version = None if t.is_inference() else t._version
+    return (version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+
+
 # One validated layout per indices tensor (keyed weakly; rebuilt if the tensor is modified).
 _LAYOUTS = WeakIdKeyDictionary()
 
 
 def layout_for(where: str, indices: torch.Tensor, out_features: int, in_features: int) -> SparseLayout:
-    key = (indices._version, out_features, in_features, indices.device)
+    """The cached layout of ``indices`` (validated and rebuilt when they changed). Built outside
+    inference mode, so a first call under ``torch.inference_mode()`` caches normal tensors
+    that later training steps can use."""
     hit = _LAYOUTS.get(indices)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and hit[0] == (out_features, in_features) and hit[1].matches(indices):
+        return hit[2]
     validate_indices(where, indices, out_features, in_features)
-    layout = build_layout(indices, out_features, in_features)
-    _LAYOUTS[indices] = (key, layout)
+    with torch.inference_mode(False):
+        layout = build_layout(indices, out_features, in_features)
+    _LAYOUTS[indices] = ((out_features, in_features), IndicesStamp.of(indices), layout)
     return layout
 
 

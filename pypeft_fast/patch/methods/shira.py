@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...base_layer import linear_view
-from ...families.sparse import sparse_linear
+from ...families.sparse import IndicesStamp, sparse_linear
 from ..checks import scalar
 
 PEFT_CLASS = ("peft.tuners.shira.layer", "Linear")
@@ -36,11 +36,15 @@ class Handler:
         values = module.shira_weight[adapter]
         src = module.shira_indices[adapter]
         # peft stores the mask as int32 (2, nnz); pypeft_fast wants int64. Convert once per
-        # indices tensor (and version) so the sparse layout cache keyed on it keeps hitting.
+        # indices tensor (and its contents: IndicesStamp) so the sparse layout cache keyed on
+        # the copy keeps hitting. The copy is made outside inference mode: a first call under
+        # torch.inference_mode() must not leave an inference tensor for later training steps.
         hit = state.cache.get(adapter)
-        if hit is None or hit[0] is not src or hit[1] != src._version or hit[2].device != values.device:
-            idx = src.to(device=values.device, dtype=torch.int64)
-            hit = (src, src._version, idx)
+        if (hit is None or hit[0] is not src or hit[2].device != values.device
+                or not hit[1].matches(src)):
+            with torch.inference_mode(False):
+                idx = src.to(device=values.device, dtype=torch.int64, copy=True)
+            hit = (src, IndicesStamp.of(src), idx)
             state.cache[adapter] = hit
         return sparse_linear(x, weight, bias, values, hit[2], scaling=scalar(module.scaling[adapter]),
                              backend=state.backend, name=state.entry.name)
