@@ -10,7 +10,8 @@ Saved tensors (what autograd keeps for backward), each storage counted once::
     saved.total_bytes, saved.storages                # {storage data_ptr: nbytes}, saved.tensors (optional)
     saved_bytes(fn, exclude=()) -> (total, set of data_ptrs, fn's result)
     saved_activation_bytes(model, batch) -> (all, without the model's Parameter/buffer storages)
-    storage_parts(t) -> [(data_ptr, nbytes)]         # a sparse tensor's indices and values, else its storage
+    storage_tensors(t) -> [strided tensors]          # t, or a sparse tensor's indices and values
+    storage_parts(t) -> [(data_ptr, nbytes)]         # their storages
     model_storages(model) -> {data_ptr}              # Parameters and buffers
 
 Allocations seen at the aten level (``TorchDispatchMode``; every op, forward, backward, optimizer)::
@@ -19,7 +20,8 @@ Allocations seen at the aten level (``TorchDispatchMode``; every op, forward, ba
                               # fresh: its storage is none of the op's inputs' (a new allocation)
     LargestAllocation()       # .largest (elements), .op, .shape of the largest non-view op output
     LiveBytes(baseline=())    # .current / .peak live tensor bytes (weakref callbacks on storages),
-                              # the storages of ``baseline`` tensors counted from the start
+                              # the storages of ``baseline`` tensors counted from the start;
+                              # .peak_label = .label (set it: "forward", ...) when the peak was reached
 
 Step timing::
 
@@ -54,19 +56,25 @@ _SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torc
 
 # ------------------------------------------------------------------------------- saved tensors
 
-def storage_parts(t: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(data_ptr, nbytes)]`` of the storages holding ``t``: its storage, or a sparse tensor's
-    indices and values; meta tensors and empty storages (data_ptr 0) give nothing."""
+def storage_tensors(t) -> list[torch.Tensor]:
+    """The strided tensors holding ``t``'s data: ``t`` itself, or a sparse tensor's indices and
+    values; nothing for meta tensors and non-tensors."""
     if not isinstance(t, torch.Tensor) or t.device.type == "meta":
         return []
     if t.layout == torch.sparse_coo:
-        return storage_parts(t._indices()) + storage_parts(t._values())
+        return storage_tensors(t._indices()) + storage_tensors(t._values())
     if t.layout in _SPARSE_COMPRESSED:
         compressed = t.crow_indices() if t.layout in _COMPRESSED else t.ccol_indices()
         plain = t.col_indices() if t.layout in _COMPRESSED else t.row_indices()
-        return [p for part in (compressed, plain, t.values()) for p in storage_parts(part)]
-    s = t.untyped_storage()
-    return [(s.data_ptr(), s.nbytes())] if s.data_ptr() != 0 else []
+        return [p for part in (compressed, plain, t.values()) for p in storage_tensors(part)]
+    return [t] if t.layout == torch.strided else []
+
+
+def storage_parts(t) -> list[tuple[int, int]]:
+    """``[(data_ptr, nbytes)]`` of the storages holding ``t`` (:func:`storage_tensors`); empty
+    storages (data_ptr 0) give nothing."""
+    parts = [p.untyped_storage() for p in storage_tensors(t)]
+    return [(s.data_ptr(), s.nbytes()) for s in parts if s.data_ptr() != 0]
 
 
 def model_storages(model: torch.nn.Module) -> set[int]:
@@ -177,13 +185,15 @@ class LiveBytes(TorchDispatchMode):
     from its first appearance until Python frees it (a weakref callback on the storage); the
     storages of ``baseline`` (Parameters, gradients, optimizer state, the batch: what lives before
     the region) count from the start. ``.current``, ``.peak`` (bytes, summed over devices);
-    ``.peak_by_device``. Allocations an op makes and frees internally (workspaces) are invisible:
-    on CUDA prefer the allocator's own ``torch.cuda.max_memory_allocated``."""
+    ``.peak_by_device``; ``.baseline`` (the bytes of ``baseline``); ``.peak_label``: what
+    ``.label`` said when the peak was reached. Allocations an op makes and frees internally
+    (workspaces) are invisible: on CUDA prefer the allocator's ``torch.cuda.max_memory_allocated``."""
 
     def __init__(self, baseline: Iterable[torch.Tensor] = ()):
         super().__init__()
         self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> (nbytes, finalizer)
         self.current, self.peak = 0, 0
+        self.label, self.peak_label = None, None
         self._by_device: dict[str, int] = {}
         self.peak_by_device: dict[str, int] = {}
         for t in baseline:
@@ -195,8 +205,10 @@ class LiveBytes(TorchDispatchMode):
         self._by_device[device] -= nbytes
 
     def _track(self, t):
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.layout != torch.strided:
-            return
+        for part in storage_tensors(t):
+            self._track_storage(part)
+
+    def _track_storage(self, t):
         s = t.untyped_storage()
         nbytes, dev = s.nbytes(), str(t.device)
         old = self._sizes.get(s)
@@ -208,7 +220,8 @@ class LiveBytes(TorchDispatchMode):
         self._sizes[s] = (nbytes, weakref.finalize(s, self._freed, nbytes, dev))
         self.current += nbytes
         self._by_device[dev] = self._by_device.get(dev, 0) + nbytes
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_label = self.current, self.label
         self.peak_by_device[dev] = max(self.peak_by_device.get(dev, 0), self._by_device[dev])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
