@@ -22,6 +22,7 @@ from .families.phm import phm_linear
 from .families.sparse import sparse_linear
 from .patch import PatchReport, patch, unpatch
 from .registry import BACKENDS, FAMILIES
+from .profile import MemoryReport, profile_memory
 from .inject import (  # noqa: E402  (pf.inject: our families in any model)
     DeltaConfig, inject, load_adapter, merge, save_adapter, trainable_report, unmerge,
 )
@@ -35,4 +36,5 @@ __all__ = [
     "patch", "unpatch", "PatchReport",
     "BACKENDS", "FAMILIES", "__version__",
     "DeltaConfig", "inject", "save_adapter", "load_adapter", "merge", "unmerge", "trainable_report",
+    "profile_memory", "MemoryReport",
 ]

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "info": ("pypeft_fast.info", "versions and which backends are usable (and why not)"),
     "bench": ("pypeft_fast.bench", "end-to-end training-step comparison against peft on a tiny Llama"),
+    "profile": ("pypeft_fast.profile.cli", "memory of one training step per module and by cause; --compare peft vs pypeft_fast"),
 }
 
 
