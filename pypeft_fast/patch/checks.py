@@ -11,19 +11,43 @@ from torch import nn
 
 from ..base_layer import linear_view
 from ..function import autocast_cast, autocast_dtype
+from ..validate import is_dtensor
+
+SHARDED_MODULE = ("wrapped by FSDP2's fully_shard itself: its parameters stay sharded until that "
+                  "module is called, and pypeft_fast reads them without calling it (peft's forward "
+                  "calls it, which unshards); apply fully_shard to the decoder layer instead")
 
 
 def plain_tensor(t) -> bool:
     return isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, nn.Parameter)
 
 
-def static_base_reason(module) -> str | None:
-    """Why the base layer can never be served (checked at patch time)."""
+def fsdp_wrapped(module) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` itself."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def static_base_reason(module, at_patch_time: bool = False) -> str | None:
+    """Why the base layer can never be served (checked at patch time, and on every call).
+
+    A DTensor base weight at patch time is FSDP2's sharded storage of a model sharded per
+    decoder layer: FSDP2 unshards it around that layer's forward, and each call re-checks."""
     base = module.base_layer
     if linear_view(base, subclasses=False) is None:
+        if fsdp_wrapped(base):
+            return f"base layer is {SHARDED_MODULE}"
         return (f"base layer is {type(base).__module__}.{type(base).__name__} (quantized or custom); "
                 "only torch.nn.Linear and transformers Conv1D are served")
     if not plain_tensor(base.weight):
+        if is_dtensor(base.weight):
+            if at_patch_time:
+                return None
+            return ("base weight is a DTensor (still sharded) at call time: FSDP2 unshards parameters "
+                    "only around the forward of the module fully_shard was applied to")
         return f"base weight is a {type(base.weight).__name__} (quantized tensor subclass)"
     return None
 

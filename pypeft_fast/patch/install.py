@@ -132,7 +132,7 @@ def patch(model: nn.Module, strict: bool = False, backend: str = "auto") -> Patc
             plan.append((module, LayerEntry(name, method, layer_type, adapter,
                                             _unsupported_class_reason(module), False), None))
             continue
-        reason = static_base_reason(module)
+        reason = static_base_reason(module, at_patch_time=True)
         installed = reason is None
         if reason is None:
             reason = static_layer_reason(module, server)

@@ -1,0 +1,126 @@
+"""DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``) on PyTorch's own engine, CPU + gloo, two
+processes started by ``torchrun`` (issue 9, part 6).
+
+One ``torchrun --standalone --nproc-per-node=2 tests/dist_workers/train_worker.py`` run trains
+every scenario (a tiny Llama, 3 SGD steps, each rank half of the same global batch) and rank 0
+saves what it saw; the tests below assert on it:
+
+* dropout 0: the adapter weights equal a single-process run on the whole global batch by
+  flash-attention's rule against a float64 single-process run — DDP and FSDP2 (per decoder layer,
+  then the root), patched peft LoRA and injected lowrank, fp32 and fp32 adapters on a bf16 base
+  (with and without ``MixedPrecisionPolicy``), and ``pf.patch`` applied after sharding;
+* dropout 0.2: every rank ends with the same weights, and they differ from the dropout-0 run;
+* ``fully_shard`` on the adapter modules themselves: a patched peft layer runs peft's forward
+  (which unshards them), counted with the reason; an injected layer whose ``base_layer`` is
+  sharded raises a ValueError naming the layer — never a computation on a shard.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+from numerics import assert_within  # noqa: E402
+
+WORKER = Path(__file__).parent / "dist_workers" / "train_worker.py"
+N_LAYERS = 2 * 7
+TIMEOUT_S = 240  # ~30 s on 2 loaded cores
+
+
+def torchrun_command(out_dir) -> list[str]:
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc-per-node=2", str(WORKER), str(out_dir)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        proc = subprocess.run(torchrun_command(out), env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun worker did not finish in {TIMEOUT_S} s:\n{(e.stderr or '')[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    return {p.stem: torch.load(p, weights_only=False) for p in out.glob("*.pt")}
+
+
+def completed(runs, name):
+    assert name in runs, f"scenario {name} wrote no result; have {sorted(runs)}"
+    run = runs[name]
+    for rank, r in enumerate(run["ranks"]):
+        assert r["error"] is None, f"{name}, rank {rank}: {r['error']}\n{r.get('traceback', '')}"
+    states = [r["state"] for r in run["ranks"]]
+    assert len(states) == 2 and len(states[0]) > 0
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), f"{name}: ranks differ in {k}"
+    return run, states[0]
+
+
+def assert_served(run, *, served: bool = True):
+    for rank, r in enumerate(run["ranks"]):
+        if "served" not in r:
+            continue  # injected: every call is the op
+        calls = N_LAYERS * run["steps"]
+        if served:
+            assert r["fallbacks"] == {}, f"rank {rank}: calls ran peft's forward: {r['fallbacks']}"
+            assert r["served"] == calls, f"rank {rank}: {r['served']} of {calls} calls served"
+        else:
+            assert r["served"] == 0 and sum(r["fallbacks"].values()) == calls, r["fallbacks"]
+
+
+SAME_AS_ONE_PROCESS = [
+    "ddp-peft", "ddp-injected", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-bf16-base",
+    "fsdp2-injected-bf16-base", "fsdp2-peft-bf16-base-mp-policy", "fsdp2-peft-patched-after-sharding",
+]
+
+
+@pytest.mark.parametrize("name", SAME_AS_ONE_PROCESS)
+def test_two_ranks_equal_one_process_on_the_global_batch(runs, name):
+    run, state = completed(runs, name)
+    assert_served(run)
+    single, single_f64 = run["single"], run["single_f64"]
+    assert state.keys() == single.keys()
+    for k in single:
+        assert state[k].dtype == single[k].dtype == torch.float32, f"{k}: {state[k].dtype}"
+        assert_within(f"{name} {k}", state[k], single_f64[k], single[k], torch.float32)
+
+
+@pytest.mark.parametrize("name", ["ddp-peft", "ddp-injected", "fsdp2-peft", "fsdp2-injected"])
+def test_dropout_keeps_every_rank_identical(runs, name):
+    run, state = completed(runs, name + "-dropout")
+    assert_served(run)
+    _, without = completed(runs, name)
+    moved = max((state[k] - without[k]).abs().max().item() for k in state)
+    assert moved > 1e-4, f"{name}: dropout 0.2 gave the dropout-0 weights (max diff {moved:.3g})"
+
+
+def test_fully_shard_on_lora_modules_runs_peft_forward_with_the_reason(runs):
+    """lora_A/lora_B wrapped one by one: pypeft_fast would read shards, so every call runs peft's
+    forward (which calls those modules, so FSDP2 unshards them): correct and counted."""
+    name = "fsdp2-peft-lora-modules-sharded"
+    run, state = completed(runs, name)
+    assert_served(run, served=False)
+    (reason,) = run["ranks"][0]["fallbacks"]
+    assert "fully_shard" in reason and "decoder layer" in reason, reason
+    for k in run["single"]:
+        assert_within(f"{name} {k}", state[k], run["single_f64"][k], run["single"][k], torch.float32)
+
+
+def test_fully_shard_on_an_injected_base_layer_raises_naming_the_layer(runs):
+    run = runs["fsdp2-injected-base-layer-sharded"]
+    for r in run["ranks"]:
+        err = r["error"]
+        assert err is not None and err.startswith("ValueError: model.layers.0.self_attn.q_proj: weight is a DTensor"), err
+        assert "local shard (16, 32) of (32, 32)" in err and "fully_shard" in err, err

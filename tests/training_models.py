@@ -1,0 +1,76 @@
+"""Tiny models for the training-recipe tests (Trainer, activation checkpointing, DDP/FSDP2).
+
+Shared by tests/test_trainer.py, tests/test_checkpointing.py, tests/test_distributed.py and the
+torchrun worker tests/dist_workers/train_worker.py (which puts this directory on sys.path).
+Everything is built from configs with fixed seeds: random weights, nothing downloaded.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+VOCAB = 101
+SEQ = 12
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                      max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def peft_lora(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, patch=True):
+    """A peft LoRA model (r = 4, all seven projections, both factors random: every adapter
+    gradient is non-zero from step 0), patched by ``pf.patch(strict=True)`` unless ``patch`` is
+    False. Returns ``(model, report or None)``."""
+    from peft import LoraConfig, get_peft_model
+
+    import pypeft_fast as pf
+
+    model = get_peft_model(tiny_llama(seed, dtype=dtype), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LLAMA_TARGETS,
+        init_lora_weights=False))
+    return model, (pf.patch(model, strict=True) if patch else None)
+
+
+@torch.no_grad()
+def injected_lowrank(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``pf.inject`` lowrank (r = 4) on all seven projections; B (zero at injection) randomised
+    so that A gets a gradient from step 0."""
+    import pypeft_fast as pf
+    from pypeft_fast.inject.modules import delta_modules
+
+    model = pf.inject(tiny_llama(seed, dtype=dtype), pf.DeltaConfig(
+        family="lowrank", r=4, alpha=8.0, dropout=dropout, target_modules=LLAMA_TARGETS))
+    g = torch.Generator().manual_seed(seed + 100)
+    for _, m in delta_modules(model):
+        m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.1)
+    return model
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, detached and cloned, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def token_batch(n: int, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (n, SEQ), generator=g)
+
+
+class TokenDataset(Dataset):
+    """``n`` random token rows, each its own causal-LM labels."""
+
+    def __init__(self, n: int = 16, seed: int = 3):
+        self.ids = token_batch(n, seed)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
