@@ -23,9 +23,8 @@ pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
 from numerics import assert_within  # noqa: E402
-from training_models import TokenDataset, adapter_state, injected_lowrank, peft_lora  # noqa: E402
+from training_models import N_ADAPTED, TokenDataset, adapter_state, injected_lowrank, peft_lora  # noqa: E402
 
-N_LAYERS = 2 * 7  # adapted projections in the tiny Llama
 
 
 class LossRecorder(transformers.TrainerCallback):
@@ -61,7 +60,7 @@ def curve(losses: dict[int, float]) -> torch.Tensor:
 def assert_served_every_call(report, micro_batches: int):
     served, fallbacks = report.call_counts()
     assert not fallbacks, f"calls ran peft's forward: {dict(fallbacks)}\n{report}"
-    assert served == N_LAYERS * micro_batches, report.summary()
+    assert served == N_ADAPTED * micro_batches, report.summary()
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +81,7 @@ def test_trainer_serves_every_call_and_follows_peft(bf16, tmp_path):
     got = curve(train(model, tmp_path / "pf", bf16=bf16))
     assert_served_every_call(report, micro_batches=4 * 2)
     base_weights, weights = adapter_state(plain), adapter_state(model)
-    assert weights.keys() == ref_weights.keys() and len(weights) == 2 * N_LAYERS
+    assert weights.keys() == ref_weights.keys() and len(weights) == 2 * N_ADAPTED
     for k in ref_weights:  # after 4 AdamW steps (fp32 adapters in both runs)
         assert_within(k, weights[k], ref_weights[k], base_weights[k], torch.float32)
     # flash-attention's rule on the whole curve (eps: 4 ulps of float32, the loss's dtype)

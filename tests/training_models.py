@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 VOCAB = 101
 SEQ = 12
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_ADAPTED = 2 * len(LLAMA_TARGETS)  # adapted projections of tiny_llama(layers=2)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32):
