@@ -12,6 +12,7 @@ Options (besides pytest-benchmark's own ``--benchmark-*``):
     --bench-threads N                     torch.set_num_threads
     --bench-check                         check every case against float64 (always on with
                                           --benchmark-disable and in the tiny selection)
+    --bench-rows PATH.jsonl               also append each result as a JSON line at once
 
 Timed runs are autosaved to .benchmarks/ (compare with ``--benchmark-compare``). After the run
 the terminal summary prints, per case family and shape, the adapter's FLOP share beside the
@@ -47,6 +48,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-warmup", type=int, default=None)
     g.addoption("--bench-threads", type=int, default=None)
     g.addoption("--bench-check", action="store_true")
+    g.addoption("--bench-rows", default=None, metavar="PATH.jsonl",
+                help="append every result's extra_info as a JSON line as soon as it is measured")
 
 
 def _device_kind(config) -> str:
@@ -102,6 +105,7 @@ def bench_env(request):
         "selection": selection,
         "environment": measure.environment(torch.device(kind)),
         "rows": cfg._pf_bench_rows,
+        "rows_path": cfg.getoption("bench_rows"),
     }
 
 

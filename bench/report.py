@@ -21,8 +21,11 @@ IMPL_ORDER = ("reference", "torch", "cpp", "triton", "cuda", "auto")
 
 def load_rows(path: str) -> list[dict]:
     """The ``extra_info`` of every benchmark in a pytest-benchmark JSON (cases timed by
-    bench/test_kernels.py), with the median from the stats when extra_info lacks it."""
+    bench/test_kernels.py), with the median from the stats when extra_info lacks it; or the
+    lines of a ``--bench-rows`` file (``.jsonl``)."""
     with open(path) as f:
+        if path.endswith(".jsonl"):  # --bench-rows: extra_info lines, as they were measured
+            return [json.loads(line) for line in f if line.strip()]
         data = json.load(f)
     rows = []
     for b in data.get("benchmarks", []):

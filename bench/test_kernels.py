@@ -22,12 +22,21 @@ mode, so pytest-benchmark's table lists the implementations of one group side by
 """
 from __future__ import annotations
 
+import functools
+import json
 import statistics
 
 import pytest
 import torch
 
 from pypeft_fast import measure, registry, workloads
+
+
+@functools.lru_cache(maxsize=1)
+def _workload(*key):
+    """The cases of one (family, shape, rank, tokens) run one after another (bench/cases.py's
+    order): they share one set of tensors (a GPU case holds ~10⁸ values)."""
+    return workloads.make_case(*key)
 
 
 def _resolve_impl(case, device):
@@ -118,8 +127,8 @@ def test_kernel(case, bench_env, benchmark):
     impl, mask_kind = _resolve_impl(case, device)
     if impl == "triton" and device.type == "cpu" and bench_env["selection"] != "tiny":
         pytest.skip("triton on CPU runs under its interpreter: checked in the tiny selection, never timed")
-    w = workloads.make_case(case.family, case.shape, case.rank, case.tokens, bench_env["dtype"],
-                            device, bench_env["adapter_dtype"])
+    w = _workload(case.family, case.shape, case.rank, case.tokens, bench_env["dtype"], device,
+                  bench_env["adapter_dtype"])
     fn = w.reference() if impl == "reference" else w.ours(impl)
     try:  # an explicitly named backend that cannot serve this call raises: say why
         fn()
@@ -166,3 +175,6 @@ def test_kernel(case, bench_env, benchmark):
     }
     benchmark.extra_info.update(info)
     bench_env["rows"].append(info)
+    if bench_env["rows_path"]:  # one JSON line per result as it comes: survives a killed run
+        with open(bench_env["rows_path"], "a") as f:
+            f.write(json.dumps(info) + "\n")

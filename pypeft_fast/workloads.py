@@ -519,19 +519,21 @@ def make_case(name: str, shape: ProjectionShape | str, rank: int, tokens: int,
               adapter_dtype: torch.dtype | None = None, seed: int = 0) -> Workload:
     """The tensors of one case: x (tokens, in) and gy (tokens, out) ~ N(0, 1), W ~ N(0, 1/in),
     the family's delta parameters (every factor nonzero, in ``adapter_dtype``, default
-    ``dtype``; peft's default on a bf16 base is float32), all from a CPU generator seeded by
-    ``seed`` (the same values on every device). Raises ValueError when ``unavailable(name)``."""
+    ``dtype``; peft's default on a bf16 base is float32), all from a generator on ``device``
+    seeded by ``seed`` (the same values on every machine of a device type; drawn where they
+    live, since a GPU case is ~10⁸ values). Raises ValueError when ``unavailable(name)``."""
     why = unavailable(name)
     if why is not None:
         raise ValueError(f"case family {name!r} cannot run: {why}")
     shape = shape_of(shape) if isinstance(shape, str) else shape
     c = CASE_FAMILIES[name]
     adapter_dtype = adapter_dtype or dtype
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
 
     def g(*size, scale=1.0, adapter=False):
-        t = torch.randn(*size, generator=gen, dtype=torch.float32) * scale
-        return t.to(device, adapter_dtype if adapter else dtype).requires_grad_(adapter)
+        t = torch.randn(*size, generator=gen, dtype=torch.float32, device=device).mul_(scale)
+        return t.to(adapter_dtype if adapter else dtype).requires_grad_(adapter)
 
     facts = {"shape": shape, "in": shape.in_features, "out": shape.out_features, "rank": rank,
              "device": device, "seed": seed}

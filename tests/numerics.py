@@ -48,19 +48,21 @@ class Case:
     fixed: dict = field(default_factory=dict)
 
 
-def _leaves(case: Case, act_dtype, param_dtype):
+def _leaves(case: Case, act_dtype, param_dtype, device=None):
     out = {}
     for k, v in case.frozen.items():
-        out[k] = v.detach().to(act_dtype).requires_grad_(k in case.grads)
+        out[k] = v.detach().to(device=device, dtype=act_dtype).requires_grad_(k in case.grads)
     for k, v in case.params.items():
-        out[k] = v.detach().to(param_dtype).requires_grad_(k in case.grads)
+        out[k] = v.detach().to(device=device, dtype=param_dtype).requires_grad_(k in case.grads)
     return out
 
 
 def _run(fn, tensors, fixed, gy):
+    """(y, grads), brought back to the CPU (where the references run)."""
     y = fn(**tensors, **fixed)
-    y.backward(gy.to(y.dtype))
-    return y.detach(), {k: tensors[k].grad for k in tensors if tensors[k].requires_grad}
+    y.backward(gy.to(y.device, y.dtype))
+    return y.detach().cpu(), {k: tensors[k].grad.cpu() if tensors[k].grad is not None else None
+                              for k in tensors if tensors[k].requires_grad}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,8 +94,9 @@ def assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, base: torch.T
         )
 
 
-def check_case(case: Case, backend: str, dtype_case: str, seed: int = 0) -> None:
-    """Forward and every gradient of ``backend`` vs float64 with the tolerance rule."""
+def check_case(case: Case, backend: str, dtype_case: str, seed: int = 0, device: str = "cpu") -> None:
+    """Forward and every gradient of ``backend`` vs float64 with the tolerance rule. The op runs
+    on ``device`` (tensors of ``fixed`` moved there too); both references run on the CPU."""
     act_dtype, param_dtype = DTYPE_CASES[dtype_case]
     g = torch.Generator().manual_seed(seed + 1234)
     probe = case.ref(**_leaves(case, torch.float64, torch.float64), **case.fixed)
@@ -102,7 +105,8 @@ def check_case(case: Case, backend: str, dtype_case: str, seed: int = 0) -> None
     y64, g64 = _run(case.ref, _leaves(case, torch.float64, torch.float64), case.fixed, gy)
     yb, gb = _run(case.ref, _leaves(case, act_dtype, param_dtype), case.fixed, gy)
     op = lambda **kw: case.op(backend=backend, **kw)  # noqa: E731
-    yo, go = _run(op, _leaves(case, act_dtype, param_dtype), case.fixed, gy)
+    fixed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.fixed.items()}
+    yo, go = _run(op, _leaves(case, act_dtype, param_dtype, device), fixed, gy)
 
     assert_within(f"[{backend}/{dtype_case}] y", yo, y64, yb, act_dtype)
     assert set(go) == set(g64), f"gradients for {sorted(go)}, expected {sorted(g64)}"
