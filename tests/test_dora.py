@@ -322,3 +322,53 @@ def test_ten_dora_training_steps_match_peft():
     for (n, p), (_, q) in zip(model.named_parameters(), patched.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=lambda msg: f"{n}: {msg}")
+
+
+# ---------------------------------------------------------------- pf.inject(magnitude=True)
+
+def test_injected_dora_matches_float64_and_starts_unchanged(tmp_path):
+    import types
+
+    from numerics import assert_within as assert_within_rule
+    from pypeft_fast.inject.modules import delta_modules
+
+    def reference_forward(self, x):
+        p = self._parameters
+        return dora_reference(x, self.base_weight(), self.base_layer.bias, p["A"], p["B"], p["magnitude"],
+                              self.scaling)
+
+    model = MODELS["llama"]()
+    ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y0 = model(input_ids=ids).logits
+    model = pf.inject(model, pf.DeltaConfig(family="lowrank", r=4, alpha=8, magnitude=True,
+                                            target_modules=LLAMA_TARGETS))
+    mods = delta_modules(model)
+    assert len(mods) == 14 and all(tuple(m.magnitude.shape) == (m.out_features,) for _, m in mods)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, y0, rtol=0, atol=0)  # c = 1, B = 0
+        g = torch.Generator().manual_seed(3)
+        for _, m in mods:
+            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.2)
+            m.magnitude.mul_(0.5 + torch.rand(m.magnitude.shape, generator=g))
+    gy = torch.randn(2, 9, 101, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    runs = []
+    for mdl in (model, copy.deepcopy(model).double(), copy.deepcopy(model)):
+        if mdl is not model:
+            for _, m in delta_modules(mdl):
+                m.forward = types.MethodType(reference_forward, m)
+        mdl.zero_grad(set_to_none=True)
+        y = mdl(input_ids=ids).logits
+        (y.double() * gy).sum().backward()
+        runs.append((y.detach(), {n: q.grad for n, q in mdl.named_parameters() if q.requires_grad}))
+    (yp, gp), (y64, g64), (yb, gb) = runs
+    assert_within_rule("output", yp, y64, yb, torch.float32)
+    assert any(k.endswith("magnitude") for k in g64) and set(gp) == set(g64)
+    for k in g64:
+        assert_within_rule(f"grad {k}", gp[k], g64[k], gb[k], torch.float32)
+    with pytest.raises(ValueError, match="has no additive ΔW to merge"):
+        pf.merge(model)
+    pf.save_adapter(model, tmp_path)
+    fresh = pf.load_adapter(MODELS["llama"](), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, yp, rtol=0, atol=0)

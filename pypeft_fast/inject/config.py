@@ -31,7 +31,9 @@ class DeltaConfig:
     Family options (None → default):
 
     * ``lowrank``: ``r`` (8), ``alpha`` (= r; scaling = alpha / r), ``dropout`` (0.0, on the
-      adapter's input, training mode only).
+      adapter's input, training mode only), ``magnitude`` (False; True: DoRA), ``activation``
+      (None, "relu", "gelu", "silu": a parallel adapter's f between A and B), ``gate`` (False;
+      True: UniPELT's per-token gate σ(x·w_g + b_g) on the delta).
     * ``kronecker``: ``factor_shape`` — the shape ``(a_out, a_in)`` of the small factor A (None:
       chosen per layer by LoKr's ``factorization(dim, decompose_factor)``), ``decompose_factor``
       (-1), ``rank`` (None: dense B; k: B = B_left (b_out, k) @ B_right (k, b_in)), ``scaling`` (1.0).
@@ -41,6 +43,8 @@ class DeltaConfig:
     * ``sparse``: ``density`` (0.01) of each weight's entries, ``mask`` ("random", "largest" — the
       largest |W| entries —, or "block"), ``block_size`` ((8, 8), mask="block" only), ``seed`` (0),
       ``scaling`` (1.0).
+    * ``hadamard`` (peft LoHa): ``r`` (8), ``alpha`` (= r; scaling = alpha / r); ΔW =
+      scaling·(W1a·W1b) ⊙ (W2a·W2b).
 
     ``adapter_dtype``: None → float32 over a float16/bfloat16 base (like peft's
     ``autocast_adapter_dtype``), else the base weight's dtype. ``backend``: passed to the ops.
@@ -52,10 +56,13 @@ class DeltaConfig:
     trainable_modules: str | list[str] | None = None
     backend: str = "auto"
     adapter_dtype: str | None = None
-    # lowrank
+    # lowrank (r, alpha also hadamard)
     r: int | None = None
     alpha: float | None = None
     dropout: float | None = None
+    magnitude: bool | None = None
+    activation: str | None = None
+    gate: bool | None = None
     # kronecker, phm, sparse
     scaling: float | None = None
     # kronecker

@@ -23,8 +23,11 @@ import numbers
 import torch
 from torch import nn
 
+from ..families.hadamard import hadamard_linear
 from ..families.kronecker import kronecker_linear
 from ..families.lowrank import lowrank_linear
+from ..families.lowrank_adapter import ACTIVATIONS
+from ..families.lowrank_dora import weight_row_stats
 from ..families.phm import phm_linear
 from ..families.sparse import sparse_linear
 from .masks import STRATEGIES, mask_nnz, sparse_mask
@@ -87,10 +90,17 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LowRankSpec:
-    """ΔW = (alpha/r)·B·A; A: (r, in) kaiming-uniform, B: (out, r) zeros (LoRA)."""
+    """ΔW = (alpha/r)·B·A; A: (r, in) kaiming-uniform, B: (out, r) zeros (LoRA).
+
+    ``magnitude=True``: DoRA (peft's math, ``families/lowrank_dora.py``), ``magnitude`` (out,)
+    initialised to ‖Wᵢ‖ so that c = 1 at step 0. ``activation`` (None, "relu", "gelu", "silu")
+    between A and B and ``gate=True`` (``gate_weight`` (in,) nn.Linear-uniform, ``gate_bias``
+    (1,) zero: UniPELT's σ(x·w_g + b_g) per token): the parallel adapter
+    (``families/lowrank_adapter.py``); these cannot be merged into W."""
 
     name = "lowrank"
-    options = {"r": 8, "alpha": lambda cfg: cfg.r, "dropout": 0.0}
+    options = {"r": 8, "alpha": lambda cfg: cfg.r, "dropout": 0.0, "magnitude": False,
+               "activation": None, "gate": False}
 
     @staticmethod
     def check_options(cfg):
@@ -98,6 +108,14 @@ class LowRankSpec:
         _finite(cfg, "alpha")
         if not isinstance(cfg.dropout, numbers.Real) or not 0.0 <= cfg.dropout < 1.0:
             _fail("DeltaConfig", f"dropout must be in [0, 1), got {cfg.dropout!r}")
+        for opt in ("magnitude", "gate"):
+            if not isinstance(getattr(cfg, opt), bool):
+                _fail("DeltaConfig", f"{opt} must be True or False, got {getattr(cfg, opt)!r}")
+        if cfg.activation is not None and cfg.activation not in ACTIVATIONS:
+            _fail("DeltaConfig", f"activation must be None or one of {sorted(ACTIVATIONS)}, "
+                                 f"got {cfg.activation!r}")
+        if cfg.magnitude and (cfg.activation is not None or cfg.gate):
+            _fail("DeltaConfig", "magnitude=True (DoRA) cannot be combined with activation= or gate=")
 
     @staticmethod
     def scaling(cfg):
@@ -105,22 +123,44 @@ class LowRankSpec:
 
     @staticmethod
     def shapes(cfg, out_f, in_f, where):
-        return {"A": ((cfg.r, in_f), "param"), "B": ((out_f, cfg.r), "param")}
+        s = {"A": ((cfg.r, in_f), "param"), "B": ((out_f, cfg.r), "param")}
+        if cfg.magnitude:
+            s["magnitude"] = ((out_f,), "param")
+        if cfg.gate:
+            s["gate_weight"] = ((in_f,), "param")
+            s["gate_bias"] = ((1,), "param")
+        return s
 
     @staticmethod
     def init_layer(cfg, t, weight, where):
         _kaiming(t["A"])
         t["B"].zero_()
+        if cfg.magnitude:  # ‖W + s·B·A‖ with B = 0, one pass over W (no W-sized copy)
+            sq, _ = weight_row_stats(weight.detach(), torch.float32)
+            t["magnitude"].copy_(sq.sqrt())
+        if cfg.gate:
+            bound = 1.0 / math.sqrt(t["gate_weight"].shape[0])
+            t["gate_weight"].uniform_(-bound, bound)
+            t["gate_bias"].zero_()
 
     @staticmethod
     def call(m, x, weight, bias):
         p = m._parameters
+        cfg = m.config
         return lowrank_linear(x, weight, bias, p["A"], p["B"], scaling=m.scaling,
-                              dropout=m.config.dropout if m.training else 0.0,
-                              backend=m.config.backend, name=m.layer_name)
+                              dropout=cfg.dropout if m.training else 0.0,
+                              backend=cfg.backend, name=m.layer_name,
+                              magnitude=p["magnitude"] if cfg.magnitude else None,
+                              activation=cfg.activation,
+                              gate=(p["gate_weight"], p["gate_bias"]) if cfg.gate else None)
 
     @staticmethod
     def delta_args(m):
+        cfg = m.config
+        if cfg.magnitude or cfg.activation is not None or cfg.gate:
+            what = "magnitude=True (DoRA)" if cfg.magnitude else "a parallel adapter (activation/gate)"
+            raise ValueError(f"{m.layer_name}: lowrank with {what} has no additive ΔW to merge "
+                             "or materialise; run it unmerged")
         return (m.A, m.B, m.scaling)
 
 
@@ -309,7 +349,46 @@ class SparseSpec:
         return (m.values, m.indices, (m.out_features, m.in_features), m.scaling)
 
 
-SPECS = {s.name: s for s in (LowRankSpec, KroneckerSpec, PHMSpec, SparseSpec)}
+class HadamardSpec:
+    """ΔW = (alpha/r)·(W1a·W1b) ⊙ (W2a·W2b) (peft LoHa): W1a, W2a (out, r), W1b, W2b (r, in);
+    W1a, W1b, W2a kaiming-uniform, W2b zeros (peft's ``init_weights=True``)."""
+
+    name = "hadamard"
+    options = {"r": 8, "alpha": lambda cfg: cfg.r}
+
+    @staticmethod
+    def check_options(cfg):
+        _pos_int(cfg, "r")
+        _finite(cfg, "alpha")
+
+    @staticmethod
+    def scaling(cfg):
+        return cfg.alpha / cfg.r
+
+    @staticmethod
+    def shapes(cfg, out_f, in_f, where):
+        r = cfg.r
+        return {"W1a": ((out_f, r), "param"), "W1b": ((r, in_f), "param"),
+                "W2a": ((out_f, r), "param"), "W2b": ((r, in_f), "param")}
+
+    @staticmethod
+    def init_layer(cfg, t, weight, where):
+        for k in ("W1a", "W1b", "W2a"):
+            _kaiming(t[k])
+        t["W2b"].zero_()
+
+    @staticmethod
+    def call(m, x, weight, bias):
+        p = m._parameters
+        return hadamard_linear(x, weight, bias, p["W1a"], p["W1b"], p["W2a"], p["W2b"],
+                               scaling=m.scaling, backend=m.config.backend, name=m.layer_name)
+
+    @staticmethod
+    def delta_args(m):
+        return (m.W1a, m.W1b, m.W2a, m.W2b, m.scaling)
+
+
+SPECS = {s.name: s for s in (LowRankSpec, KroneckerSpec, PHMSpec, SparseSpec, HadamardSpec)}
 """family name → spec. Families without a spec here cannot be injected (patching peft still works)."""
 
 FAMILY_OPTIONS: dict[str, list[str]] = {}
