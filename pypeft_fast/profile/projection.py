@@ -35,13 +35,15 @@ def measured_depth(report: MemoryReport) -> dict[str, int]:
     return dict(Counter(_stack(layer) for layer in layers))
 
 
-def ambiguous_dims(report: MemoryReport) -> list[str]:
-    """Why the measured batch/sequence cannot be told from model dimensions (empty: fine)."""
+def ambiguous_dims(report: MemoryReport, batch: bool = True, seq: bool = True) -> list[str]:
+    """Why the measured batch (if it is to change) or sequence length (likewise) cannot be told
+    from model dimensions (empty: fine)."""
     dims = set(report.param_dims)
     b, s = report.batch, report.seq
-    out = [f"{what} = {v} is also a Parameter dimension" for what, v in
-           (("seq", s), ("batch × seq", b * s), ("batch", b)) if v > 1 and v in dims]
-    if b > 1 and s > 1 and b == s:
+    checks = ([("seq", s)] if seq else []) + ([("batch", b)] if batch else []) + \
+        ([("batch × seq", b * s)] if batch or seq else [])
+    out = [f"{what} = {v} is also a Parameter dimension" for what, v in checks if v > 1 and v in dims]
+    if (batch or seq) and b > 1 and s > 1 and b == s:
         out.append(f"batch = seq = {b}")
     return out
 
@@ -65,7 +67,7 @@ def project(report: MemoryReport, *, layers: int | None = None, batch: int | Non
     measured); the result has ``projected`` set and one row per module kind (block index ``*``)."""
     if report.projected:
         raise ValueError("project() takes a measured report, not a projected one")
-    why = ambiguous_dims(report)
+    why = ambiguous_dims(report, batch=batch not in (None, report.batch), seq=seq not in (None, report.seq))
     if why:
         raise ValueError("cannot project from this run: " + "; ".join(why) +
                          " (measure at a batch/sequence length no weight dimension has)")
