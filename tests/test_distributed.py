@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,25 +35,32 @@ from numerics import assert_within  # noqa: E402
 from training_models import N_ADAPTED  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist_workers" / "train_worker.py"
+ACCELERATE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2_cpu.yaml"
+ACCELERATE_SCRIPT = ACCELERATE_CONFIG.with_name("train_lora.py")
 TIMEOUT_S = 240  # ~30 s on 2 loaded cores
 
 
-def torchrun_command(out_dir) -> list[str]:
-    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", "--nproc-per-node=2", str(WORKER), str(out_dir)]
+def launcher(name: str, module: str, *subcommand: str) -> list[str]:
+    """The venv's console script ``name`` (torchrun, accelerate launch), else ``python -m module``."""
+    exe = shutil.which(name, path=os.path.dirname(sys.executable))
+    return [exe, *subcommand] if exe else [sys.executable, "-m", module]
+
+
+def launch(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{cmd[0]} did not finish in {TIMEOUT_S} s:\n{(e.stderr or '')[-4000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:
-        proc = subprocess.run(torchrun_command(out), env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun worker did not finish in {TIMEOUT_S} s:\n{(e.stderr or '')[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
+    launch([*launcher("torchrun", "torch.distributed.run"), "--standalone", "--nproc-per-node=2",
+            str(WORKER), str(out)])
     return {p.stem: torch.load(p, weights_only=False) for p in out.glob("*.pt")}
 
 
@@ -124,3 +132,23 @@ def test_fully_shard_on_an_injected_base_layer_raises_naming_the_layer(runs):
         err = r["error"]
         assert err is not None and err.startswith("ValueError: model.layers.0.self_attn.q_proj: weight is a DTensor"), err
         assert "local shard (16, 32) of (32, 32)" in err and "fully_shard" in err, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_with_the_fsdp2_config_on_cpu():
+    """README's command. accelerate 1.15 turns the FSDP config into FSDP only on accelerators
+    (GPU/NPU/XPU/...): on CPU, with ACCELERATE_USE_CPU=true (without it the two processes do not
+    even form a process group), it trains as MULTI_CPU — DDP over gloo. Every call is served."""
+    pytest.importorskip("accelerate")
+    cmd = [*launcher("accelerate", "accelerate.commands.launch", "launch"), "--config_file", str(ACCELERATE_CONFIG),
+           "--main_process_port", str(free_port()), str(ACCELERATE_SCRIPT), "--steps", "2"]
+    out = launch(cmd, ACCELERATE_USE_CPU="true").stdout
+    for rank in (0, 1):
+        assert f"rank {rank} step 1: " in out and f"{2 * N_ADAPTED} layer calls served, 0 ran peft's forward" in out, out
+    assert "distributed type MULTI_CPU, 2 processes; 28 adapter tensors" in out, out
+    assert "note: the config asks for FSDP" in out, out
