@@ -379,3 +379,140 @@ def test_patched_shira_follows_indices_written_through_data():
     reference = copy.deepcopy(model)
     pf.unpatch(reference)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. adapter files are untrusted input; 7. malformed adapter configs, backend names
+# ---------------------------------------------------------------------------------------------
+
+NET_SRC = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding_table_of_this_model = nn.Embedding(11, 8)
+        self.encoder_block_with_a_long_name = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        self.classification_head_of_model = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.embedding_table_of_this_model(ids)
+        return self.classification_head_of_model(self.encoder_block_with_a_long_name(h))
+'''
+
+
+def delta_modules(model):
+    from pypeft_fast.inject.modules import delta_modules
+    return delta_modules(model)
+
+
+def _net():
+    scope = {}
+    exec(NET_SRC, scope)
+    return scope["Net"]()
+
+
+def _saved_adapter(tmp_path, **cfg):
+    import pypeft_fast as pf
+    model = pf.inject(_net(), pf.DeltaConfig(family="lowrank", r=2, **cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    pf.save_adapter(model, tmp_path)
+    return model
+
+
+def _edit_meta(tmp_path, edit):
+    import json
+
+    from pypeft_fast.inject.io import CONFIG_NAME
+    path = tmp_path / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_adapter_regex_is_never_run(tmp_path, field):
+    """A catastrophic-backtracking pattern in the file must not hang the loader: the saved
+    layer list decides. Run in a subprocess (re holds the GIL: a thread could not time out)."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    _saved_adapter(tmp_path, target_modules=["encoder_block_with_a_long_name.0",
+                                             "encoder_block_with_a_long_name.1"])
+    _edit_meta(tmp_path, lambda m: m["config"].__setitem__(field, "(.*.*)*X"))
+    child = NET_SRC + textwrap.dedent(f"""
+        import time, pypeft_fast as pf
+        from pypeft_fast.inject.modules import delta_modules
+        t0 = time.perf_counter()
+        model = pf.load_adapter(Net(), {str(tmp_path)!r})
+        print("LOADED", len(delta_modules(model)), time.perf_counter() - t0)
+    """)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                             timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"load_adapter still running after {time.perf_counter() - t0:.0f} s")
+    assert out.returncode == 0, out.stderr[-2000:]
+    _, n_layers, seconds = out.stdout.split()[-3:]
+    assert int(n_layers) == 2
+    assert float(seconds) < 5.0, f"load_adapter took {seconds} s"
+
+
+def test_trainable_modules_in_a_file_need_the_callers_opt_in(tmp_path):
+    import pypeft_fast as pf
+    saved = _saved_adapter(tmp_path, target_modules=["encoder_block_with_a_long_name.0"],
+                           trainable_modules=["embedding_table_of_this_model"])
+    fresh = _net()
+    before = fresh.embedding_table_of_this_model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"embedding_table_of_this_model.*load_trainable_modules=True"):
+        pf.load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.embedding_table_of_this_model.weight, before)
+    assert not delta_modules(fresh)
+    pf.load_adapter(fresh, tmp_path, load_trainable_modules=True)
+    assert torch.equal(fresh.embedding_table_of_this_model.weight,
+                       saved.embedding_table_of_this_model.weight)
+    assert fresh.embedding_table_of_this_model.weight.requires_grad
+
+
+def test_adapter_without_trainable_modules_loads_without_opt_in(tmp_path):
+    import pypeft_fast as pf
+    saved = _saved_adapter(tmp_path, target_modules=["encoder_block_with_a_long_name.1"])
+    fresh = pf.load_adapter(_net(), tmp_path)
+    ids = torch.tensor([[1, 4, 9]])
+    assert torch.equal(fresh(ids), saved(ids))
+    assert not fresh.embedding_table_of_this_model.weight.requires_grad
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("config"), r"'config' is missing"),
+    (lambda m: m.__setitem__("layers", ["encoder_block_with_a_long_name.0"]),
+     r"'layers' must be an object"),
+    (lambda m: m.pop("layers"), r"'layers' is missing"),
+    (lambda m: m.__setitem__("config", ["lowrank"]), r"'config' must be an object"),
+    (lambda m: m["layers"]["encoder_block_with_a_long_name.0"].pop("shape"),
+     r"encoder_block_with_a_long_name\.0: 'shape' must be"),
+    (lambda m: m["config"].__setitem__("r", "2"), r"config"),
+    (lambda m: m["config"].__setitem__("target_modules", 7), r"config"),
+    (lambda m: m["config"].__setitem__("backend", "bogus"), r"backend 'bogus'"),
+])
+def test_malformed_adapter_configs_raise_the_listing_value_error(tmp_path, edit, message):
+    import pypeft_fast as pf
+    _saved_adapter(tmp_path, target_modules=["encoder_block_with_a_long_name.0"])
+    _edit_meta(tmp_path, edit)
+    fresh = _net()
+    with pytest.raises(ValueError, match=r"(?s)load_adapter\(.*" + message):
+        pf.load_adapter(fresh, tmp_path)
+    assert not delta_modules(fresh)
+
+
+def test_unknown_backend_in_a_delta_config_fails_at_construction():
+    import pypeft_fast as pf
+    with pytest.raises(ValueError, match=r"backend 'bogus'"):
+        pf.DeltaConfig(family="lowrank", target_modules=["q"], backend="bogus")

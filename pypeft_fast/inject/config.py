@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..registry import BACKENDS
 from .specs import FAMILY_OPTIONS, SPECS
 
 FORMAT = "pypeft_fast.inject/1"
@@ -95,6 +96,9 @@ class DeltaConfig:
             if opt not in spec.options and getattr(self, opt) is not None:
                 raise ValueError(f"{where}: option {opt}={getattr(self, opt)!r} belongs to family "
                                  f"{'/'.join(owners)}, not {self.family!r}; leave it unset")
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"{where}: backend {self.backend!r}; expected 'auto' or one of "
+                             f"{list(BACKENDS)}")
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             raise ValueError(f"{where}: adapter_dtype {self.adapter_dtype!r}; expected one of "
                              f"{sorted(_DTYPES)} or None")

@@ -11,11 +11,19 @@ A saved adapter is a directory holding
 
 ``load_adapter`` checks every layer, key, shape and dtype against the model before it assigns
 anything, and raises one ``ValueError`` listing every problem; on error the model is unchanged.
+
+An adapter file is untrusted input: the JSON is checked field by field; the name patterns it
+records (``target_modules`` etc., possibly regular expressions) are never run — the saved layer
+list (``layers``, and ``trainable`` for ``trainable_modules``) names the modules exactly; and
+full base-model weights (``trainable_modules``) are loaded only when the caller passes
+``load_trainable_modules=True``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 
 import torch
 from torch import nn
@@ -32,11 +40,15 @@ SHARED = "__shared__"
 TRAINABLE = "__trainable__"
 
 
+def _trainable_modules(model, config) -> list[tuple[str, nn.Module]]:
+    layers = [(n, m, None) for n, m in delta_modules(model)]
+    return find_trainable(model, config, layers)
+
+
 def _trainable_params(model, config) -> dict[str, torch.nn.Parameter]:
     """``{"__trainable__.<module>.<param>": Parameter}`` for ``config.trainable_modules``."""
-    layers = [(n, m, None) for n, m in delta_modules(model)]
     return {f"{TRAINABLE}.{name}.{pname}": p
-            for name, mod in find_trainable(model, config, layers)
+            for name, mod in _trainable_modules(model, config)
             for pname, p in mod.named_parameters()}
 
 
@@ -60,6 +72,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "config": cfg.to_dict(), "layers": layers}
+    if cfg.trainable_modules is not None:  # exact names: a loader never runs the patterns
+        meta["trainable"] = [name for name, _ in _trainable_modules(model, cfg)]
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -68,24 +82,100 @@ def _shape(s) -> str:
     return "(" + ", ".join(str(d) for d in s) + ")"
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def _raise_problems(where: str, problems: list[str]) -> None:
+    if problems:
+        listing = "\n  - ".join(problems[:25])
+        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        raise ValueError(f"{where}: {len(problems)} problem(s); nothing was loaded:\n  - {listing}{more}")
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) and n for n in v)
+
+
+def _read_meta(where: str, path) -> tuple[DeltaConfig, dict, list[str] | None]:
+    """``(config, layers, trainable module names or None)`` from the adapter's JSON, every field
+    checked (one ValueError listing the problems)."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            meta = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{where}: {CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{where}: {CONFIG_NAME} has format {got!r}; expected {FORMAT!r}")
+    problems, cfg = [], None
+    if "config" not in meta:
+        problems.append("'config' is missing (the DeltaConfig, an object)")
+    elif not isinstance(meta["config"], dict):
+        problems.append(f"'config' must be an object (the DeltaConfig), got {type(meta['config']).__name__}")
+    else:
+        try:
+            cfg = DeltaConfig.from_dict(meta["config"])
+        except (ValueError, TypeError) as e:
+            problems.append(f"config: {e}")
+    layers = meta.get("layers")
+    if "layers" not in meta:
+        problems.append("'layers' is missing ({name: {'base': 'Linear' | 'Conv1D', 'shape': [out, in]}})")
+    elif not isinstance(layers, dict) or not layers:
+        problems.append("'layers' must be an object {name: {'base': 'Linear' | 'Conv1D', 'shape': "
+                        f"[out, in]}}}} with at least one layer, got {type(layers).__name__}")
+    else:
+        for name, entry in layers.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(type(d) is int and d > 0 for d in shape)):
+                problems.append(f"{name}: 'shape' must be [out, in] (two positive integers), got {shape!r}")
+            if not isinstance(entry, dict) or entry.get("base") not in ("Linear", "Conv1D"):
+                got = entry.get("base") if isinstance(entry, dict) else entry
+                problems.append(f"{name}: 'base' must be 'Linear' or 'Conv1D', got {got!r}")
+    trainable = meta.get("trainable")
+    if trainable is not None and not _is_names(trainable):
+        problems.append(f"'trainable' must be a list of module names, got {trainable!r}")
+    if trainable is None and cfg is not None and cfg.trainable_modules is not None:
+        if _is_names(cfg.trainable_modules):
+            trainable = list(cfg.trainable_modules)  # names (suffix matches), no pattern to run
+        else:
+            problems.append(f"config: trainable_modules={cfg.trainable_modules!r} is a regular "
+                            "expression and the file lists no module names ('trainable'); "
+                            "patterns from an adapter file are never run: save it again")
+    _raise_problems(f"{where}: {CONFIG_NAME}", problems)
+    return cfg, layers, trainable
+
+
+def _exact_names(names) -> str:
+    """A regular expression matching exactly ``names`` (escaped literals: linear time)."""
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *,
+                 load_trainable_modules: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return it.
 
     A model without injected layers is first injected with the saved config (after every check
-    passed); an injected model must hold the same family, scaling, layers and shapes. Tensors are
-    copied into the existing Parameters (the optimizer's references stay valid) in their dtype.
+    passed) on exactly the saved layers; an injected model must hold the same family, scaling,
+    layers and shapes. Tensors are copied into the existing Parameters (the optimizer's
+    references stay valid) in their dtype.
+
+    ``load_trainable_modules``: an adapter saved with ``trainable_modules`` carries full weights of
+    base-model modules (a new head, an embedding); loading them makes those modules trainable
+    and overwrites their weights, so it needs this opt-in (else a ValueError naming them).
     """
     from safetensors.torch import load_file
 
     where = f"load_adapter({os.fspath(path)!r})"
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        meta = json.load(f)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{where}: {CONFIG_NAME} has format {got!r}; expected {FORMAT!r}")
-    cfg = DeltaConfig.from_dict(meta["config"])
-    file_layers = meta["layers"]
+    cfg, file_layers, file_trainable = _read_meta(where, path)
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    base_keys = sorted(k for k in tensors if k.startswith(TRAINABLE + "."))
+    if (file_trainable or base_keys) and not load_trainable_modules:
+        raise ValueError(
+            f"{where}: the file holds full weights of base-model modules {file_trainable or []} "
+            f"(trainable_modules; {len(base_keys)} tensors, e.g. {base_keys[:3]}): loading them "
+            "would make those modules trainable and overwrite their weights. Pass "
+            "load_trainable_modules=True if you trust this file; nothing was loaded")
+    # The file's name patterns are never run: its saved names select the modules exactly.
+    cfg = dataclasses.replace(cfg, target_modules=_exact_names(file_layers), exclude_modules=None,
+                              trainable_modules=file_trainable or None)
 
     problems: list[str] = []
     mods = dict(delta_modules(model))
@@ -165,10 +255,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             continue  # already reported: a layer the model lacks or cannot take
         problems.append(f"{layer}: unexpected tensor {key!r} {_shape(tensors[key].shape)} in the file")
 
-    if problems:
-        listing = "\n  - ".join(problems[:25])
-        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-        raise ValueError(f"{where}: {len(problems)} problem(s); nothing was loaded:\n  - {listing}{more}")
+    _raise_problems(where, problems)
 
     if not mods:
         inject(model, cfg)
