@@ -44,15 +44,30 @@ SCENARIOS = {
     # the adapter modules themselves sharded (lora_A / lora_B, or an injected base_layer)
     "fsdp2-peft-lora-modules-sharded": ("fsdp2", "peft", 0.0, torch.float32, "adapter-modules"),
     "fsdp2-injected-base-layer-sharded": ("fsdp2", "injected", 0.0, torch.float32, "adapter-modules"),
+    # a trainable bf16 norm next to the fp32 adapters: in one group FSDP2 refuses (its rule: one
+    # dtype per group's trainable parameters); the norms in their own fully_shard groups work
+    "fsdp2-peft-bf16-base-trainable-norms": ("fsdp2", "peft", 0.0, torch.bfloat16, "layers, norms"),
+    "fsdp2-peft-bf16-base-trainable-norms-own-groups": (
+        "fsdp2", "peft", 0.0, torch.bfloat16, "layers, norms in own groups"),
     # pf.patch called on the already sharded model (parameters are DTensors between forwards)
     "fsdp2-peft-patched-after-sharding": ("fsdp2", "peft", 0.0, torch.float32, "layers, then patch"),
 }
 
 
-def build(model_kind, dropout, dtype, patch=True):
+def build(model_kind, dropout, dtype, sharding=None, patch=True):
     if model_kind == "peft":
-        return peft_lora(dropout=dropout, dtype=dtype, patch=patch)
-    return injected_lowrank(dropout=dropout, dtype=dtype), None
+        model, report = peft_lora(dropout=dropout, dtype=dtype, patch=patch)
+    else:
+        model, report = injected_lowrank(dropout=dropout, dtype=dtype), None
+    if sharding and "norms" in sharding:
+        for layer in decoder_layers(model):
+            for norm in norms(layer):
+                norm.weight.requires_grad_(True)
+    return model, report
+
+
+def norms(layer):
+    return layer.input_layernorm, layer.post_attention_layernorm
 
 
 def decoder_layers(model):
@@ -89,6 +104,9 @@ def wrap(model, parallelism, sharding):
         for m in adapter_modules(model):
             fully_shard(m, **kw)
     for layer in decoder_layers(model):
+        if "norms in own groups" in sharding:
+            for norm in norms(layer):
+                fully_shard(norm, **kw)
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
@@ -126,7 +144,7 @@ def run_scenario(name, rank, world):
     result = {"scenario": name}
     torch.manual_seed(1234)  # the same dropout seeds stream on every rank
     patch_after = sharding == "layers, then patch"
-    model, report = build(model_kind, dropout, dtype, patch=not patch_after)
+    model, report = build(model_kind, dropout, dtype, sharding, patch=not patch_after)
     try:
         model = wrap(model, parallelism, sharding)
         if patch_after:
@@ -151,7 +169,7 @@ def run_scenario(name, rank, world):
     if dropout == 0.0:  # the same steps in one process on the whole global batch
         for key, cast in (("single", dtype), ("single_f64", torch.float64)):
             torch.manual_seed(1234)
-            ref, _ = build(model_kind, dropout, dtype)
+            ref, _ = build(model_kind, dropout, dtype, sharding)
             ref = ref.to(torch.float64) if cast == torch.float64 else ref
             train(ref, lambda s: data[s])
             out[key] = full_adapter_state(ref)
