@@ -385,22 +385,20 @@ def test_patched_shira_follows_indices_written_through_data():
 # 5. adapter files are untrusted input; 7. malformed adapter configs, backend names
 # ---------------------------------------------------------------------------------------------
 
-NET_SRC = '''
-import torch
-from torch import nn
+class Net(torch.nn.Module):
+    """A tiny model with long dotted names (a backtracking regex then takes forever)."""
 
-class Net(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.embedding_table_of_this_model = nn.Embedding(11, 8)
-        self.encoder_block_with_a_long_name = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-        self.classification_head_of_model = nn.Linear(8, 3)
+        self.embedding_table_of_this_model = torch.nn.Embedding(11, 8)
+        self.encoder_block_with_a_long_name = torch.nn.Sequential(torch.nn.Linear(8, 8),
+                                                                  torch.nn.Linear(8, 8))
+        self.classification_head_of_model = torch.nn.Linear(8, 3)
 
     def forward(self, ids):
         h = self.embedding_table_of_this_model(ids)
         return self.classification_head_of_model(self.encoder_block_with_a_long_name(h))
-'''
 
 
 def delta_modules(model):
@@ -409,9 +407,7 @@ def delta_modules(model):
 
 
 def _net():
-    scope = {}
-    exec(NET_SRC, scope)
-    return scope["Net"]()
+    return Net()
 
 
 def _saved_adapter(tmp_path, **cfg):
@@ -439,6 +435,7 @@ def _edit_meta(tmp_path, edit):
 def test_adapter_regex_is_never_run(tmp_path, field):
     """A catastrophic-backtracking pattern in the file must not hang the loader: the saved
     layer list decides. Run in a subprocess (re holds the GIL: a thread could not time out)."""
+    import os
     import subprocess
     import sys
     import textwrap
@@ -446,8 +443,11 @@ def test_adapter_regex_is_never_run(tmp_path, field):
     _saved_adapter(tmp_path, target_modules=["encoder_block_with_a_long_name.0",
                                              "encoder_block_with_a_long_name.1"])
     _edit_meta(tmp_path, lambda m: m["config"].__setitem__(field, "(.*.*)*X"))
-    child = NET_SRC + textwrap.dedent(f"""
-        import time, pypeft_fast as pf
+    child = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import pypeft_fast as pf
+        from test_reliability import Net
         from pypeft_fast.inject.modules import delta_modules
         t0 = time.perf_counter()
         model = pf.load_adapter(Net(), {str(tmp_path)!r})
@@ -516,3 +516,74 @@ def test_unknown_backend_in_a_delta_config_fails_at_construction():
     import pypeft_fast as pf
     with pytest.raises(ValueError, match=r"backend 'bogus'"):
         pf.DeltaConfig(family="lowrank", target_modules=["q"], backend="bogus")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. patched and injected models pickle, deep-copy and torch.save / torch.load, still served
+# ---------------------------------------------------------------------------------------------
+
+def _roundtrips():
+    import copy
+    import io
+    import pickle
+
+    def torch_save_load(m):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    return {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "deepcopy": copy.deepcopy,
+            "torch.save": torch_save_load}
+
+
+def _peft_lora_mlp():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 7))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _served_layers(model):
+    from pypeft_fast.patch import is_patched
+    return [n for n, m in model.named_modules() if is_patched(m)]
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_patched_peft_model_roundtrips_still_patched(how):
+    import pypeft_fast as pf
+    model = _peft_lora_mlp()
+    report = pf.patch(model)
+    assert len(report.patched) == 2
+    x = torch.randn(9, 12)
+    want = _grads_of(model, x)
+    clone = _roundtrips()[how](model)
+    assert _served_layers(clone) == _served_layers(model) and len(_served_layers(clone)) == 2
+    served = [m for m in clone.modules() if m.__dict__.get("forward") is not None]
+    assert all(f.forward.module is f for f in served), "a served forward points at the original"
+    _assert_same_run(_grads_of(clone, x), want, how)
+    assert pf.unpatch(clone) == 2
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_injected_model_roundtrips_still_injected(how):
+    import pypeft_fast as pf
+    for family, opts in (("lowrank", dict(r=2, dropout=0.2)), ("sparse", dict(density=0.2)),
+                         ("phm", dict(n=2))):
+        model = pf.inject(_net(), pf.DeltaConfig(family=family, target_modules=[
+            "encoder_block_with_a_long_name.0", "encoder_block_with_a_long_name.1"], **opts))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.eval()  # dropout masks are drawn per call in training mode
+        ids = torch.tensor([[1, 4, 9, 2], [3, 3, 0, 10]])
+        want = _grads_of(model, ids)
+        clone = _roundtrips()[how](model)
+        assert [n for n, _ in delta_modules(clone)] == [n for n, _ in delta_modules(model)]
+        _assert_same_run(_grads_of(clone, ids), want, f"{family}/{how}")
