@@ -147,7 +147,7 @@ def test_compare_figures_match_an_independent_saved_tensors_measurement():
     pf.patch(fast, strict=True)
     batch = _batch(2, 13)
     cmp = Comparison(pf.profile_memory(peft_model, batch, label="peft"),
-                     pf.profile_memory(fast, batch, label="patched"))
+                     pf.profile_memory(fast, batch, label="pf.patch"))
     indep = {name: saved_activation_bytes(m, batch) for name, m in (("peft", peft_model), ("patched", fast))}
     for rep, (total, nonparam) in ((cmp.baseline, indep["peft"]), (cmp.fast, indep["patched"])):
         assert rep.saved == nonparam                      # every storage once, parameters apart
@@ -200,12 +200,12 @@ def test_cli_compare_on_a_model_directory_writes_json_plot_markdown(tmp_path, ca
                "--markdown", f"{out}.md", "--project-layers", "3", "--project-seq", "18"])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "patching saves" in text and "PROJECTED" in text
+    assert "pypeft_fast saves" in text and "of saved activations" in text and "PROJECTED" in text
     res = json.loads(open(f"{out}.json").read())
     assert res["baseline"]["label"] == "peft lora" and res["fast"]["label"] == "pf.inject lowrank"
     assert res["saved_saving_bytes"] > 0 and res["fast"]["projected"]
     assert open(f"{out}.png", "rb").read(4) == b"\x89PNG"
-    assert "patching saves" in open(f"{out}.md").read()
+    assert "pypeft_fast saves" in open(f"{out}.md").read()
 
 
 @pytest.mark.parametrize("argv, message", [

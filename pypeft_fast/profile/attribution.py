@@ -68,6 +68,9 @@ def is_adapted(m: nn.Module) -> bool:
 
 def type_name(m: nn.Module) -> str:
     cls = type(m)
+    family = getattr(m, "family", None)
+    if is_adapted(m) and isinstance(family, str):  # pf.inject's DeltaLinear, as in trainable_report
+        return f"DeltaLinear[{family}]"
     if is_adapted(m):
         mod = cls.__module__.split(".")
         owner = mod[2] if mod[0] == "peft" and len(mod) > 2 else "pypeft_fast"

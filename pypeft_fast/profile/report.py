@@ -10,6 +10,10 @@ from . import causes
 MiB = 2 ** 20
 
 
+def _cut(name: str, width: int) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def mib(n: float) -> str:
     return f"{n / MiB:,.2f}"
 
@@ -168,7 +172,7 @@ class MemoryReport:
         lines = [f"top {len(order)} by saved + gradients + optimizer state, MiB", head, "-" * len(head)]
         for m in order:
             top_causes = ", ".join(f"{c} {mib(n)}" for c, n in sorted(m.saved.items(), key=lambda kv: -kv[1])[:3])
-            lines.append(f"{m.name[-44:]:<44} {m.type[:22]:<22} {mib(m.params):>9} {mib(m.grads):>8} "
+            lines.append(f"{_cut(m.name, 44):<44} {m.type[:22]:<22} {mib(m.params):>9} {mib(m.grads):>8} "
                          f"{mib(m.optimizer):>8} {mib(m.saved_total):>9}  {top_causes}")
         lines.append("")
         lines.append("saved activations by cause")
@@ -228,7 +232,8 @@ class Comparison:
     def sentence(self) -> str:
         d, pct = self.saved_saving()
         tag = "projected: " if self.fast.projected else "measured: "
-        return (f"{tag}patching saves {d / MiB:,.2f} MiB ({pct:.1f} %) of saved activations and "
+        who = "patching" if self.fast.label.startswith("pf.patch") else "pypeft_fast"
+        return (f"{tag}{who} saves {d / MiB:,.2f} MiB ({pct:.1f} %) of saved activations and "
                 f"{self.peak_saving() / MiB:,.2f} MiB of peak ({self.baseline.label} → {self.fast.label})")
 
     def table(self, top: int = 12) -> str:
@@ -246,7 +251,7 @@ class Comparison:
         for k in keys:
             ma, mb = a.get(k), b.get(k)
             sa, sb = (ma.saved_total if ma else 0), (mb.saved_total if mb else 0)
-            lines.append(f"{k[-44:]:<44} {mib(sa):>9} {mib(sb):>9} {mib(sb - sa):>9}  {top_cause(ma)} → {top_cause(mb)}")
+            lines.append(f"{_cut(k, 44):<44} {mib(sa):>9} {mib(sb):>9} {mib(sb - sa):>9}  {top_cause(ma)} → {top_cause(mb)}")
         lines += ["", f"{'by cause':<44} {'A':>9} {'B':>9} {'B − A':>9}"]
         ca, cb = self.baseline.by_cause(), self.fast.by_cause()
         for c in causes.CAUSES:

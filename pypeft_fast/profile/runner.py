@@ -15,6 +15,19 @@ from .attribution import OUTSIDE, ModuleStack, Producers, SavedByUnit, Units
 from .report import CrossCheck, MemoryReport, ModuleMemory
 
 
+def _memtracker():
+    """PyTorch's MemTracker, tracking a sparse tensor by its indices and values (torch 2.13's
+    raises on sparse outputs: SHiRA's patched layers make CSR tensors)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class SparseAwareMemTracker(MemTracker):
+        def _track(self, reftype, t):
+            for part in storage_tensors(t):
+                super()._track(reftype, part)
+
+    return SparseAwareMemTracker
+
+
 class _NoHook:
     @staticmethod
     def remove():
@@ -112,9 +125,7 @@ def profile_memory(model: nn.Module, batch, *, loss_fn: Callable | None = None,
     cuda = device.type == "cuda"
     tracker = None
     if crosscheck:
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        tracker = MemTracker()
+        tracker = _memtracker()()
         # MemTracker (torch 2.13) registers a gradient hook on every Parameter, which raises for
         # frozen ones (every PEFT model has them): mark those as already hooked.
         for p in model.parameters():
