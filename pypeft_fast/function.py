@@ -95,5 +95,8 @@ class DeltaLinearFunction(torch.autograd.Function):
                 gy2d, x2d, weight, params, aux, extras, ctx.hp, needs_dx, needs_dparams
             )
         dx = dx2d.view(x.shape) if dx2d is not None else None
-        dbias = gy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if needs_dbias else None
+        dbias = None
+        if needs_dbias:  # summed in float32, or float64 for a float64 bias
+            sum_dtype = torch.promote_types(torch.float32, ctx.bias_dtype)
+            dbias = gy2d.sum(0, dtype=sum_dtype).to(ctx.bias_dtype)
         return (None, None, None, dx, None, dbias, *dparams, *([None] * len(aux)))

@@ -587,3 +587,21 @@ def test_injected_model_roundtrips_still_injected(how):
         clone = _roundtrips()[how](model)
         assert [n for n, _ in delta_modules(clone)] == [n for n, _ in delta_modules(model)]
         _assert_same_run(_grads_of(clone, ids), want, f"{family}/{how}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. bias gradient precision; deterministic algorithms
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", cpu_backends("lowrank"))
+def test_float64_bias_gradient_is_summed_in_float64(backend):
+    import pypeft_fast as pf
+    x, w, A, B = _lowrank_leaves(dtype=torch.float64)
+    bias = torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True)
+    gy = torch.full((x.shape[0], w.shape[0]), 1e-9, dtype=torch.float64)
+    gy[0] = 1.0  # float32 drops every 1e-9 next to 1.0
+    y = pf.lowrank_linear(x, w, bias, A, B, 0.5, backend=backend)
+    y.backward(gy)
+    want = gy.sum(0)
+    assert (want != 1.0).all()
+    torch.testing.assert_close(bias.grad, want, rtol=1e-15, atol=0)
