@@ -253,7 +253,9 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
     When dx is wanted, everything is one GEMM kernel: dx = gy·W + drop'(s·(gy·B)·A) with
     t = gy·B (n, r) from its K-loop, dA = s·keep·tᵀ·(m⊙x) from its epilogue (the x tile under
     each dx tile) and dB = s·gyᵀ·u from the K-loop of one column tile per row tile, both by fp32
-    atomics. Without dx, dA and dB are skinny split-K reductions over n.
+    atomics. Without dx, dA and dB are skinny split-K reductions over n — also under
+    ``torch.use_deterministic_algorithms(True)``: atomics sum in a run-dependent order, the
+    split-K partials in a fixed one (bit-reproducible).
     """
     n, out_f = gy.shape
     k, r = weight.shape[1], A.shape[0]
@@ -269,20 +271,24 @@ def lowrank_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torc
         dx = torch.empty((n, k), dtype=x.dtype, device=x.device)
     if needs_dx and n > 0 and k > 0:
         # one kernel: dx, with t = gy·B from its K-loop, dA from its epilogue, dB from its K-loop
-        dA32 = torch.zeros((r, k), dtype=cd, device=x.device) if need_dA else None
-        dB32 = torch.zeros((out_f, r), dtype=cd, device=x.device) if need_dB else None
+        # (by atomics: not when deterministic algorithms are asked for)
+        fused = not torch.are_deterministic_algorithms_enabled()
+        fuse_dA, fuse_dB = need_dA and fused, need_dB and fused
+        dA32 = torch.zeros((r, k), dtype=cd, device=x.device) if fuse_dA else None
+        dB32 = torch.zeros((out_f, r), dtype=cd, device=x.device) if fuse_dB else None
         _gemm(gy, (weight, weight.stride(0), weight.stride(1)), None, B,
               (B.stride(0), B.stride(1)), A, (A.stride(0), A.stride(1)), u, dx, seed,
               n, k, out_f, r, scaling, fuse_u=True, store_u=False, dropout=drop,
               keep_scale=keep_scale, threshold=threshold,
-              grad_d=(x, dA32, scaling * keep_scale) if need_dA else None,
-              grad_c=(u, dB32, scaling) if need_dB else None)
-        if need_dA:
+              grad_d=(x, dA32, scaling * keep_scale) if fuse_dA else None,
+              grad_c=(u, dB32, scaling) if fuse_dB else None)
+        if fuse_dA:
             dA = dA32.to(A.dtype)
-        if need_dB:
+        if fuse_dB:
             dB = dB32.to(B.dtype)
-        return dx, dA, dB
-    # no dx GEMM to ride on: skinny split-K passes
+        if fused:
+            return dx, dA, dB
+    # no dx GEMM to ride on (or deterministic algorithms): skinny split-K passes
     if need_dA:
         t = _skinny(gy, B, n, r, out_f, (gy.stride(0), gy.stride(1)), (B.stride(0), B.stride(1)),
                     1.0, out_dtype=cd, caller="lowrank_bwd")

@@ -605,3 +605,36 @@ def test_float64_bias_gradient_is_summed_in_float64(backend):
     want = gy.sum(0)
     assert (want != 1.0).all()
     torch.testing.assert_close(bias.grad, want, rtol=1e-15, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_lowrank_backward_leaves_atomics_under_deterministic_algorithms(monkeypatch,
+                                                                                deterministic):
+    """The fused backward sums dA/dB by fp32 atomics (run-dependent order on a GPU); with
+    torch.use_deterministic_algorithms(True) dA and dB come from the split-K passes (fixed
+    order). The interpreter's atomics are ordered, so the routing is what is checked, and the
+    numbers of both routes against each other."""
+    import pypeft_fast as pf
+    from pypeft_fast.kernels import lowrank as klr
+    calls = []
+    real_gemm = klr._gemm
+    monkeypatch.setattr(klr, "_gemm", lambda *a, **kw: calls.append(kw) or real_gemm(*a, **kw))
+    prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        x, w, A, B = _lowrank_leaves()
+        y = pf.lowrank_linear(x, w, None, A, B, 2.0, 0.3, 77, "triton")
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    bwd = [kw for kw in calls if kw.get("fuse_u") and not kw.get("store_u")]
+    assert len(bwd) == 1
+    fused = bwd[0]["grad_d"] is not None or bwd[0]["grad_c"] is not None
+    assert fused != deterministic
+    x2, w2, A2, B2 = _lowrank_leaves()
+    y2 = pf.lowrank_linear(x2, w2, None, A2, B2, 2.0, 0.3, 77, "torch")
+    y2.backward(torch.ones_like(y2))
+    for name, g, ref in (("dx", x.grad, x2.grad), ("dA", A.grad, A2.grad), ("dB", B.grad, B2.grad)):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=name)
