@@ -1,11 +1,13 @@
-"""Smoke test of the main job, ``pypeft-fast bench``, at its tiny preset: every family, every
-row, the JSON and the plot. (Speed targets are a benchmark's business, not a test's.)"""
+"""Smoke test of the main job, ``pypeft-fast bench``, at its tiny preset: every variant, every
+row, fp32 and bf16 autocast each with its own floor, the JSON and the plot. (Speed targets are a
+benchmark's business, not a test's: they live in bench/NOTES.md.)"""
 from __future__ import annotations
 
 import json
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -14,67 +16,103 @@ pytest.importorskip("matplotlib")
 
 from pypeft_fast import bench  # noqa: E402
 from pypeft_fast.__main__ import main as cli_main  # noqa: E402
+from pypeft_fast.bench import precision, variants  # noqa: E402
 
 
-def test_bench_tiny_end_to_end(tmp_path, capsys):
+def test_bench_tiny_end_to_end_fp32_and_bf16_autocast(tmp_path, capsys):
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = cli_main(["bench", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--no-progress",
-                   "--json", str(js), "--plot", str(png)])
+                   "--precision", "fp32,bf16-autocast", "--json", str(js), "--plot", str(png)])
     assert rc == 0
     out = capsys.readouterr().out
 
     doc = json.loads(js.read_text())
     assert doc["config"]["preset"] == "tiny" and doc["config"]["hidden"] == 64
-    assert doc["device"].startswith("cpu") and doc["dtype"] == "float32"
-    assert {"torch", "peft", "transformers", "pypeft_fast"} <= set(doc["versions"])
+    assert doc["config"]["precision"] == ["fp32", "bf16-autocast"]
+    assert doc["device"].startswith("cpu")
+    assert {"torch", "peft", "transformers", "pypeft_fast"} <= set(doc)
     rows = doc["rows"]
-    expected = [("floor", "floor")] + [(f, impl) for f in bench.FAMILIES
-                                       for impl in (("reference" if f == "phm" else "peft"), "pypeft_fast")]
-    assert [(r["family"], r["impl"]) for r in rows] == expected
-    floor = rows[0]
-    by = {(r["family"], r["impl"]): r for r in rows}
+    per_precision = [("floor", "floor")] + [(f, impl) for f in bench.FAMILIES
+                                            for impl in (variants.VARIANTS[f].baseline, "pypeft_fast")]
+    expected = [("fp32", *k) for k in per_precision] + [("bf16-autocast", *k) for k in per_precision]
+    assert [(r["precision"], r["family"], r["impl"]) for r in rows] == expected
+    by = {(r["precision"], r["family"], r["impl"]): r for r in rows}
     for r in rows:
-        for k in ("family", "impl", "step_s", "saved_bytes", "trainable_params", "device", "versions", "date"):
+        floor = by[(r["precision"], "floor", "floor")]
+        for k in ("family", "impl", "step_s", "saved_bytes", "trainable_params", "device", "torch", "date"):
             assert k in r, f"row {r['label']} lacks {k}"
+        assert r["dtype"] == "float32" and r["autocast"] == (None if r["precision"] == "fp32" else "bfloat16")
         assert r["step_s"] > 0 and math.isfinite(r["step_s"]), r
-        assert len(r["step_s_all"]) == 2 and r["step_s"] == pytest.approx(sorted(r["step_s_all"])[0] / 2
-                                                                          + sorted(r["step_s_all"])[1] / 2)
+        assert len(r["step_s_all"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_s_all"]) / 2)
         assert r["saved_bytes"] > 0 and r["trainable_params"] > 0, r
         assert r["time_over_floor"] == pytest.approx(r["step_s"] / floor["step_s"] - 1)
         assert r["saved_over_floor"] == pytest.approx(r["saved_bytes"] / floor["saved_bytes"] - 1)
         if r["impl"] == "pypeft_fast":
-            ref = by[(r["family"], "reference" if r["family"] == "phm" else "peft")]
+            ref = by[(r["precision"], r["family"], variants.VARIANTS[r["family"]].baseline)]
             assert r["speedup_vs_peft"] == pytest.approx(ref["step_s"] / r["step_s"])
-            # the same adapter on the same weights: the same number of trainable parameters
-            assert r["trainable_params"] == ref["trainable_params"]
-            assert r.get("pf_fallback_calls", 0) == 0, f"{r['label']}: calls ran peft's forward"
-            assert "target_time_over_floor" in r
-    # floor trains the norms only: 2 per layer + the final one, hidden each
-    assert floor["trainable_params"] == (2 * 2 + 1) * 64
-    # LoRA r=4 on 7 projections of 2 layers: r·(in+out) each
-    lora = 4 * (4 * (64 + 64) + 2 * (64 + 176) + (176 + 64)) * 2
-    assert by[("lowrank", "peft")]["trainable_params"] == lora
+            assert r["trainable_params"] == ref["trainable_params"]  # same adapter, same weights
+            if "pf_fallback_calls" in r:  # patched peft: every call served, at both precisions
+                assert r["pf_fallback_calls"] == 0 and r["pf_served_calls"] > 0, r
+            assert "target_time_over_floor" not in r  # the project's targets are not user output
+    floor = by[("fp32", "floor", "floor")]
+    assert floor["trainable_params"] == (2 * 2 + 1) * 64  # norms only: 2 per layer + the final one
+    lora = 4 * (4 * (64 + 64) + 2 * (64 + 176) + (176 + 64)) * 2  # r·(in+out), 7 projections, 2 layers
+    assert by[("fp32", "lowrank", "peft")]["trainable_params"] == lora
 
     for r in rows:  # the printed table has every row
         assert r["label"] in out
-    assert "time over floor" in out and "saved MiB" in out
+    assert "time over floor" in out and "saved MiB" in out and "bf16-autocast" in out
+    assert "MISS" not in out and "target" not in out
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--families", "lora,dora"])
-    assert "unknown ['dora']" in capsys.readouterr().err
+        bench.parse_args(["--families", "lora,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--preset", "tiny", "--phm-n", "5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precision", "fp8"])
     a = bench.parse_args(["--preset", "tiny", "--families", "lokr,lora", "--seq", "16"])
     assert a.families == ["lowrank", "kronecker"] and a.seq == 16 and a.hidden == 64
-    assert a.backends == {f: "auto" for f in bench.FAMILIES}
-    a = bench.parse_args(["--backend", "lora=torch,sparse=torch"])
-    assert a.backends == {"lowrank": "torch", "kronecker": "auto", "sparse": "torch", "phm": "auto"}
-    assert bench.parse_args(["--backend", "torch"]).backends == {f: "torch" for f in bench.FAMILIES}
+    assert a.precision == "auto"
+    families = sorted({s.family for s in variants.VARIANTS.values()})
+    assert a.backends == {f: "auto" for f in families}
+    a = bench.parse_args(["--backend", "lora=torch,sparse=torch", "--precision", "bf16-autocast"])
+    assert a.backends == {f: ("torch" if f in ("lowrank", "sparse") else "auto") for f in families}
+    assert a.precision == ["bf16-autocast"]
+    assert bench.parse_args(["--backend", "torch"]).backends == {f: "torch" for f in families}
     with pytest.raises(SystemExit):
         bench.parse_args(["--backend", "lowrank=fast"])
+
+
+def test_default_precisions_follow_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_bf16_reason", lambda: None)
+    assert precision.default_precisions(cpu) == (["fp32", "bf16-autocast"], None)
+    monkeypatch.setattr(precision, "cpu_bf16_reason", lambda: "no AVX512-BF16")
+    names, note = precision.default_precisions(cpu)
+    assert names == ["fp32"] and "no AVX512-BF16" in note and "--precision" in note
+
+
+def test_a_variant_is_one_table_entry(monkeypatch):
+    """Adding a variant is one VariantSpec: the CLI, the rows and the baseline pairing follow."""
+    from peft import LoraConfig
+
+    spec = variants.VariantSpec(
+        "lowrank-r2", "lowrank", "LoRA r2", lambda a: "LoRA r=2",
+        peft_config=lambda a: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        aliases=("lora2",))
+    monkeypatch.setitem(variants.VARIANTS, spec.name, spec)
+    a = bench.parse_args(["--preset", "tiny", "--families", "lora2"])
+    assert a.families == ["lowrank-r2"]
+    from pypeft_fast.bench.model import build_base
+
+    built = variants.build_variants(a, build_base(a, torch.device("cpu"), torch.float32))
+    assert [(v.family, v.impl) for v in built] == [("floor", "floor"), ("lowrank-r2", "peft"),
+                                                   ("lowrank-r2", "pypeft_fast")]
+    assert built[2].report is not None and len(built[2].report.entries) == 4
 
 
 def test_bench_reports_a_failing_variant_and_goes_on(tmp_path, capsys):
@@ -82,11 +120,11 @@ def test_bench_reports_a_failing_variant_and_goes_on(tmp_path, capsys):
     failed, with the reason, and the other rows are still measured; the exit code says so."""
     js = tmp_path / "bench.json"
     rc = bench.main(["--preset", "tiny", "--families", "lora", "--backend", "lowrank=cuda", "--steps", "1",
-                     "--warmup", "0", "--no-progress", "--json", str(js)])
+                     "--warmup", "0", "--precision", "fp32", "--no-progress", "--json", str(js)])
     assert rc == 1
     rows = json.loads(js.read_text())["rows"]
     assert [(r["impl"], "error" in r) for r in rows] == [("floor", False), ("peft", False), ("pypeft_fast", True)]
     assert "cuda" in rows[2]["error"] and rows[2]["step_s"] is None
     assert rows[1]["step_s"] > 0 and rows[1]["saved_bytes"] > 0
     captured = capsys.readouterr()
-    assert "failed" in captured.out and "FAIL" not in captured.out  # tiny: no target lines
+    assert "FAILED" in captured.out

@@ -1,0 +1,143 @@
+"""The bench's results: one row (dict) per run, the text table, the plot.
+
+Every overhead is against the floor *of the same precision* (the frozen model under the same
+autocast); "vs peft" is the baseline's median step over pypeft_fast's, same precision.
+"""
+from __future__ import annotations
+
+from .timing import Run
+from .variants import VARIANTS
+
+
+def rows(runs: list[Run], env: dict) -> list[dict]:
+    floors = {r.precision.name: r for r in runs if r.variant.impl == "floor"}
+    baselines = {(r.precision.name, r.variant.family): r for r in runs
+                 if r.variant.impl in ("peft", "reference")}
+    out = []
+    for r in runs:
+        v, floor = r.variant, floors[r.precision.name]
+        ref = baselines.get((r.precision.name, v.family))
+        fast = v.impl == "pypeft_fast"
+
+        def over(x, f):
+            return x / f - 1.0 if f else None
+
+        row = {
+            "precision": r.precision.name, "family": v.family, "impl": v.impl, "label": v.label,
+            "dtype": str(r.precision.base_dtype).replace("torch.", ""),
+            "autocast": None if r.precision.autocast is None else str(r.precision.autocast).replace("torch.", ""),
+            "step_s": r.step_s, "step_s_all": r.times,
+            "step_s_min": min(r.times) if r.times else None,
+            "time_over_floor": over(r.step_s, floor.step_s),
+            "time_over_floor_min": over(min(r.times), min(floor.times)) if r.times and floor.times else None,
+            "speedup_vs_peft": ref.step_s / r.step_s if (ref is not None and fast) else None,
+            "saved_bytes": r.saved_bytes,
+            "saved_over_floor": over(r.saved_bytes, floor.saved_bytes),
+            "saved_nonparam_bytes": r.saved_nonparam_bytes,
+            "saved_nonparam_over_floor": over(r.saved_nonparam_bytes, floor.saved_nonparam_bytes),
+            "trainable_params": v.trainable_params,
+            **env,
+        }
+        if v.report is not None:
+            row["pf_served_calls"], row["pf_fallback_calls"] = r.served_calls, r.fallback_calls
+        if v.error is not None:
+            row["error"] = v.error
+            for k in ("step_s", "step_s_min", "time_over_floor_min", "speedup_vs_peft", "time_over_floor",
+                      "saved_over_floor", "saved_nonparam_over_floor"):
+                row[k] = None
+        out.append(row)
+    return out
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:+.1f} %"
+
+
+HEAD = ("precision", "variant", "step s", "vs peft", "time over floor", "(min-based)", "saved MiB",
+        "mem over floor", "excl. weights", "trainable")
+
+
+def table(result_rows: list[dict]) -> str:
+    body = []
+    for r in result_rows:
+        floor = r["impl"] == "floor"
+        if r.get("error"):
+            body.append((r["precision"], r["label"], "failed", "—", "—", "—", "—", "—", "—",
+                         f"{r['trainable_params']:,}"))
+            continue
+        body.append((
+            r["precision"], r["label"], f"{r['step_s']:.3f}",
+            "—" if r["speedup_vs_peft"] is None else f"{r['speedup_vs_peft']:.2f}×",
+            "—" if floor else _pct(r["time_over_floor"]),
+            f"{r['step_s_min']:.3f} s" if floor else _pct(r["time_over_floor_min"]),
+            f"{r['saved_bytes'] / 2**20:.1f}",
+            "—" if floor else _pct(r["saved_over_floor"]),
+            f"{r['saved_nonparam_bytes'] / 2**20:.1f}" + ("" if floor else
+                                                          f" ({_pct(r['saved_nonparam_over_floor'])})"),
+            f"{r['trainable_params']:,}",
+        ))
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEAD)]
+    left = (0, 1)
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i in left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i in left else ("-" * (w + 1) + ":")
+                         for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(HEAD), sep] + [line(b) for b in body])
+
+
+def notes(result_rows: list[dict]) -> list[str]:
+    """Failed rows and calls that ran peft's forward (facts about this run, not targets)."""
+    out = []
+    for r in result_rows:
+        if r.get("error"):
+            out.append(f"FAILED [{r['precision']}] {r['label']}: {r['error']}")
+        elif r.get("pf_fallback_calls"):
+            out.append(f"NOTE [{r['precision']}] {r['label']}: {r['pf_fallback_calls']} of "
+                       f"{r['pf_fallback_calls'] + r['pf_served_calls']} calls ran peft's forward "
+                       "(see the PatchReport)")
+    return out
+
+
+def plot(result_rows: list[dict], path: str, title: str) -> None:
+    """Time and saved-activation overhead over the floor, per variant, one row of panels per
+    precision: baseline (peft / materialising reference) and pypeft_fast side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    precisions = list(dict.fromkeys(r["precision"] for r in result_rows))
+    fams = [f for f in VARIANTS if any(r["family"] == f for r in result_rows)]
+    fig, axes = plt.subplots(len(precisions), 2, figsize=(11, 4.2 * len(precisions)),
+                             constrained_layout=True, squeeze=False)
+    width = 0.38
+    for axrow, prec in zip(axes, precisions):
+        mine = [r for r in result_rows if r["precision"] == prec]
+        for ax, key, what in ((axrow[0], "time_over_floor", "step time"),
+                              (axrow[1], "saved_over_floor", "saved activations")):
+            for j, (impl, color) in enumerate((("baseline", "#c44e52"), ("pypeft_fast", "#4c72b0"))):
+                vals = []
+                for f in fams:
+                    r = next((r for r in mine if r["family"] == f and
+                              (r["impl"] == impl or (impl == "baseline" and r["impl"] in ("peft", "reference")))),
+                             None)
+                    vals.append(100 * r[key] if r and r.get(key) is not None else None)
+                xs = [i + (j - 0.5) * width for i in range(len(fams))]
+                name = "peft / materialising reference" if impl == "baseline" else "pypeft_fast"
+                bars = ax.bar(xs, [0.0 if v is None else v for v in vals], width, label=name, color=color)
+                ax.bar_label(bars, labels=["failed" if v is None else f"{v:+.0f}%" for v in vals],
+                             fontsize=8, padding=2)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xticks(range(len(fams)))
+            ax.set_xticklabels([f"{f}\n({VARIANTS[f].short})" for f in fams])
+            ax.set_ylabel(f"{what} over the {prec} floor (%)")
+            ax.set_title(f"{prec}: {what} overhead (lower is better)")
+            ax.legend(fontsize=8, loc="upper left")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, 0), hi * 1.12)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
