@@ -35,16 +35,24 @@ class Handler:
         weight, bias = linear_view(module.base_layer)
         values = module.shira_weight[adapter]
         src = module.shira_indices[adapter]
-        # peft stores the mask as int32 (2, nnz); pypeft_fast wants int64. Convert once per
-        # indices tensor (and its contents: IndicesStamp) so the sparse layout cache keyed on
-        # the copy keeps hitting. The copy is made outside inference mode: a first call under
-        # torch.inference_mode() must not leave an inference tensor for later training steps.
-        hit = state.cache.get(adapter)
-        if (hit is None or hit[0] is not src or hit[2].device != values.device
-                or not hit[1].matches(src)):
-            with torch.inference_mode(False):
-                idx = src.to(device=values.device, dtype=torch.int64, copy=True)
-            hit = (src, IndicesStamp.of(src), idx)
-            state.cache[adapter] = hit
-        return sparse_linear(x, weight, bias, values, hit[2], scaling=scalar(module.scaling[adapter]),
+        if torch.compiler.is_compiling():  # traced: no cache (sparse_linear builds the layout)
+            idx = src.to(device=values.device, dtype=torch.int64)
+        else:
+            idx = _int64_indices(state, adapter, src, values.device)
+        return sparse_linear(x, weight, bias, values, idx, scaling=scalar(module.scaling[adapter]),
                              backend=state.backend, name=state.entry.name)
+
+
+def _int64_indices(state, adapter, src, device):
+    """peft stores the mask as int32 (2, nnz); pypeft_fast wants int64. Converted once per
+    indices tensor and contents (:class:`IndicesStamp`: version, pointer, CPU contents), so the
+    sparse layout cache keyed on the copy keeps hitting. The copy is made outside inference
+    mode: a first call under ``torch.inference_mode()`` must not leave an inference tensor that
+    later training steps cannot use."""
+    hit = state.cache.get(adapter)
+    if hit is None or hit[0] is not src or hit[2].device != device or not hit[1].matches(src):
+        with torch.inference_mode(False):
+            idx = src.to(device=device, dtype=torch.int64, copy=True)
+        hit = (src, IndicesStamp.of(src), idx)
+        state.cache[adapter] = hit
+    return hit[2]
