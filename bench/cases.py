@@ -5,12 +5,13 @@ and the profiler); nothing here builds tensors.
 
 Selections (``--bench-selection``):
 
-* ``default`` — what finishes in minutes: every case family × every implementation usable on
-  the device kind × forward / backward / full, at rank 16, at the device's main shapes
-  (CPU: BERT-base's query 768→768 and intermediate 768→3072 at CPU_TOKENS = 4 × 256; GPU:
-  Llama-3-8B's q, k, gate/up and down projections at GPU_TOKENS = 8 × 2048); plus the scaling
-  view: mode full, pypeft_fast's ``auto`` choice and the reference, ranks 8 / 16 / 64 × sequence
-  256 / 1024 (batch 4 on CPU, 16 on GPU) at the first main shape.
+* ``default`` — what finishes in minutes: at the device's first main shape (CPU: BERT-base's
+  query 768→768 at CPU_TOKENS = 4 × 256; GPU: Llama-3-8B's q_proj at GPU_TOKENS = 8 × 2048)
+  every case family × every implementation usable on the device kind × forward / backward /
+  full, rank 16; at the other main shapes (CPU: BERT-base's intermediate 768→3072; GPU:
+  Llama-3-8B's k, up and down projections) mode full; plus the scaling view at the first
+  shape: mode full, pypeft_fast's ``auto`` choice and the reference, ranks 8 / 16 / 64 at
+  sequence 256 and sequence 1024 at rank 16 (batch 4 on CPU, 16 on GPU).
 * ``full`` — every shape of ``workloads.SHAPES`` × ranks 8 / 16 / 64 × every mode and
   implementation (opt-in: hours on a CPU).
 * ``tiny`` — the CI smoke: ragged tiny shapes (``workloads.TINY_SHAPES``, 37 tokens, rank 4),
@@ -76,18 +77,15 @@ def cases(selection: str, device_kind: str, tokens: int | None = None,
                for s in workloads.SHAPES for r in RANKS for f in fams for i in impls for m in modes]
     elif selection == "default":
         n = tokens or TOKENS[device_kind]
-        shapes = MAIN_SHAPES[device_kind]
-        out = [BenchCase(f, i, m, s, DEFAULT_RANK, n)
-               for s in shapes for f in fams for i in impls for m in modes]
-        seen = set(out)
-        for seq in SCALING_SEQS:
-            for r in RANKS:
-                for f in fams:
-                    for i in ("auto", "reference"):
-                        c = BenchCase(f, i, "full", shapes[0], r, BATCH[device_kind] * seq)
-                        if c not in seen:
-                            out.append(c)
-                            seen.add(c)
+        first, *others = MAIN_SHAPES[device_kind]
+        out = [BenchCase(f, i, m, first, DEFAULT_RANK, n) for f in fams for i in impls for m in modes]
+        out += [BenchCase(f, i, "full", s, DEFAULT_RANK, n) for s in others for f in fams for i in impls]
+        # scaling: ranks 8 / 64 at sequence 256, sequence 1024 at rank 16 (rank 16 at 256 is above)
+        seq_short, seq_long = SCALING_SEQS
+        n_short, n_long = BATCH[device_kind] * seq_short, BATCH[device_kind] * seq_long
+        grid = [(r, n_short) for r in RANKS if r != DEFAULT_RANK or n_short != n] + [(DEFAULT_RANK, n_long)]
+        out += [BenchCase(f, i, "full", first, r, t) for r, t in grid for f in fams for i in ("auto", "reference")]
+        out = list(dict.fromkeys(out))
     else:
         raise ValueError(f"--bench-selection must be default, full or tiny; got {selection!r}")
     return out

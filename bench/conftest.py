@@ -8,7 +8,7 @@ Options (besides pytest-benchmark's own ``--benchmark-*``):
                                           activations/W and adapter dtypes (default: fp32 on CPU,
                                           bf16 with fp32 adapters — peft's default — on a GPU)
     --bench-tokens N                      tokens per call instead of the selection's
-    --bench-rounds N, --bench-warmup N    timed / warm-up rounds per case (CPU 5 / 1, GPU 30 / 5)
+    --bench-rounds N, --bench-warmup N    timed / warm-up rounds per case (CPU 5 / 1, GPU 15 / 3)
     --bench-threads N                     torch.set_num_threads
     --bench-check                         check every case against float64 (always on with
                                           --benchmark-disable and in the tiny selection)
@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # tests/numerics.py: the toleran
 
 import cases  # noqa: E402
 
-ROUNDS = {"cpu": (5, 1), "cuda": (30, 5)}
+ROUNDS = {"cpu": (5, 1), "cuda": (15, 3)}
 DTYPE_DEFAULT = {"cpu": "fp32", "cuda": "bf16+fp32-adapter"}
 
 

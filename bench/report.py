@@ -15,6 +15,10 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))         # bench/roofline.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pypeft_fast from a checkout
 
 IMPL_ORDER = ("reference", "torch", "cpp", "triton", "cuda", "auto")
 
@@ -25,13 +29,15 @@ def load_rows(path: str) -> list[dict]:
     lines of a ``--bench-rows`` file (``.jsonl``)."""
     with open(path) as f:
         if path.endswith(".jsonl"):  # --bench-rows: extra_info lines, as they were measured
-            return [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
+            return [dict(r, kind=r.get("kind", "op" if "op" in r else "layer")) for r in rows]
         data = json.load(f)
     rows = []
     for b in data.get("benchmarks", []):
         info = dict(b.get("extra_info") or {})
         if "family" not in info:
             continue
+        info.setdefault("kind", "op" if "op" in info else "layer")
         info.setdefault("median_s", b["stats"]["median"])
         rows.append(info)
     return rows
@@ -64,6 +70,23 @@ def _groups(rows):
     return g
 
 
+def _predicted(r: dict) -> str:
+    """bench/roofline.py's prediction for a Triton row (mode full) on an H100/H200, else ""."""
+    if r.get("backend") != "triton" or r["mode"] != "full":
+        return ""
+    import roofline
+    from pypeft_fast import workloads
+
+    gpu = roofline.gpu_of(r.get("device", ""))
+    if gpu is None:
+        return ""
+    shape = workloads.shape_of(r["shape"])
+    t = roofline.predicted_seconds(r["family"], shape, r["tokens"], r["rank"], gpu)
+    if t is None:
+        return ""
+    return f"{t * 1e3:.3g} ({t / roofline.frozen_seconds(shape, r['tokens'], gpu):.2f}×)"
+
+
 def timing_tables(rows: list[dict], markdown: bool = True) -> str:
     groups = _groups(rows)
     out = []
@@ -84,18 +107,23 @@ def timing_tables(rows: list[dict], markdown: bool = True) -> str:
                     speed = "—" if ref is None or impl == "reference" else f"{ref['median_s'] / r['median_s']:.2f}×"
                     body.append([k[1], str(k[2]), str(k[3]), name, _fmt_ms(r["median_s"]),
                                  _fmt_ms(r["frozen_s"]), f"{r['ratio_to_frozen']:.2f}", speed,
-                                 f"{r['gflops_per_s']:.1f}", f"{r['gb_per_s']:.1f}"])
+                                 f"{r['gflops_per_s']:.1f}", f"{r['gb_per_s']:.1f}", _predicted(r)])
             out.append(f"\n#### {fam} — {mode}\n" if markdown else f"\n{fam} — {mode}")
             out.append(_table(["shape", "r", "tokens", "impl", "ms", "frozen ms", "× frozen",
-                               "speed-up over reference", "GFLOP/s", "GB/s"], body, markdown))
+                               "speed-up over reference", "GFLOP/s", "GB/s",
+                               "roofline ms (× frozen)"], body, markdown))
     return "\n".join(out)
+
+
+def layer_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind", "layer") == "layer"]
 
 
 def limit_table(rows: list[dict], markdown: bool = True) -> str:
     """Per family, shape, rank, tokens (mode full): the adapter's FLOP share (written-down
     formula, pypeft_fast/workloads.py) beside each implementation's measured overhead over the
     frozen GEMM (ratio − 1, frozen timed in the same rounds)."""
-    full = [r for r in rows if r["mode"] == "full"]
+    full = [r for r in layer_rows(rows) if r["mode"] == "full"]
     if not full:
         return "(no mode-full results: nothing to compare with the FLOP share)"
     groups = _groups(full)
@@ -119,20 +147,42 @@ def environment_line(rows: list[dict]) -> str:
     return ", ".join(f"{k} {r.get(k)}" for k in keys if k in r) + f"; dtype {r.get('dtype')}"
 
 
+def op_table(rows: list[dict], markdown: bool = True) -> str:
+    """bench/test_ops.py's rows: per op and shape, each provider's median and torch/this."""
+    g = defaultdict(dict)
+    for r in rows:
+        g[(r["family"], r["op"], r["shape"], r["rank"], r["tokens"])][r["provider"]] = r
+    body = []
+    for k, prov in g.items():
+        t = prov.get("torch")
+        for name in sorted(prov, key=lambda p: ("nodrop", "torch", "native").index(p) if p in ("nodrop", "torch", "native") else 9):
+            r = prov[name]
+            body.append([k[0], k[1], k[2], str(k[3]), str(k[4]), name, _fmt_ms(r["median_s"]),
+                         "" if t is None or name == "nodrop" else f"{t['median_s'] / r['median_s']:.2f}×",
+                         f"{r['gflops_per_s']:.1f}" if r["flops"] else "", f"{r['gb_per_s']:.1f}"])
+    return _table(["family", "op", "shape", "r", "tokens", "provider", "ms", "torch/this", "GFLOP/s", "GB/s"],
+                  body, markdown)
+
+
 def markdown_report(rows: list[dict]) -> str:
+    layer = [r for r in rows if r.get("kind", "layer") == "layer"]
+    ops = [r for r in rows if r.get("kind") == "op"]
     if not rows:
         return "No micro-benchmark results (every case skipped, or the run was --benchmark-disable).\n"
-    return "\n".join([
-        "### Kernel micro-benchmarks", "", environment_line(rows), "",
-        "Ratios to the frozen GEMM come from the same rounds (interleaved); speed-up = reference "
-        "median / this median, same group.", timing_tables(rows), "",
-        "#### The limit beside the measurement (mode full)", "", limit_table(rows), ""])
+    out = ["### Kernel micro-benchmarks", "", environment_line(rows), ""]
+    if layer:
+        out += ["Ratios to the frozen GEMM come from the same rounds (interleaved); speed-up = reference "
+                "median / this median, same group.", timing_tables(layer), "",
+                "#### The limit beside the measurement (mode full)", "", limit_table(layer), ""]
+    if ops:
+        out += ["#### Op level (bench/test_ops.py)", "", op_table(ops), ""]
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], path: str, mode: str = "full") -> bool:
     """Bar chart of × frozen per family (subplots) and implementation (bars), one colour per
     shape; False when matplotlib is missing or there is nothing to draw."""
-    sel = [r for r in rows if r["mode"] == mode]
+    sel = [r for r in layer_rows(rows) if r["mode"] == mode]
     if not sel:
         return False
     try:
@@ -143,8 +193,14 @@ def plot(rows: list[dict], path: str, mode: str = "full") -> bool:
         print("bench/report.py: matplotlib is not installed: no PNG", file=sys.stderr)
         return False
     fams = list(dict.fromkeys(r["family"] for r in sel))
-    fig, axes = plt.subplots(1, len(fams), figsize=(3.2 * len(fams) + 1, 3.8), squeeze=False, sharey=True)
-    for ax, fam in zip(axes[0], fams):
+    ncols = min(4, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.6, 2.9 * nrows + 1.0), squeeze=False,
+                             sharey=True)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(fams):]:
+        ax.axis("off")
+    for ax, fam in zip(flat, fams):
         fr = [r for r in sel if r["family"] == fam]
         impls = sorted(dict.fromkeys(r["impl"] for r in fr), key=_impl_key)
         keys = list(dict.fromkeys((r["shape"], r["rank"], r["tokens"]) for r in fr))
@@ -153,18 +209,21 @@ def plot(rows: list[dict], path: str, mode: str = "full") -> bool:
             vals = []
             for impl in impls:
                 r = next((r for r in fr if r["impl"] == impl and (r["shape"], r["rank"], r["tokens"]) == key), None)
-                vals.append(r["ratio_to_frozen"] if r else 0.0)
+                vals.append(r["ratio_to_frozen"] if r else float("nan"))
             ax.bar([i + j * width for i in range(len(impls))], vals, width,
                    label=f"{key[0]} r{key[1]} n{key[2]}")
         ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_yscale("log")
+        ax.grid(axis="y", which="major", lw=0.3, alpha=0.5)
         names = [i if i != "reference" else fr[0].get("reference_name", "ref") for i in impls]
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(impls))], names, rotation=30, fontsize=8)
         ax.set_title(fam, fontsize=9)
-    axes[0][0].set_ylabel(f"time / frozen GEMM ({mode})")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    for row in axes:
+        row[0].set_ylabel(f"time / frozen GEMM ({mode})", fontsize=8)
+    handles, labels = flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
-    fig.suptitle(environment_line(sel)[:150], fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.suptitle(environment_line(sel)[:160], fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 / nrows, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -163,7 +163,7 @@ def test_kernel(case, bench_env, benchmark):
     flops = frozen_flops + adapter_flops
     nbytes = workloads.bytes_moved(case.family, shape, case.rank, case.tokens, case.mode, e, ae)
     info = {
-        "family": case.family, "impl": case.impl, "backend": impl,
+        "kind": "layer", "family": case.family, "impl": case.impl, "backend": impl,
         "reference_name": w.reference_name, "mode": case.mode, "shape": case.shape,
         "in_features": shape.in_features, "out_features": shape.out_features,
         "rank": case.rank, "tokens": case.tokens, "dtype": bench_env["dtype_name"],

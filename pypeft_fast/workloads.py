@@ -481,7 +481,7 @@ def _sparse(w, g, c):
         return pf.sparse_linear(x, W, None, P["values"], f["indices"], f["scaling"], backend)
 
     def reference(x, W, P, f):  # peft SHiRA: W + the sparse ΔW made dense, then F.linear
-        dw = torch.sparse_coo_tensor(f["indices"], P["values"] * f["scaling"], (o, i)).to_dense()
+        dw = torch.sparse_coo_tensor(f["indices"], P["values"] * f["scaling"], (o, i), check_invariants=False).to_dense()
         return F.linear(x, W + dw.to(W.dtype))
 
     return params, fixed, ours, reference, delta, None
