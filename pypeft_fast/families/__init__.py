@@ -1,2 +1,2 @@
 """The four delta families. Importing this package registers each of them in the registry."""
-from . import kronecker, lowrank, phm, sparse  # noqa: F401  (registration side effects)
+from . import hadamard, kronecker, lowrank, phm, sparse  # noqa: F401  (registration side effects)

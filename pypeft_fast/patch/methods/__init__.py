@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = ("lora", "lokr", "shira")
+METHODS = ("lora", "lokr", "loha", "shira")
 """Handler modules, in dispatch order."""
 
 

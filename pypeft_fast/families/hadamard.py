@@ -1,0 +1,267 @@
+"""Hadamard family (LoHa, FedPara): ΔW = s·(W1a·W1b) ⊙ (W2a·W2b).
+
+Shapes: x2d (n, in), W (out, in), W1a (out, r1), W1b (r1, in), W2a (out, r2), W2b (r2, in);
+M1 = W1a·W1b and M2 = W2a·W2b are (out, in); R = r1·r2.
+
+Two exact ways to apply ΔW, chosen per op by a cost model (:func:`plan_for`, measured in
+bench/NOTES.md "Hadamard"):
+
+**factored (Khatri–Rao)** — ΔW is a rank-R product of column-wise Hadamard factors, never built::
+
+    Ka[i, (p,q)] = W1a[i,p]·W2a[i,q]     (out, R)      ΔW = s·Ka·Kb
+    Kb[(p,q), j] = W1b[p,j]·W2b[q,j]     (R, in)
+
+    forward   u = x·Kbᵀ (n, R);  y = x·Wᵀ + b + s·u·Kaᵀ
+    backward  t = s·gy·Ka (n, R);  dx = gy·W + t·Kb
+              dKa = s·gyᵀ·u (u rebuilt, not saved);  dKb = tᵀ·x
+              dW1a[i,p] = Σ_q dKa[i,(p,q)]·W2a[i,q]    dW2a[i,q] = Σ_p dKa[i,(p,q)]·W1a[i,p]
+              dW1b[p,j] = Σ_q dKb[(p,q),j]·W2b[q,j]    dW2b[q,j] = Σ_p dKb[(p,q),j]·W1b[p,j]
+
+**dense** — ΔW formed once per op into a transient (the one family where a weight-sized
+transient is allowed: it never outlives the op and is never saved; backward rebuilds it)::
+
+    forward   W' = W + s·M1⊙M2;  y = x·W'ᵀ + b                        (one GEMM)
+    backward  dx = gy·W'  (W' rebuilt)
+              G = s·gyᵀ·x (out, in);  dW1a = (G⊙M2)·W1bᵀ,  dW1b = W1aᵀ·(G⊙M2)
+                                     dW2a = (G⊙M1)·W2bᵀ,  dW2b = W2aᵀ·(G⊙M1)
+
+The three parts — forward, dx, factor gradients — are chosen independently
+(:class:`HadamardPlan`). Saved for backward: x and the four factors, nothing else.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry
+from ..function import delta_linear
+from ..validate import check_base, check_param, check_same_device, check_scaling, compute_dtype, fail
+from ._accumulate import add_into, addmm_into
+
+FAMILY = "hadamard"
+METHODS = ("factored", "dense")
+
+
+@dataclass(frozen=True)
+class HadamardPlan:
+    """Which form computes each part of the op: ``"factored"`` (Khatri–Rao) or ``"dense"``."""
+
+    forward: str
+    dx: str
+    grads: str
+
+    def __post_init__(self):
+        for part in ("forward", "dx", "grads"):
+            if getattr(self, part) not in METHODS:
+                raise ValueError(f"HadamardPlan.{part} must be one of {METHODS}, got {getattr(self, part)!r}")
+
+
+@dataclass(frozen=True)
+class HadamardHP:
+    scaling: float
+    plan: HadamardPlan
+
+
+# --- the cost model (FLOPs + BYTE_WEIGHT · bytes of fp32 transients; bench/NOTES.md "Hadamard") ---
+
+BYTE_WEIGHT = float(os.environ.get("PYPEFT_FAST_HADAMARD_BYTE_WEIGHT", 1.0))
+"""GEMM FLOPs that one byte of elementwise traffic over a weight-sized fp32 transient costs.
+Measured on the 2-core EPYC (least disturbed of 15 runs, 1024×1024 and 2752×1024): the GEMMs at
+≈ 30–90 GFLOP/s, ``addcmul`` over the transient at 40–65 GB/s — 0.5 to 0.8 FLOP per byte; 1.0 is
+that, rounded up (bench/NOTES.md "Hadamard")."""
+
+
+def part_costs(n: int, in_f: int, out_f: int, r1: int, r2: int) -> dict[str, dict[str, float]]:
+    """``{part: {method: cost}}`` for forward, dx and grads (FLOPs, bytes weighted by BYTE_WEIGHT).
+
+    factored: the Khatri–Rao GEMMs (R = r1·r2 wide). dense: forming M1, M2 (2·out·in·(r1+r2)),
+    the elementwise passes over out×in fp32 transients, and for grads the n×out×in GEMM G = gyᵀ·x
+    plus the four rank-r products. The frozen GEMMs (x·Wᵀ, gy·W) are the same in both forms and
+    left out. The factored dx reuses t = s·gy·Ka of the factored grads.
+    """
+    R, oi, b = r1 * r2, out_f * in_f, 4 * BYTE_WEIGHT
+    form = 2.0 * oi * (r1 + r2) + b * oi * 5          # M1, M2 written; W, M1, M2 read, W' written
+    return {
+        "forward": {"factored": 2.0 * n * R * (in_f + out_f), "dense": form},
+        "dx": {"factored": 2.0 * n * R * (in_f + out_f), "dense": form},
+        "grads": {"factored": 4.0 * n * R * (in_f + out_f),
+                  "dense": 2.0 * n * oi + 4.0 * oi * (r1 + r2) + form + b * oi * 6},
+    }
+
+
+def plan_for(n: int, in_f: int, out_f: int, r1: int, r2: int) -> HadamardPlan:
+    """The cheaper form of each part by :func:`part_costs`. When the grads are factored, t is
+    already there, so the factored dx costs only its last GEMM (2·n·R·in)."""
+    c = part_costs(n, in_f, out_f, r1, r2)
+    pick = {part: min(METHODS, key=lambda m: c[part][m]) for part in c}
+    if pick["grads"] == "factored":
+        dx_factored = 2.0 * n * r1 * r2 * in_f
+        pick["dx"] = "factored" if dx_factored <= c["dx"]["dense"] else "dense"
+    return HadamardPlan(pick["forward"], pick["dx"], pick["grads"])
+
+
+# --- ΔW, the Khatri–Rao factors, the dense transient ---
+
+def delta_weight(W1a, W1b, W2a, W2b, scaling: float = 1.0) -> torch.Tensor:
+    """Materialised ΔW = s·(W1a·W1b) ⊙ (W2a·W2b), (out, in). Reference, tests and merging only."""
+    return (W1a @ W1b) * (W2a @ W2b) * scaling
+
+
+def khatri_rao(W1a, W1b, W2a, W2b, dtype):
+    """``Ka`` (out, r1·r2) and ``Kb`` (r1·r2, in) with ΔW/s = Ka·Kb, in ``dtype``."""
+    a1, a2, b1, b2 = (t.to(dtype) for t in (W1a, W2a, W1b, W2b))
+    Ka = (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(a1.shape[0], -1)
+    Kb = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(-1, b1.shape[1])
+    return Ka, Kb
+
+
+def _products(params, dtype):
+    W1a, W1b, W2a, W2b = (t.to(dtype) for t in params)
+    return W1a @ W1b, W2a @ W2b
+
+
+def _effective_weight(weight, M1, M2, scaling):
+    """The transient W' = W + s·M1⊙M2 in M1's dtype (float32 or float64)."""
+    return torch.addcmul(weight.to(M1.dtype), M1, M2, value=scaling)
+
+
+def _linear_in(x2d, W_eff, bias):
+    """``x·W'ᵀ + b`` with W' rounded once to x's dtype: the one GEMM runs in the frozen GEMM's
+    dtype (bf16 stays a bf16 GEMM), within the tolerance rule in every dtype case (tests)."""
+    return F.linear(x2d, W_eff.to(x2d.dtype), bias)
+
+
+class TorchHadamard:
+    """The pure-PyTorch kernels, both forms (see the module docstring)."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        cd = compute_dtype(x2d, *params)
+        if hp.plan.forward == "dense":
+            M1, M2 = _products(params, cd)
+            return _linear_in(x2d, _effective_weight(weight, M1, M2, hp.scaling), bias), ()
+        Ka, Kb = khatri_rao(*params, cd)
+        u = x2d.to(cd) @ Kb.t()
+        y = F.linear(x2d, weight, bias)
+        return addmm_into(y, u, Ka.t(), alpha=hp.scaling), ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        W1a, W1b, W2a, W2b = params
+        n_a, n_b = needs_dparams[0] or needs_dparams[2], needs_dparams[1] or needs_dparams[3]
+        cd = compute_dtype(x2d, *params)
+        s, plan = hp.scaling, hp.plan
+        gyc = gy2d.to(cd)
+        dx = None
+        grads = (None,) * 4
+        if plan.grads == "factored" and (n_a or n_b):
+            grads, t, Kb = _factored_grads(gyc, x2d.to(cd), params, s, n_a, n_b,
+                                           want_t=needs_dx and plan.dx == "factored")
+            if t is not None:
+                dx = add_into(gy2d @ weight, t @ Kb)
+        elif n_a or n_b:
+            grads = _dense_grads(gyc, x2d.to(cd), params, s, needs_dparams)
+        if needs_dx and dx is None:
+            if plan.dx == "dense":
+                M1, M2 = _products(params, cd)
+                dx = _matmul_in(gy2d, _effective_weight(weight, M1, M2, s))
+            else:
+                Ka, Kb = khatri_rao(*params, cd)
+                dx = add_into(gy2d @ weight, ((gyc @ Ka).mul_(s)) @ Kb)
+        grads = tuple(None if g is None or not need else g.to(p.dtype)
+                      for g, need, p in zip(grads, needs_dparams, params))
+        return dx, grads
+
+
+def _matmul_in(gy2d, W_eff):
+    """``gy·W'`` with W' rounded once to gy's dtype (as :func:`_linear_in`)."""
+    return gy2d @ W_eff.to(gy2d.dtype)
+
+
+def _factored_grads(gyc, xc, params, s, need_a, need_b, want_t):
+    """(dW1a, dW1b, dW2a, dW2b) through dKa = s·gyᵀ·u and dKb = tᵀ·x; also t = s·gy·Ka and Kb
+    when ``want_t`` (the factored dx needs them)."""
+    W1a, W1b, W2a, W2b = (p.to(gyc.dtype) for p in params)
+    out_f, r1 = W1a.shape
+    r2, in_f = W2b.shape
+    Ka, Kb = khatri_rao(W1a, W1b, W2a, W2b, gyc.dtype)
+    dW1a = dW1b = dW2a = dW2b = t = None
+    if need_a:
+        u = xc @ Kb.t()                                       # (n, R), rebuilt
+        dKa = (gyc.t() @ u).mul_(s).view(out_f, r1, r2)
+        dW1a = torch.einsum("ipq,iq->ip", dKa, W2a)
+        dW2a = torch.einsum("ipq,ip->iq", dKa, W1a)
+    if need_b or want_t:
+        t = (gyc @ Ka).mul_(s)                                # (n, R)
+    if need_b:
+        dKb = (t.t() @ xc).view(r1, r2, in_f)
+        dW1b = torch.einsum("pqj,qj->pj", dKb, W2b)
+        dW2b = torch.einsum("pqj,pj->qj", dKb, W1b)
+    return (dW1a, dW1b, dW2a, dW2b), (t if want_t else None), Kb
+
+
+def _dense_grads(gyc, xc, params, s, needs):
+    """(dW1a, dW1b, dW2a, dW2b) from the dense G = s·gyᵀ·x (out, in), a transient."""
+    W1a, W1b, W2a, W2b = (p.to(gyc.dtype) for p in params)
+    M1, M2 = W1a @ W1b, W2a @ W2b
+    G = (gyc.t() @ xc).mul_(s)
+    dW1a = dW1b = dW2a = dW2b = None
+    if needs[0] or needs[1]:
+        G1 = G * M2
+        dW1a = G1 @ W1b.t() if needs[0] else None
+        dW1b = W1a.t() @ G1 if needs[1] else None
+        del G1
+    if needs[2] or needs[3]:
+        G2 = G.mul_(M1)
+        dW2a = G2 @ W2b.t() if needs[2] else None
+        dW2b = W2a.t() @ G2 if needs[3] else None
+    return dW1a, dW1b, dW2a, dW2b
+
+
+registry.register_family(FAMILY, delta_weight)
+registry.register_kernels(FAMILY, "torch", TorchHadamard)
+
+
+def _resolve_plan(where, method, n, in_f, out_f, r1, r2) -> HadamardPlan:
+    if isinstance(method, HadamardPlan):
+        return method
+    if method == "auto":
+        return plan_for(n, in_f, out_f, r1, r2)
+    if method in METHODS:
+        return HadamardPlan(method, method, method)
+    fail(where, f"method must be 'auto', 'factored', 'dense' or a HadamardPlan, got {method!r}")
+
+
+def hadamard_linear(x, weight, bias, W1a, W1b, W2a, W2b, scaling=1.0, backend="auto", *,
+                    name=None, method="auto"):
+    """``y = x·Wᵀ + b + x·(s·(W1a·W1b) ⊙ (W2a·W2b))ᵀ`` (peft LoHa's ``hada_w1_a`` … ``hada_w2_b``).
+
+    x: (..., in); weight: (out, in), frozen; bias: (out,) or None; W1a: (out, r1), W1b: (r1, in),
+    W2a: (out, r2), W2b: (r2, in). ``method``: "auto" (the cost model, per shape), "factored"
+    (Khatri–Rao, ΔW never built), "dense" (ΔW formed per op as a transient, never saved), or a
+    :class:`HadamardPlan` naming the form of each part.
+    """
+    where = name or "hadamard_linear"
+    out_f, in_f = check_base(where, x, weight, bias)
+    check_param(where, "W1a", W1a, dim=2)
+    check_param(where, "W2a", W2a, dim=2)
+    r1, r2 = W1a.shape[1], W2a.shape[1]
+    check_param(where, "W1a", W1a, expected_shape=(out_f, r1))
+    check_param(where, "W1b", W1b, expected_shape=(r1, in_f))
+    check_param(where, "W2a", W2a, expected_shape=(out_f, r2))
+    check_param(where, "W2b", W2b, expected_shape=(r2, in_f))
+    device = check_same_device(where, x=x, weight=weight, bias=bias, W1a=W1a, W1b=W1b, W2a=W2a, W2b=W2b)
+    scaling = check_scaling(where, scaling)
+    n = x.numel() // in_f if in_f else 0
+    plan = _resolve_plan(where, method, n, in_f, out_f, r1, r2)
+    _, kernels = registry.resolve(FAMILY, backend, device)
+    return delta_linear(
+        kernels, HadamardHP(scaling, plan), 4, x, weight, bias, W1a, W1b, W2a, W2b
+    )
+
+
+__all__ = ["hadamard_linear", "delta_weight", "HadamardHP", "HadamardPlan", "TorchHadamard",
+           "plan_for", "part_costs", "khatri_rao"]
