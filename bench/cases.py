@@ -11,7 +11,8 @@ Selections (``--bench-selection``):
   full, rank 16; at the other main shapes (CPU: BERT-base's intermediate 768→3072; GPU:
   Llama-3-8B's k, up and down projections) mode full; plus the scaling view at the first
   shape: mode full, pypeft_fast's ``auto`` choice and the reference, ranks 8 / 16 / 64 at
-  sequence 256 and sequence 1024 at rank 16 (batch 4 on CPU, 16 on GPU).
+  sequence 256 and sequence 1024 at rank 16 (batch 4 on CPU, 16 on GPU). LoHa's two forced
+  forms (``hadamard-factored``, ``hadamard-dense``) run mode full at the first shape only.
 * ``full`` — every shape of ``workloads.SHAPES`` × ranks 8 / 16 / 64 × every mode and
   implementation (opt-in: hours on a CPU).
 * ``tiny`` — the CI smoke: ragged tiny shapes (``workloads.TINY_SHAPES``, 37 tokens, rank 4),
@@ -40,6 +41,9 @@ MAIN_SHAPES = {
 TOKENS = {"cpu": workloads.CPU_TOKENS, "cuda": workloads.GPU_TOKENS}
 IMPLS = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "triton", "cuda")}
 TINY_RANK = 4
+# Case families that force one form of a family (LoHa's factored / dense): in the default
+# selection only mode full at the first main shape (the plain family runs the per-shape plan).
+FORCED_VARIANTS = ("hadamard-factored", "hadamard-dense")
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,9 @@ def cases(selection: str, device_kind: str, tokens: int | None = None,
     elif selection == "default":
         n = tokens or TOKENS[device_kind]
         first, *others = MAIN_SHAPES[device_kind]
-        out = [BenchCase(f, i, m, first, DEFAULT_RANK, n) for f in fams for i in impls for m in modes]
+        out = [BenchCase(f, i, m, first, DEFAULT_RANK, n) for f in fams for i in impls
+               for m in (modes if f not in FORCED_VARIANTS else ("full",))]
+        fams = [f for f in fams if f not in FORCED_VARIANTS]
         out += [BenchCase(f, i, "full", s, DEFAULT_RANK, n) for s in others for f in fams for i in impls]
         # scaling: ranks 8 / 64 at sequence 256, sequence 1024 at rank 16 (rank 16 at 256 is above)
         seq_short, seq_long = SCALING_SEQS

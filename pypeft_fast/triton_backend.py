@@ -142,7 +142,7 @@ registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
 registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
 # Not auto (yet): no GPU has timed them, and the roofline in bench/NOTES.md predicts 2.1–4.0×
 # (kronecker) and 4.5–11× (phm) the frozen GEMM — cuBLAS batched GEMMs on the torch path are
-# expected to be no slower. `backend="triton"` runs them; a GPU run of bench_triton_gpu.py decides.
+# expected to be no slower. `backend="triton"` runs them; a GPU run of scripts/gpu_check.sh decides.
 registry.register_kernels("kronecker", "triton", TritonKronSum, auto=False)
 registry.register_kernels("phm", "triton", TritonKronSum, auto=False)
 registry.register_availability("triton", probe)

@@ -10,7 +10,8 @@ API (everything a benchmark or profiler needs; nothing here times anything)::
     CPU_TOKENS, GPU_TOKENS        tokens per call (batch × sequence) on each device kind
     TINY_SHAPES, TINY_TOKENS      ragged tiny shapes for smoke runs (CI)
     CASE_FAMILIES                 bench names: lowrank, lowrank-dropout, dora, kronecker, phm,
-                                  hadamard, sparse  (name -> registry family + options)
+                                  hadamard (+ -factored, -dense: its two forms forced), sparse
+                                  (name -> registry family, public function, options)
     unavailable(name)             None, or why this pypeft_fast cannot run that case family
     make_case(name, shape, rank, tokens, dtype, device, adapter_dtype=None, seed=0) -> Workload
         w.ours(backend)()         y of pypeft_fast's public function (x, W, params of the case)
@@ -140,6 +141,9 @@ CASE_FAMILIES: dict[str, CaseFamily] = {c.name: c for c in (
     CaseFamily("kronecker", "kronecker", "kronecker_linear", "peft", "kronecker"),
     CaseFamily("phm", "phm", "phm_linear", "materialise", "phm"),
     CaseFamily("hadamard", "hadamard", "hadamard_linear", "peft", "hadamard"),
+    # LoHa's two forms forced (the plain "hadamard" case runs the cost model's per-shape plan)
+    CaseFamily("hadamard-factored", "hadamard", "hadamard_linear", "peft", "hadamard", {"method": "factored"}),
+    CaseFamily("hadamard-dense", "hadamard", "hadamard_linear", "peft", "hadamard", {"method": "dense"}),
     CaseFamily("sparse", "sparse", "sparse_linear", "peft", "sparse"),
 )}
 PHM_TERMS = 4
@@ -160,6 +164,8 @@ def unavailable(name: str) -> str | None:
         return f"family {c.family!r} is not in pypeft_fast.registry.FAMILIES yet"
     if not hasattr(pf, c.function):
         return f"pypeft_fast.{c.function} does not exist yet"
+    if "method" in c.options and "method" not in inspect.signature(getattr(pf, c.function)).parameters:
+        return f"pypeft_fast.{c.function} takes no method= yet"
     if c.options.get("magnitude") and "magnitude" not in inspect.signature(getattr(pf, c.function)).parameters:
         return f"pypeft_fast.{c.function} takes no magnitude= (DoRA) yet"
     if name not in _FACTORIES:
@@ -496,9 +502,12 @@ def _hadamard(w, g, c):
     def delta(P, f):
         return (P["W1a"] @ P["W1b"]) * (P["W2a"] @ P["W2b"]) * f["scaling"]
 
+    method = c.options.get("method", "auto")
+
     def ours(x, W, P, f, backend):
         import pypeft_fast as pf
-        return pf.hadamard_linear(x, W, None, P["W1a"], P["W1b"], P["W2a"], P["W2b"], f["scaling"], backend)
+        return pf.hadamard_linear(x, W, None, P["W1a"], P["W1b"], P["W2a"], P["W2b"], f["scaling"], backend,
+                                  method=method)
 
     def reference(x, W, P, f):  # peft LoHa: base + F.linear(x, (w1a·w1b) ⊙ (w2a·w2b) · scale)
         return (F.linear(x, W) + F.linear(x.to(P["W1a"].dtype), delta(P, f))).to(x.dtype)
@@ -510,7 +519,7 @@ def _hadamard(w, g, c):
 # delta, mask).
 _FACTORIES: dict[str, Callable] = {
     "lowrank": _lowrank, "lowrank-dropout": _lowrank, "dora": _dora, "kronecker": _kronecker, "phm": _phm,
-    "hadamard": _hadamard, "sparse": _sparse,
+    "hadamard": _hadamard, "hadamard-factored": _hadamard, "hadamard-dense": _hadamard, "sparse": _sparse,
 }
 
 

@@ -149,7 +149,7 @@ if [ $DRY = 1 ]; then
   E2E_ARGS=(--preset tiny --device cpu)
 else
   # Llama-3-8B widths, 4 decoder layers, 8 × 1024 tokens: every projection GEMM ≥ 64 GFLOP.
-  E2E_ARGS=(--device cuda --hidden 4096 --intermediate 14336 --heads 32 --layers 4 --vocab 32000
+  E2E_ARGS=(--device cuda --precision bf16 --hidden 4096 --intermediate 14336 --heads 32 --layers 4 --vocab 32000
             --batch 8 --seq 1024 --steps 5 --warmup 2)
 fi
 if ! step e2e "$T_E2E" "pypeft-fast bench ${E2E_ARGS[*]}" -- "$PY" -m pypeft_fast bench "${E2E_ARGS[@]}" \
