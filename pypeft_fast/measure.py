@@ -27,7 +27,8 @@ Step timing::
 
     synchronize(device); timed(fn, device) -> seconds
     median_time(fn, warmup=2, reps=7) -> seconds
-    median_times_interleaved({name: fn}, warmup=2, reps=9) -> {name: seconds}  (side by side)
+    interleaved_times({name: fn}, warmup=2, reps=9) -> {name: [seconds]}  (side by side; min, median)
+    median_times_interleaved({name: fn}, warmup=2, reps=9) -> {name: median seconds}
 
 Environment record (put into every result row)::
 
@@ -257,8 +258,8 @@ def median_time(fn, *, warmup: int = 2, reps: int = 7, device=None) -> float:
     return statistics.median(timed(fn, device) for _ in range(reps))
 
 
-def median_times_interleaved(fns: dict, *, warmup: int = 2, reps: int = 9, device=None) -> dict:
-    """Median wall time (s) of each ``fns[name]()``, the providers run in turn within every
+def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 9, device=None) -> dict[str, list[float]]:
+    """Every wall time (s) of each ``fns[name]()``, the providers run in turn within every
     repetition, so that a change in machine load hits all of them alike (side by side)."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -267,7 +268,13 @@ def median_times_interleaved(fns: dict, *, warmup: int = 2, reps: int = 9, devic
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median_times_interleaved(fns: dict, *, warmup: int = 2, reps: int = 9, device=None) -> dict:
+    """Median of :func:`interleaved_times` per provider."""
+    return {name: statistics.median(ts) for name, ts in
+            interleaved_times(fns, warmup=warmup, reps=reps, device=device).items()}
 
 
 # -------------------------------------------------------------------------------- environment

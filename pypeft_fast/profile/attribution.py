@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..measure import storage_tensors
+from ..measure import SavedTensors, storage_tensors
 from . import causes
 
 OUTSIDE = "(outside modules)"
@@ -214,18 +214,18 @@ class SavedStorage:
     op: str | None
 
 
-class SavedByUnit:
-    """``saved_tensors_hooks``: every saved storage once, with the unit that saved it and its
-    cause (:func:`.causes.classify`)."""
+class SavedByUnit(SavedTensors):
+    """``saved_tensors_hooks`` (:class:`pypeft_fast.measure.SavedTensors`): every saved storage
+    once, with the unit that saved it and its cause (:func:`.causes.classify`) in ``.seen``."""
 
     def __init__(self, units: Units, stack: ModuleStack, producers: Producers,
                  param_storages: set[int], weight_shapes: set):
+        super().__init__(on_save=self._record)
         self.units, self.stack, self.producers = units, stack, producers
         self.params, self.weight_shapes = param_storages, weight_shapes
         self.seen: dict[int, SavedStorage] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    def _pack(self, t):
+    def _record(self, t):
         for part in storage_tensors(t):
             s = part.untyped_storage()
             ptr = s.data_ptr()
@@ -240,12 +240,3 @@ class SavedByUnit:
                                     weight_shapes=self.weight_shapes)
             self.seen[ptr] = SavedStorage(unit, cause, s.nbytes(), tuple(part.shape),
                                           str(part.dtype).replace("torch.", ""), prod.op if prod else None)
-        return t
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        return False

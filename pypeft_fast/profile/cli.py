@@ -95,6 +95,10 @@ def build(a, progress):
         methods.check_method(a.method, _options(a))
     if a.compare and a.patch:
         raise ProfileError("--patch and --compare: --compare already profiles the patched model")
+    if a.patch and a.adapter is None and a.method not in methods.PEFT_METHODS:
+        raise ProfileError(f"--patch applies to peft methods ({', '.join(methods.PEFT_METHODS)}), not {a.method}")
+    if a.adapter is not None and a.model is None:
+        raise ProfileError("--adapter needs --model (the base model directory the adapter was trained on)")
     preset = PRESETS.get(a.preset or "bench") if a.model is None else None
     if a.model is None and preset is None:
         raise ProfileError(f"unknown preset {a.preset!r}; choose from {', '.join(PRESETS)}")
@@ -108,6 +112,8 @@ def build(a, progress):
     seq = a.seq or (preset.seq if preset else 128)
     if _projecting(a):
         seq = _measured_seq(cfg, seq, batch_n, notes)
+    if a.snapshot and device.type != "cuda":
+        raise ProfileError("--snapshot records the CUDA allocator; this run is on cpu")
     what = f"--preset {a.preset or 'bench'}" if a.model is None else f"--model {a.model}"
     models.check_fits(what, cfg, dtype, 2 if a.compare else 1, device)
     progress.set_postfix_str("building the model")

@@ -22,7 +22,7 @@ def plot(reports: list[MemoryReport], path: str, top: int = 10, title: str | Non
     keys = [k for k in keys if any(k in ks and ks[k].saved_total for ks in kinds)][:top]
     width = 0.8 / len(reports)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(keys) + 2), 4.8))
-    used = set()
+    used, top_y = set(), 0.0
     for i, (r, ks) in enumerate(zip(reports, kinds)):
         xs = [j + (i - (len(reports) - 1) / 2) * width for j in range(len(keys))]
         bottom = [0.0] * len(keys)
@@ -34,12 +34,13 @@ def plot(reports: list[MemoryReport], path: str, top: int = 10, title: str | Non
                    edgecolor="white", linewidth=0.3)
             used.add(c)
             bottom = [b + v for b, v in zip(bottom, h)]
+        top_y = max([top_y, *bottom])
         for x, b in zip(xs, bottom):
             ax.text(x, b, chr(ord("A") + i), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([k.replace("model.layers.*.", "") for k in keys], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("saved activations (MiB, all blocks)")
-    ax.margins(y=0.08)
+    ax.set_ylim(0, top_y * 1.1 or 1.0)
     variants = "; ".join(f"{chr(ord('A') + i)} = {r.label}{' (projected)' if r.projected else ''}: "
                          f"{r.saved / MiB:,.1f} MiB saved, peak {r.peak_bytes / MiB:,.1f} MiB"
                          for i, r in enumerate(reports))

@@ -105,25 +105,15 @@ class MemoryReport:
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ totals and groupings
-    @property
-    def params(self) -> int:
-        return sum(m.params for m in self.modules.values())
+    def total(self, what: str) -> int:
+        """Sum over the modules of ``params``, ``trainable``, ``grads``, ``optimizer`` or ``saved_total``."""
+        return sum(getattr(m, what) for m in self.modules.values())
 
-    @property
-    def trainable(self) -> int:
-        return sum(m.trainable for m in self.modules.values())
-
-    @property
-    def grads(self) -> int:
-        return sum(m.grads for m in self.modules.values())
-
-    @property
-    def optimizer(self) -> int:
-        return sum(m.optimizer for m in self.modules.values())
-
-    @property
-    def saved(self) -> int:
-        return sum(m.saved_total for m in self.modules.values())
+    params = property(lambda self: self.total("params"))
+    trainable = property(lambda self: self.total("trainable"))
+    grads = property(lambda self: self.total("grads"))
+    optimizer = property(lambda self: self.total("optimizer"))
+    saved = property(lambda self: self.total("saved_total"))
 
     def by_cause(self) -> dict[str, int]:
         out = {c: 0 for c in causes.CAUSES}
