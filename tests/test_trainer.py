@@ -26,7 +26,6 @@ from numerics import assert_within  # noqa: E402
 from training_models import N_ADAPTED, TokenDataset, adapter_state, injected_lowrank, peft_lora  # noqa: E402
 
 
-
 class LossRecorder(transformers.TrainerCallback):
     def __init__(self):
         self.losses: dict[int, float] = {}
@@ -57,30 +56,36 @@ def curve(losses: dict[int, float]) -> torch.Tensor:
     return torch.tensor([losses[k] for k in sorted(losses)], dtype=torch.float64)
 
 
-def assert_served_every_call(report, micro_batches: int):
-    served, fallbacks = report.call_counts()
-    assert not fallbacks, f"calls ran peft's forward: {dict(fallbacks)}\n{report}"
-    assert served == N_ADAPTED * micro_batches, report.summary()
+def trainer_run(patched: bool, bf16: bool = False, batch: int = 2, accumulation: int = 2,
+                dtype: torch.dtype = torch.float32):
+    """One 4-step Trainer run of the peft LoRA model (dropout 0), cached: several tests compare
+    the same runs. Returns (loss curve, final adapter weights, (served, fallbacks) or None)."""
+    return _trainer_run(patched, bf16, batch, accumulation, dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def float64_peft_run() -> tuple[torch.Tensor, dict]:
-    """The same peft model (unpatched) in float64: the reference every run is measured against.
-    Returns (loss curve, final adapter weights). Trainer accumulates the logged loss in float32."""
-    model, _ = peft_lora(patch=False)
+def _trainer_run(patched, bf16, batch, accumulation, dtype):
+    model, report = peft_lora(patch=patched)
     with tempfile.TemporaryDirectory() as d:
-        return curve(train(model.double(), d)), adapter_state(model)
+        losses = train(model.to(dtype), d, bf16=bf16, batch=batch, accumulation=accumulation)
+    counts = None if report is None else report.call_counts()
+    return curve(losses), adapter_state(model), counts
+
+
+def assert_served_every_call(counts, micro_batches: int):
+    served, fallbacks = counts
+    assert not fallbacks, f"calls ran peft's forward: {dict(fallbacks)}"
+    assert served == N_ADAPTED * micro_batches, f"{served} calls served, expected {N_ADAPTED * micro_batches}"
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_trainer_serves_every_call_and_follows_peft(bf16, tmp_path):
-    ref, ref_weights = float64_peft_run()
-    plain, _ = peft_lora(patch=False)
-    base = curve(train(plain, tmp_path / "peft", bf16=bf16))
-    model, report = peft_lora()
-    got = curve(train(model, tmp_path / "pf", bf16=bf16))
-    assert_served_every_call(report, micro_batches=4 * 2)
-    base_weights, weights = adapter_state(plain), adapter_state(model)
+def test_trainer_serves_every_call_and_follows_peft(bf16):
+    # the reference: the same peft model (unpatched) in float64; Trainer accumulates the logged
+    # loss in float32, so the curve's resolution is float32's
+    ref, ref_weights, _ = trainer_run(patched=False, dtype=torch.float64)
+    base, base_weights, _ = trainer_run(patched=False, bf16=bf16)
+    got, weights, counts = trainer_run(patched=True, bf16=bf16)
+    assert_served_every_call(counts, micro_batches=4 * 2)
     assert weights.keys() == ref_weights.keys() and len(weights) == 2 * N_ADAPTED
     for k in ref_weights:  # after 4 AdamW steps (fp32 adapters in both runs)
         assert_within(k, weights[k], ref_weights[k], base_weights[k], torch.float32)
@@ -90,27 +95,22 @@ def test_trainer_serves_every_call_and_follows_peft(bf16, tmp_path):
     err = (got - ref).abs().max().item()
     assert err <= tol, (f"loss curve off by {err:.3g} (tol {tol:.3g}, peft's own error {peft_err:.3g})"
                         f"\npf   {got.tolist()}\npeft {base.tolist()}\nf64  {ref.tolist()}")
-    print(f"loss curve error vs float64: pf {err:.3g}, peft {peft_err:.3g}")
 
 
-def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+def test_gradient_accumulation_equals_the_full_batch():
     """2 accumulated micro-batches of 2 = one batch of 4 (Trainer normalises by the token count)."""
-    model, report = peft_lora()
-    accumulated = train(model, tmp_path / "acc", batch=2, accumulation=2)
-    weights_acc = adapter_state(model)
-    assert_served_every_call(report, micro_batches=4 * 2)
-    model, report = peft_lora()
-    full = train(model, tmp_path / "full", batch=4, accumulation=1)
-    assert_served_every_call(report, micro_batches=4)
-    torch.testing.assert_close(curve(accumulated), curve(full), rtol=1e-5, atol=1e-6)
-    for k, w in adapter_state(model).items():
+    accumulated, weights_acc, counts = trainer_run(patched=True, batch=2, accumulation=2)
+    assert_served_every_call(counts, micro_batches=4 * 2)
+    full, weights_full, counts = trainer_run(patched=True, batch=4, accumulation=1)
+    assert_served_every_call(counts, micro_batches=4)
+    torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-6)
+    for k, w in weights_full.items():
         torch.testing.assert_close(weights_acc[k], w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 RESUME_CASES = {
     "patched-lora-fp32": (lambda: peft_lora(dropout=0.2), False),
     "patched-lora-bf16-autocast": (lambda: peft_lora(dropout=0.2), True),
-    "injected-lowrank-fp32": (lambda: (injected_lowrank(dropout=0.2), None), False),
     "injected-lowrank-bf16-autocast": (lambda: (injected_lowrank(dropout=0.2), None), True),
 }
 
@@ -125,13 +125,13 @@ def test_resume_from_checkpoint_continues_the_loss_curve_exactly(case, tmp_path)
     full = train(model, tmp_path, bf16=bf16, steps=4, save_steps=2)
     final = adapter_state(model)
     if report is not None:
-        assert_served_every_call(report, micro_batches=4 * 2)
+        assert_served_every_call(report.call_counts(), micro_batches=4 * 2)
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "rng_state.pth").exists()
     model, report = build()
     resumed = train(model, tmp_path, bf16=bf16, steps=4, save_steps=2, resume=checkpoint)
     if report is not None:
-        assert_served_every_call(report, micro_batches=2 * 2)
+        assert_served_every_call(report.call_counts(), micro_batches=2 * 2)
     assert sorted(resumed) == [3, 4]
     assert [resumed[k] for k in (3, 4)] == [full[k] for k in (3, 4)], (
         f"resumed {resumed} vs uninterrupted {full}")
