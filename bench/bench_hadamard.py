@@ -22,20 +22,45 @@ model's FLOP-equivalents), then the layer table above.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import SHAPES, environment, print_table  # noqa: E402
-
 import pypeft_fast as pf  # noqa: E402
+from pypeft_fast.measure import environment  # noqa: E402
+from pypeft_fast.workloads import SHAPES as _PROJECTIONS  # noqa: E402
 from pypeft_fast.families.hadamard import (  # noqa: E402
     METHODS, HadamardHP, HadamardPlan, TorchHadamard, delta_weight, part_costs, plan_for,
 )
+
+TOKENS = 4 * 256  # the e2e bench's batch 4 × 256
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    n: int
+    in_f: int
+    out_f: int
+
+
+SHAPES = {f"llama-1024/{name}": LayerShape(TOKENS, p.in_features, p.out_features)
+          for name, p in (("attn", _PROJECTIONS["pf-bench/q_proj"]), ("up", _PROJECTIONS["pf-bench/up_proj"]),
+                          ("down", _PROJECTIONS["pf-bench/down_proj"]))}
+"""The e2e bench model's distinct projection shapes (workloads.SHAPES "pf-bench") at its tokens."""
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
 
 PLANS = {
     "factored": HadamardPlan("factored", "factored", "factored"),

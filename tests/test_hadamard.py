@@ -103,6 +103,16 @@ def test_hadamard_partial_gradients(method, needs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+@pytest.mark.parametrize("method", ["factored", "dense"])
+def test_hadamard_under_autocast_matches_float64(method, x_dtype):
+    """The shared autocast path (function.delta_linear) with both forms: tests/test_autocast.py's
+    rule (float64 on bf16-rounded x, W, b; plain PyTorch under the same autocast)."""
+    from test_autocast import check_autocast_case
+
+    check_autocast_case(hada_case(method=method), "torch", x_dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # what is kept: x and the factors only; the dense transient never outlives the op
 
