@@ -471,9 +471,9 @@ def _phm(w, g, c):
 def _sparse(w, g, c):
     shape, i, o = w["shape"], w["in"], w["out"]
     nnz = sparse_nnz(shape, w["rank"])
-    gen = torch.Generator().manual_seed(w["seed"] + 17)
-    flat = torch.randperm(i * o, generator=gen)[:nnz]
-    indices = torch.stack([flat // i, flat % i]).to(w["device"])
+    gen = torch.Generator(w["device"]).manual_seed(w["seed"] + 17)
+    flat = torch.randperm(i * o, generator=gen, device=w["device"])[:nnz]
+    indices = torch.stack([flat // i, flat % i])
     params = {"values": g(nnz, scale=0.01, adapter=True)}
     fixed = {"indices": indices, "scaling": 1.0}
 

@@ -73,7 +73,7 @@ def test_family_on_cuda_matches_float64(variant, backend, dtype_case):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("rows, row_len", [(37, 48), (5, 136), (64, 129)])
+@pytest.mark.parametrize("rows, row_len", [(37, 48), (5, 57), (64, 64)])  # r = in ≤ 64: one rank block
 @pytest.mark.parametrize("seed", [0, 7, 0x0123456789ABCDEF])
 def test_dropout_mask_on_cuda_is_the_cpu_definition(backend, rows, row_len, seed):
     """lowrank_linear with W = 0, A = I (r = in), B = I (out = r), s = 1, x = 1, p = 0.5: the
