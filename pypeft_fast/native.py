@@ -98,6 +98,22 @@ class NativeDoRA(TorchDoRA):
         return ops.philox_keep_mask(seed, n * k, p).view(n, k)
 
 
+@torch.library.custom_op("pypeft_fast::lowrank_dropout_dA", mutates_args=())
+def lowrank_dropout_dA(t: torch.Tensor, x: torch.Tensor, A: torch.Tensor, seed: torch.Tensor,
+                       p: float) -> torch.Tensor:
+    """``dA = tᵀ·drop(x)`` (r, in) when no dx is needed: ``lowrank_dropout_bwd`` with ``dx=None``
+    behind an op without a mutable argument. Inductor cannot lower that op's optional in-place
+    ``dx`` when it is None (torch 2.13: ``InductorError: AssertionError: <built-in function
+    getitem> is not an OpOverload``, the first adapted layer of a model, whose input needs no
+    gradient); this op is opaque to it."""
+    return ops.lowrank_dropout_bwd(t, x, A, seed, p, None, True)
+
+
+@lowrank_dropout_dA.register_fake
+def _(t, x, A, seed, p):
+    return A.new_empty(A.shape)
+
+
 class NativeLowRank:
     """Low-rank family with dropout: the mask is generated inside the kernels that read x
     (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
@@ -141,7 +157,10 @@ class NativeLowRank:
             dx = gy2d @ weight
         if needs_dx or need_dA:
             t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
-            dA = ops.lowrank_dropout_bwd(t, x2d, A.to(cd), aux[0], hp.dropout, dx, bool(need_dA))
+            if dx is None:  # dA alone (see lowrank_dropout_dA)
+                dA = torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, A.to(cd), aux[0], hp.dropout)
+            else:
+                dA = ops.lowrank_dropout_bwd(t, x2d, A.to(cd), aux[0], hp.dropout, dx, bool(need_dA))
             dA = dA.to(A.dtype) if need_dA else None
         if need_dB:
             dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)

@@ -42,3 +42,107 @@ def test_compile_fullgraph_forward_backward(family):
     compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- models under the default (inductor) backend
+
+peft = pytest.importorskip("peft")
+from peft import LoKrConfig, LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pypeft_fast.inject import delta_modules  # noqa: E402
+
+
+class MLP(nn.Module):
+    """Tiny: two layers for peft (the first one's input needs no gradient, as after a frozen
+    embedding), four for the injected model (one family each)."""
+
+    def __init__(self, n=2):
+        super().__init__()
+        dims = [24, 40, 32, 48, 18][: n + 1]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(torch.tanh(x))
+        return x
+
+
+class Block(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+PEFT_CONFIGS = {
+    "lora-dropout": lambda: LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1, target_modules=["0", "1"],
+                                       init_lora_weights=False),
+    "lokr": lambda: LoKrConfig(r=4, alpha=4, target_modules=["0", "1"], init_weights=False),
+    "shira": lambda: ShiraConfig(r=2, target_modules=["0", "1"], init_weights=False),
+}
+
+
+def _step(model, x):
+    """Forward + backward from a fixed generator state (the dropout seeds come from it)."""
+    torch.manual_seed(123)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _graph_breaks(model, x) -> int:
+    """Graph breaks dynamo records compiling one forward+backward of ``model``."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _step(torch.compile(model, backend="eager"), x)
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_CONFIGS))
+def test_patched_peft_model_compiles_with_inductor(method):
+    """Default inductor backend, training mode (LoRA dropout > 0: the crash of issue 9 was the
+    first layer's dA-only dropout backward); compiled == eager; no graph break of ours."""
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), PEFT_CONFIGS[method]())
+    model.train()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1))
+    unpatched_breaks = _graph_breaks(model, x)
+    report = pf.patch(model)
+    assert _graph_breaks(model, x) <= unpatched_breaks
+    eager = _step(model, x)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):  # seeds drawn as in eager
+        compiled = _step(torch.compile(model), x)
+    assert len(compiled) == len(eager) > 1
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert sum(sum(e.fallback_calls.values()) for e in report.entries) == 0, str(report)
+
+
+def test_injected_model_of_every_family_compiles_fullgraph_with_inductor():
+    """One model, four layers, one family each (inject takes one adapter per module tree, so
+    each layer is injected through its own container); dropout on; fullgraph."""
+    torch.manual_seed(0)
+    model = MLP(4)
+    model.layers = nn.ModuleList(Block(layer) for layer in model.layers)
+    for block, cfg in zip(model.layers, (dict(family="lowrank", r=3, dropout=0.1), dict(family="kronecker"),
+                                         dict(family="phm", n=4), dict(family="sparse", density=0.1))):
+        pf.inject(block, pf.DeltaConfig(target_modules=["lin"], **cfg))
+    assert len(delta_modules(model)) == 4
+    with torch.no_grad():  # the zero-initialised factors get values: every gradient is non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    model.train()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1))
+    eager = _step(model, x)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = _step(torch.compile(model, fullgraph=True), x)
+    assert len(compiled) == len(eager) > 4
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

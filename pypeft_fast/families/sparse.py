@@ -61,7 +61,10 @@ class SparseLayout:
 def _compressed(major, minor, n_major, n_minor):
     """Sort entries by (major, minor); returns (perm, ptr (n_major+1,), minor indices sorted)."""
     perm = torch.argsort(major * n_minor + minor)
-    counts = torch.bincount(major, minlength=n_major)
+    # Counts of a static shape (n_major,), not bincount's data-dependent one: torch.compile
+    # builds the layout in the graph and would break it there (indices < n_major are validated).
+    counts = torch.zeros(n_major, dtype=torch.int64, device=major.device).index_add_(
+        0, major, torch.ones_like(major))
     ptr = torch.zeros(n_major + 1, dtype=torch.int64, device=major.device)
     ptr[1:] = torch.cumsum(counts, 0)
     return perm, ptr, minor[perm]
