@@ -67,11 +67,12 @@ class HadamardHP:
 
 # --- the cost model (FLOPs + BYTE_WEIGHT · bytes of fp32 transients; bench/NOTES.md "Hadamard") ---
 
-BYTE_WEIGHT = float(os.environ.get("PYPEFT_FAST_HADAMARD_BYTE_WEIGHT", 1.0))
+BYTE_WEIGHT = float(os.environ.get("PYPEFT_FAST_HADAMARD_BYTE_WEIGHT", 16.0))
 """GEMM FLOPs that one byte of elementwise traffic over a weight-sized fp32 transient costs.
-Measured on the 2-core EPYC (least disturbed of 15 runs, 1024×1024 and 2752×1024): the GEMMs at
-≈ 30–90 GFLOP/s, ``addcmul`` over the transient at 40–65 GB/s — 0.5 to 0.8 FLOP per byte; 1.0 is
-that, rounded up (bench/NOTES.md "Hadamard")."""
+On the 2-core EPYC shared with other jobs (bench/bench_hadamard.py, bench/NOTES.md "Hadamard")
+the dense form's passes over out×in transients ran 5–20× slower per byte than an idle machine's
+0.5–1 FLOP/byte: 16 reproduces the measured winners (factored forward and dx at r = 8, dense at
+r = 16); on an idle machine (0.5–1) the r = 8 forward would tip to dense, by ≈ 1–2 ms a layer."""
 
 
 def part_costs(n: int, in_f: int, out_f: int, r1: int, r2: int) -> dict[str, dict[str, float]]:
