@@ -22,7 +22,8 @@ API (everything a benchmark or profiler needs; nothing here times anything)::
         w.frozen()()              y = F.linear(x, W): the frozen GEMM alone
         w.x, w.weight, w.gy, w.params    (x and params require grad; gy for y.backward(gy))
         w.expected(dtype, impl)   (y, {name: grad}) of the materialising reference at ``dtype``
-                                  on the same values (float64 for truth), with the dropout mask
+                                  on the same values (float64 for truth; None: each tensor in
+                                  its own dtype, the tolerance rule's baseline), with the mask
                                   ``impl`` uses (ours: Philox from the seed; peft: torch's RNG)
     frozen_flops(shape, tokens, mode) / adapter_flops(name, shape, rank, tokens, mode)
     bytes_moved(name, shape, rank, tokens, mode, elem_bytes, adapter_bytes=4)
