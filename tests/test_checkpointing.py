@@ -17,7 +17,9 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from pypeft_fast.inject.modules import delta_modules  # noqa: E402
-from training_models import N_ADAPTED, injected_lowrank, peft_lora, token_batch  # noqa: E402
+from training_models import (  # noqa: E402
+    N_ADAPTED, adapter_state, injected_lowrank, peft_lora, token_batch, train,
+)
 
 DROPOUT = 0.25
 
@@ -67,3 +69,22 @@ def test_checkpointed_gradients_equal_the_plain_run(kind, use_reentrant, autocas
     # the masks are live: another seed gives other gradients
     _, g2 = gradients(plain, ids, seed=12, autocast=autocast)
     assert max((g2[k] - g0[k]).abs().max().item() for k in g0) > 1e-4
+
+
+def test_trainer_gradient_checkpointing_bf16_gives_the_same_losses(tmp_path):
+    """The Trainer way (``TrainingArguments(gradient_checkpointing=True)``), bf16 autocast, dropout
+    0.25, 2 accumulated micro-batches: the same loss curve and weights, every call served
+    (recomputations included)."""
+    runs = []
+    for checkpointing in (False, True):
+        model, report = peft_lora(dropout=DROPOUT)
+        losses = train(model, tmp_path / str(checkpointing), bf16=True, steps=3,
+                       gradient_checkpointing=checkpointing)
+        served, fallbacks = report.call_counts()
+        assert not fallbacks, dict(fallbacks)
+        assert served == N_ADAPTED * 3 * 2 * (2 if checkpointing else 1)
+        runs.append((losses, adapter_state(model)))
+    (l0, w0), (l1, w1) = runs
+    assert l1 == l0, f"{l1} vs {l0}"
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-6, atol=1e-9, msg=lambda m: f"{k}: {m}")

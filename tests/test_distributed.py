@@ -126,7 +126,8 @@ def test_fsdp2_refuses_two_trainable_dtypes_in_one_group(runs):
     trainable bf16 norm in one decoder-layer group fail at the first forward; the fix (README) is
     fully_shard on the norms first, tested above as ...-trainable-norms-own-groups."""
     for r in runs["fsdp2-peft-bf16-base-trainable-norms"]["ranks"]:
-        assert r["error"] is not None and "FSDP expects uniform original parameter dtype" in r["error"], r["error"]
+        err = r["error"]
+        assert err is not None and "FSDP expects uniform original parameter dtype" in err, err
 
 
 def test_fully_shard_on_lora_modules_runs_peft_forward_with_the_reason(runs):
@@ -145,7 +146,8 @@ def test_fully_shard_on_an_injected_base_layer_raises_naming_the_layer(runs):
     run = runs["fsdp2-injected-base-layer-sharded"]
     for r in run["ranks"]:
         err = r["error"]
-        assert err is not None and err.startswith("ValueError: model.layers.0.self_attn.q_proj: weight is a DTensor"), err
+        assert err is not None, "a sharded base_layer was computed on"
+        assert err.startswith("ValueError: model.layers.0.self_attn.q_proj: weight is a DTensor"), err
         assert "local shard (16, 32) of (32, 32)" in err and "fully_shard" in err, err
 
 
@@ -160,10 +162,12 @@ def test_accelerate_launch_with_the_fsdp2_config_on_cpu():
     (GPU/NPU/XPU/...): on CPU, with ACCELERATE_USE_CPU=true (without it the two processes do not
     even form a process group), it trains as MULTI_CPU — DDP over gloo. Every call is served."""
     pytest.importorskip("accelerate")
-    cmd = [*launcher("accelerate", "accelerate.commands.launch", "launch"), "--config_file", str(ACCELERATE_CONFIG),
-           "--main_process_port", str(free_port()), str(ACCELERATE_SCRIPT), "--steps", "2"]
+    cmd = [*launcher("accelerate", "accelerate.commands.launch", "launch"),
+           "--config_file", str(ACCELERATE_CONFIG), "--main_process_port", str(free_port()),
+           str(ACCELERATE_SCRIPT), "--steps", "2"]
     out = launch(cmd, ACCELERATE_USE_CPU="true").stdout
     for rank in (0, 1):
-        assert f"rank {rank} step 1: " in out and f"{2 * N_ADAPTED} layer calls served, 0 ran peft's forward" in out, out
+        assert f"rank {rank} step 1: loss" in out, out
+    assert out.count(f"{2 * N_ADAPTED} layer calls served, 0 ran peft's forward") == 2, out
     assert "distributed type MULTI_CPU, 2 processes; 28 adapter tensors" in out, out
     assert "note: the config asks for FSDP" in out, out

@@ -75,3 +75,30 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def train(model, output_dir, *, bf16=False, steps=4, batch=2, accumulation=2, resume=None,
+          save_steps=None, **training_args):
+    """A transformers ``Trainer`` run on a 16-row :class:`TokenDataset` (AdamW lr 1e-2, seed 5, CPU);
+    returns ``{global step: logged loss}`` (one log per optimizer step). ``resume``: a
+    ``checkpoint-N`` directory; ``training_args``: more ``TrainingArguments``."""
+    import transformers
+
+    losses: dict[int, float] = {}
+
+    class LossRecorder(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
+
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-2, logging_steps=1,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        report_to="none", use_cpu=True, bf16=bf16, seed=5, dataloader_num_workers=0,
+        disable_tqdm=True, **training_args)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(16),
+                                   callbacks=[LossRecorder()])
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    assert len(losses) == steps - (0 if resume is None else int(resume.name.split("-")[1]))
+    return losses

@@ -71,7 +71,7 @@ def norms(layer):
 
 
 def decoder_layers(model):
-    inner = model.base_model.model if hasattr(model, "base_model") and hasattr(model, "peft_config") else model
+    inner = model.base_model.model if hasattr(model, "peft_config") else model  # PeftModel
     return list(inner.model.layers)
 
 
