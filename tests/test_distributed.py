@@ -8,8 +8,8 @@ saves what it saw; the tests below assert on it:
 * dropout 0: the adapter weights equal a single-process run on the whole global batch by
   flash-attention's rule against a float64 single-process run — DDP and FSDP2 (per decoder layer,
   then the root), patched peft LoRA and injected lowrank, fp32 and fp32 adapters on a bf16 base
-  (with and without ``MixedPrecisionPolicy``; trainable bf16 norms in their own groups), and
-  ``pf.patch`` applied after sharding;
+  (with and without ``MixedPrecisionPolicy``; trainable bf16 norms in their own groups), bf16
+  autocast, and ``pf.patch`` applied after sharding;
 * FSDP2's one-dtype-per-group rule for trainable parameters: torch's error, and the fix;
 * dropout 0.2: every rank ends with the same weights, and they differ from the dropout-0 run;
 * ``fully_shard`` on the adapter modules themselves: a patched peft layer runs peft's forward
@@ -94,7 +94,7 @@ def assert_served(run, *, served: bool = True):
 SAME_AS_ONE_PROCESS = [
     "ddp-peft", "ddp-injected", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-bf16-base",
     "fsdp2-injected-bf16-base", "fsdp2-peft-bf16-base-mp-policy", "fsdp2-peft-patched-after-sharding",
-    "fsdp2-peft-bf16-base-trainable-norms-own-groups",
+    "fsdp2-peft-bf16-base-trainable-norms-own-groups", "fsdp2-peft-autocast", "fsdp2-injected-autocast",
 ]
 
 

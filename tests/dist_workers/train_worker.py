@@ -49,6 +49,9 @@ SCENARIOS = {
     "fsdp2-peft-bf16-base-trainable-norms": ("fsdp2", "peft", 0.0, torch.bfloat16, "layers, norms"),
     "fsdp2-peft-bf16-base-trainable-norms-own-groups": (
         "fsdp2", "peft", 0.0, torch.bfloat16, "layers, norms in own groups"),
+    # bf16 autocast around forward (fp32 model), as Trainer's bf16=True does
+    "fsdp2-peft-autocast": ("fsdp2", "peft", 0.0, torch.float32, "layers, autocast"),
+    "fsdp2-injected-autocast": ("fsdp2", "injected", 0.0, torch.float32, "layers, autocast"),
     # pf.patch called on the already sharded model (parameters are DTensors between forwards)
     "fsdp2-peft-patched-after-sharding": ("fsdp2", "peft", 0.0, torch.float32, "layers, then patch"),
 }
@@ -124,13 +127,14 @@ def full_adapter_state(model):
     return out
 
 
-def train(model, rows_of_step):
+def train(model, rows_of_step, autocast=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)  # weights move linearly with the gradients
     model.train()
     for step in range(STEPS):
         ids = rows_of_step(step)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -151,7 +155,7 @@ def run_scenario(name, rank, world):
             import pypeft_fast as pf
 
             report = pf.patch(model, strict=True)
-        train(model, lambda s: data[s, rank * local:(rank + 1) * local])
+        train(model, lambda s: data[s, rank * local:(rank + 1) * local], autocast="autocast" in sharding)
         result["state"] = full_adapter_state(model)
         result["error"] = None
     except Exception as e:  # noqa: BLE001 - the test checks the message
@@ -171,7 +175,7 @@ def run_scenario(name, rank, world):
             torch.manual_seed(1234)
             ref, _ = build(model_kind, dropout, dtype, sharding)
             ref = ref.to(torch.float64) if cast == torch.float64 else ref
-            train(ref, lambda s: data[s])
+            train(ref, lambda s: data[s], autocast="autocast" in sharding and key == "single")
             out[key] = full_adapter_state(ref)
     torch.save(out, os.path.join(OUT_DIR, f"{name}.pt"))
 
