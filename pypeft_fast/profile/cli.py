@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear (default)")
     p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
     p.add_argument("--seq", type=int, help="sequence length (default: the preset's)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="base model dtype (default: the preset's, else float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="base model dtype (default float32; bfloat16 for the 7B/8B presets on CUDA)")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], help="run forward and loss under torch.autocast")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compare", action="store_true", help="peft's forward vs pypeft_fast, side by side")
@@ -106,8 +106,8 @@ def build(a, progress):
     for what, v in (("--layers", a.layers), ("--batch", a.batch), ("--seq", a.seq), ("--r", a.r)):
         if v is not None and v < 1:
             raise ProfileError(f"{what} must be ≥ 1, got {v}")
-    dtype = DTYPES[a.dtype or (preset.dtype if preset else "float32")]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[a.dtype or (preset.dtype if preset and device.type == "cuda" else "float32")]
     batch_n = a.batch or (preset.batch if preset else 2)
     seq = a.seq or (preset.seq if preset else 128)
     if _projecting(a):

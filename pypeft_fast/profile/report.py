@@ -15,7 +15,8 @@ def _cut(name: str, width: int) -> str:
 
 
 def mib(n: float) -> str:
-    return f"{n / MiB:,.2f}"
+    v = n / MiB
+    return f"{v:,.2f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 @dataclass
