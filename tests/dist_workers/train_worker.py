@@ -28,10 +28,10 @@ GLOBAL = 4  # rows per global batch; each of the 2 ranks takes 2
 
 # name: (parallelism, model, dropout, base dtype, what fully_shard wraps)
 SCENARIOS = {
-    "ddp-peft": ("ddp", "peft", 0.0, torch.float32, None),
-    "ddp-injected": ("ddp", "injected", 0.0, torch.float32, None),
-    "ddp-peft-dropout": ("ddp", "peft", 0.2, torch.float32, None),
-    "ddp-injected-dropout": ("ddp", "injected", 0.2, torch.float32, None),
+    "ddp-peft": ("ddp", "peft", 0.0, torch.float32, ""),
+    "ddp-injected": ("ddp", "injected", 0.0, torch.float32, ""),
+    "ddp-peft-dropout": ("ddp", "peft", 0.2, torch.float32, ""),
+    "ddp-injected-dropout": ("ddp", "injected", 0.2, torch.float32, ""),
     "fsdp2-peft": ("fsdp2", "peft", 0.0, torch.float32, "layers"),
     "fsdp2-injected": ("fsdp2", "injected", 0.0, torch.float32, "layers"),
     "fsdp2-peft-dropout": ("fsdp2", "peft", 0.2, torch.float32, "layers"),
@@ -57,12 +57,12 @@ SCENARIOS = {
 }
 
 
-def build(model_kind, dropout, dtype, sharding=None, patch=True):
+def build(model_kind, dropout, dtype, sharding="", patch=True):
     if model_kind == "peft":
         model, report = peft_lora(dropout=dropout, dtype=dtype, patch=patch)
     else:
         model, report = injected_lowrank(dropout=dropout, dtype=dtype), None
-    if sharding and "norms" in sharding:
+    if "norms" in sharding:
         for layer in decoder_layers(model):
             for norm in norms(layer):
                 norm.weight.requires_grad_(True)
