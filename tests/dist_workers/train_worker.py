@@ -26,7 +26,7 @@ from training_models import injected_lowrank, peft_lora, token_batch  # noqa: E4
 STEPS = 3
 GLOBAL = 4  # rows per global batch; each of the 2 ranks takes 2
 
-# name: (parallelism, model, dropout, base dtype, what fully_shard wraps)
+# name: (parallelism, model, dropout, base dtype, FSDP2 wrapping and options: "" for DDP)
 SCENARIOS = {
     "ddp-peft": ("ddp", "peft", 0.0, torch.float32, ""),
     "ddp-injected": ("ddp", "injected", 0.0, torch.float32, ""),
