@@ -21,6 +21,9 @@ TORCH_LIBRARY(pypeft_fast, m) {
   m.def("philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor");
   m.def("lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor");
   m.def("lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor");
+  // DoRA's per-output-column scale (csrc/lowrank/dora_cpu.cpp)
+  m.def("dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()");
+  m.def("dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)");
   // Kronecker / PHM: A (h, ao, ai), B (h, bo, bi); x (n, ai·bi); y, gy (n, ao·bo)
   m.def("kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()");
   m.def("kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)");
@@ -36,6 +39,8 @@ TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   m.impl("philox_dropout", &philox_dropout_cpu);
   m.impl("lowrank_dropout_down", &lowrank_dropout_down_cpu);
   m.impl("lowrank_dropout_bwd", &lowrank_dropout_bwd_cpu);
+  m.impl("dora_scale_epilogue", &dora_scale_epilogue_cpu);
+  m.impl("dora_grad_prologue", &dora_grad_prologue_cpu);
   m.impl("kron_sum_apply_acc", &kron_sum_apply_acc_cpu);
   m.impl("kron_sum_apply_bwd", &kron_sum_apply_bwd_cpu);
 }

@@ -26,6 +26,10 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
 at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,
                                    const at::Tensor& seed, double p,
                                    const std::optional<at::Tensor>& dx, bool need_dA);
+void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u, const at::Tensor& B, double scaling,
+                             const at::Tensor& c, const std::optional<at::Tensor>& shift);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
+    const at::Tensor& gy, const at::Tensor& c, const std::optional<at::Tensor>& y);
 
 // Kronecker / PHM structured apply (csrc/kron_sum/)
 void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,

@@ -21,6 +21,10 @@ sources is refused, not half-used) and registers the fake (meta) implementations
         u = drop(x) · Aᵀ in A's dtype (float32/float64), drop(x) never stored.
     lowrank_dropout_bwd(t (n, r), x (n, in), A (r, in), seed, p, dx (n, in)!?, need_dA) -> dA
         dx += drop(t · A) in place (if dx given); dA = tᵀ · drop(x) (r, in) if need_dA else (0,).
+    dora_scale_epilogue(y (n, out)!, u (n, r), B (out, r), scaling, c (out,), shift (out,)?) -> ()
+        y = c ⊙ (y + s·u·Bᵀ) + shift in place, summed in u's dtype, rounded once to y's.
+    dora_grad_prologue(gy (n, out), c (out,), y (n, out)?) -> (g, colsum, coldot)
+        g = c ⊙ gy (n, out), colsum = Σᵢ gyᵢ, coldot = Σᵢ gyᵢ ⊙ yᵢ ((0,) without y), in c's dtype.
 
     kron_sum_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
         y += x · (s·Σₕ Aₕ ⊗ Bₕ)ᵀ in place, ΔW never formed; summed in A's dtype
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``."""
 
 SCHEMAS = {
@@ -48,6 +52,8 @@ SCHEMAS = {
     "philox_dropout": "philox_dropout(Tensor x, Tensor seed, float p, ScalarType? dtype=None) -> Tensor",
     "lowrank_dropout_down": "lowrank_dropout_down(Tensor x, Tensor A, Tensor seed, float p) -> Tensor",
     "lowrank_dropout_bwd": "lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor",
+    "dora_scale_epilogue": "dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()",
+    "dora_grad_prologue": "dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)",
     "kron_sum_apply_acc": "kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
     "kron_sum_apply_bwd": "kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
 }
@@ -127,6 +133,23 @@ def register_fakes() -> None:
                      lambda: f"lowrank_dropout_bwd: t has shape {tuple(t.shape)}; expected "
                              f"({x.shape[0]}, {A.shape[0]})")
         return A.new_empty(A.shape) if need_dA else A.new_empty((0,))
+
+    @torch.library.register_fake(lib + "dora_scale_epilogue")
+    def _(y, u, B, scaling, c, shift):
+        torch._check(y.dim() == 2 and u.dim() == 2 and u.shape[0] == y.shape[0]
+                     and B.shape[0] == y.shape[1] and B.shape[1] == u.shape[1],
+                     lambda: f"dora_scale_epilogue: y {tuple(y.shape)}, u {tuple(u.shape)}, B "
+                             f"{tuple(B.shape)}; expected (n, out), (n, r), (out, r)")
+        return None
+
+    @torch.library.register_fake(lib + "dora_grad_prologue")
+    def _(gy, c, y):
+        torch._check(gy.dim() == 2 and c.shape == (gy.shape[1],),
+                     lambda: f"dora_grad_prologue: c has shape {tuple(c.shape)}; expected "
+                             f"({gy.shape[-1]},)")
+        out = gy.shape[1]
+        return (gy.new_empty(gy.shape, dtype=c.dtype), c.new_empty((out,)),
+                c.new_empty((out,) if y is not None else (0,)))
 
     def _kron_check(op, x, A, B, **acts):
         torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],

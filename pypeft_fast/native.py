@@ -84,8 +84,24 @@ class NativeSparse:
 
 
 class NativeDoRA(TorchDoRA):
-    """DoRA (``families/lowrank_dora.py``) with the native Philox mask ops: peft's base(drop(x))
-    needs drop(x) itself (a transient), made by the native dropout kernel."""
+    """DoRA (``families/lowrank_dora.py``) with the native ops: the column scale folded into y in
+    one pass (``dora_scale_epilogue``), gy read once for c ⊙ gy and the magnitude gradient's
+    column sums (``dora_grad_prologue``), and the native Philox mask (peft's base(drop(x)) needs
+    drop(x) itself, a transient). CPU kernels; on CUDA tensors the torch versions run."""
+
+    @staticmethod
+    def scaled_epilogue(xw, u, B, s, c, shift):
+        if xw.device.type != "cpu":
+            return TorchDoRA.scaled_epilogue(xw, u, B, s, c, shift)
+        ops.dora_scale_epilogue(xw, u, B, s, c, shift)
+        return xw
+
+    @staticmethod
+    def grad_prologue(gy2d, c, y):
+        if gy2d.device.type != "cpu":
+            return TorchDoRA.grad_prologue(gy2d, c, y)
+        g, colsum, coldot = ops.dora_grad_prologue(gy2d, c, y)
+        return g, colsum, None if y is None else coldot
 
     @staticmethod
     def dropped(x2d, seed, p):

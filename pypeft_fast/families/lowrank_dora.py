@@ -148,6 +148,17 @@ class TorchDoRA:
     def keep(seed, n, k, p, device):
         return keep_rows(seed, n, k, p, device=device)
 
+    @staticmethod
+    def scaled_epilogue(xw, u, B, s, c, shift):
+        """c ⊙ (xw + s·u·Bᵀ) + shift, summed in u's dtype and rounded once to xw's dtype."""
+        return _scaled_epilogue(xw, u, B, s, c, shift)
+
+    @staticmethod
+    def grad_prologue(gy2d, c, y):
+        """(g = c ⊙ gy, Σᵢ gyᵢ, Σᵢ gyᵢ ⊙ yᵢ or None) in c's dtype."""
+        gyc = gy2d.to(c.dtype)
+        return gyc * c, gyc.sum(0), None if y is None else (gyc * y.to(c.dtype)).sum(0)
+
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
         A, B, m = params[:3]
@@ -164,7 +175,7 @@ class TorchDoRA:
             shift = None if bias is None else bias.to(cd)
             if bBc is not None:
                 shift = c * (s * bBc) if shift is None else shift + c * (s * bBc)
-            y = _scaled_epilogue(F.linear(x2d, weight), u, Bc, s, c, shift)
+            y = cls.scaled_epilogue(F.linear(x2d, weight), u, Bc, s, c, shift)
             if src == "output":
                 return y, (u, norm, weight, y, None if bias is None else bias.to(cd))
             return y, (u, norm, weight)
@@ -190,8 +201,9 @@ class TorchDoRA:
         s, p = hp.scaling, hp.dropout
         Ac, Bc, mc = A.to(cd), B.to(cd), m.to(cd)
         c = mc / norm
+        y_kept = kept[1] if len(kept) == 3 else None       # p = 0: the saved output
+        g, colsum, coldot = cls.grad_prologue(gy2d, c, y_kept)   # g: (n, out) transient
         gyc = gy2d.to(cd)
-        g = gyc * c                                        # (n, out) transient
         need_dA, need_dB, need_dm = needs_dparams[:3]
         need_dbB = b_B is not None and needs_dparams[3]
         keep = cls.keep(aux[0], *x2d.shape, p, x2d.device) if p else None
@@ -220,24 +232,25 @@ class TorchDoRA:
         if need_dB:
             dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
         if need_dbB:
-            dbB = (g.sum(0) * s).to(b_B.dtype)
+            dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
-            dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd)
+            dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd,
+                                 colsum, coldot)
             dm = dm.to(m.dtype)
         grads = (dA, dB, dm) + ((dbB,) if b_B is not None else ())
         return dx, grads
 
 
-def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd):
+def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd, colsum, coldot):
     """dm = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖ (module docstring), z from what forward kept: (W, y, b) — the
     output —, (W, x̃·Wᵀ) or (W,) to recompute. ``xd``: the dropped x in the accumulation dtype
     if backward built it for dA, else None."""
     weight = kept[0]
     if len(kept) == 3:                                     # the saved output y (and b), p = 0
-        _, y, b = kept
-        acc = (gyc * y.to(cd)).sum(0)
+        b = kept[2]
+        acc = coldot.clone()                               # Σᵢ gyᵢ ⊙ yᵢ
         if b is not None:
-            acc.sub_(gyc.sum(0) * b)
+            acc.sub_(colsum * b)
         dm = acc / mc
         zero = mc == 0
         if bool(zero.any()):                               # y − b = 0 there: z from x·W_jᵀ
@@ -257,5 +270,5 @@ def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd)
         base = F.linear(xin, weight)
     acc = (gyc * base.to(cd)).sum(0) + s * (P * Bc).sum(1)
     if b_B is not None:
-        acc.add_(gyc.sum(0) * (s * b_B.to(cd)))
+        acc.add_(colsum * (s * b_B.to(cd)))
     return acc / norm
