@@ -112,6 +112,9 @@ def build(a, progress):
     seq = a.seq or (preset.seq if preset else 128)
     if _projecting(a):
         seq = _measured_seq(cfg, seq, batch_n, notes)
+    elif preset is not None and models.depth(cfg) < preset.full_layers:
+        notes.append(f"{models.depth(cfg)} of the real model's {preset.full_layers} blocks: "
+                     f"--project-layers {preset.full_layers} for the full depth")
     if a.snapshot and device.type != "cuda":
         raise ProfileError("--snapshot records the CUDA allocator; this run is on cpu")
     what = f"--preset {a.preset or 'bench'}" if a.model is None else f"--model {a.model}"

@@ -32,10 +32,9 @@ class Preset:
     arch: str                 # "llama", "mistral", "bert", "t5"
     config: dict = field(default_factory=dict)
     layers: int = 2           # depth measured by default
-    full_layers: int = 2      # the real model's depth (projection default)
+    full_layers: int = 2      # the real model's depth (a note suggests projecting to it)
     batch: int = 1
     seq: int = 128
-    target_seq: int | None = None
     dtype: str = "float32"    # on CUDA; on CPU always float32 unless --dtype (bf16 GEMMs on CPUs
                               # without AVX512-BF16/AMX run ~200× slower: 0.04 vs 8 GFLOP/s measured)
 
@@ -49,10 +48,10 @@ PRESETS = {
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), 2, 12, 8, 128),
     "llama-3-8b": Preset("llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-                         2, 32, 1, 512, 4096, "bfloat16"),
+                         2, 32, 1, 512, "bfloat16"),
     "mistral-7b": Preset("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                          num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
-                         2, 32, 1, 512, 4096, "bfloat16"),
+                         2, 32, 1, 512, "bfloat16"),
 }
 
 _DEPTH_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..measure import LiveBytes, environment, storage_parts, storage_tensors
 from . import causes
@@ -64,6 +65,11 @@ def _batch_shape(batch) -> tuple[int, int]:
     return (int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1), 1
 
 
+def tree_tensors(batch) -> list[torch.Tensor]:
+    """The strided tensors of a batch (dicts, tuples, nested)."""
+    return [p for t in tree_leaves(batch) for p in storage_tensors(t)]
+
+
 def _nbytes(tensors) -> int:
     seen = {}
     for t in tensors:
@@ -115,7 +121,7 @@ def profile_memory(model: nn.Module, batch, *, loss_fn: Callable | None = None,
     param_ptrs = set(owners) | {p for b in model.buffers() for p, _ in storage_parts(b)}
     weight_shapes = {s for _, p in owners.values() if p.dim() == 2 and not p.requires_grad
                      for s in (tuple(p.shape), tuple(p.shape)[::-1])}
-    batch_tensors = [t for t in tree_tensors(batch)]
+    batch_tensors = tree_tensors(batch)
     opt_state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
     baseline = [*model.parameters(), *model.buffers(), *batch_tensors, *opt_state]
 
@@ -215,8 +221,3 @@ def profile_memory(model: nn.Module, batch, *, loss_fn: Callable | None = None,
         loss=loss_value, environment=environment(device), static_bytes=static,
         param_dims=sorted({d for _, p in owners.values() for d in p.shape}))
 
-
-def tree_tensors(batch):
-    from torch.utils._pytree import tree_leaves
-
-    return [p for t in tree_leaves(batch) for p in storage_tensors(t)]
