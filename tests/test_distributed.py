@@ -40,7 +40,7 @@ from training_models import N_ADAPTED  # noqa: E402
 WORKER = Path(__file__).parent / "dist_workers" / "train_worker.py"
 ACCELERATE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2_cpu.yaml"
 ACCELERATE_SCRIPT = ACCELERATE_CONFIG.with_name("train_lora.py")
-TIMEOUT_S = 240  # ~30 s on 2 loaded cores
+TIMEOUT_S = 240  # the worker takes 25-50 s on the shared 2-core machine
 
 
 def launcher(name: str, module: str, *subcommand: str) -> list[str]:
