@@ -22,14 +22,13 @@ model's FLOP-equivalents), then the layer table above.
 """
 import argparse
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import pypeft_fast as pf  # noqa: E402
-from pypeft_fast.measure import environment  # noqa: E402
+from pypeft_fast.measure import environment, interleaved_times  # noqa: E402
 from pypeft_fast.workloads import SHAPES as _PROJECTIONS  # noqa: E402
 from pypeft_fast.families.hadamard import (  # noqa: E402
     METHODS, HadamardHP, HadamardPlan, TorchHadamard, delta_weight, part_costs, plan_for,
@@ -71,19 +70,10 @@ PLANS = {
 SCALING = 2.0
 
 
-def times_interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """``{name: (median s, min s)}``, the providers run in turn within every repetition (the
-    min is the least disturbed step on a shared machine)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
+def times_interleaved(fns: dict, reps: int) -> dict:
+    """``{name: (median s, min s)}`` of :func:`measure.interleaved_times` (the min is the least
+    disturbed repetition on a shared machine)."""
+    return {name: (statistics.median(ts), min(ts)) for name, ts in interleaved_times(fns, reps=reps).items()}
 
 
 def predicted_extra(s, r, plan: HadamardPlan) -> float:

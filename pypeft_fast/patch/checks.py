@@ -96,6 +96,19 @@ def static_layer_reason(module, handler) -> str | None:
     return handler.adapter_reason(module, active[0], None)
 
 
+def lycoris_dropout_reason(module, adapter: str, training: bool | None, method: str) -> str | None:
+    """LyCORIS layers (LoKr, LoHa): ``rank_dropout``/``module_dropout`` > 0 cannot be served in
+    training; ``training=None`` (patch time) says so with "(eval calls are served)"."""
+    if training is False:
+        return None
+    rd, md = module.rank_dropout.get(adapter, 0.0), module.module_dropout.get(adapter, 0.0)
+    if not (rd or md):
+        return None
+    where = "" if training else " (eval calls are served)"
+    what = " and ".join(f"{k}={v}" for k, v in (("rank_dropout", rd), ("module_dropout", md)) if v)
+    return f"{method} {what} in training{where}"
+
+
 def scalar(s) -> float:
     """peft's per-adapter scaling as a Python float (peft may keep a 0-d tensor)."""
     return float(s.item()) if isinstance(s, torch.Tensor) else float(s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ...base_layer import linear_view
 from ...families.hadamard import hadamard_linear
-from ..checks import scalar
+from ..checks import lycoris_dropout_reason, scalar
 
 PEFT_CLASS = ("peft.tuners.loha.layer", "Linear")
 """The exact peft class served (subclasses, e.g. quantized ones, are not)."""
@@ -28,13 +28,7 @@ class Handler:
             return "LoHa Tucker factors hada_t1/hada_t2 (use_effective_conv2d)"
         if adapter not in module.hada_w1_a or adapter not in module.hada_w2_b:
             return "LoHa adapter without the four hada_w* factors"
-        if training is not False:
-            rd, md = module.rank_dropout.get(adapter, 0.0), module.module_dropout.get(adapter, 0.0)
-            if rd or md:
-                where = "" if training else " (eval calls are served)"
-                what = " and ".join(f"{k}={v}" for k, v in (("rank_dropout", rd), ("module_dropout", md)) if v)
-                return f"LoHa {what} in training{where}"
-        return None
+        return lycoris_dropout_reason(module, adapter, training, "LoHa")
 
     @staticmethod
     def call_reason(module, adapter, x) -> str | None:

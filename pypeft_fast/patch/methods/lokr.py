@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...base_layer import linear_view
 from ...families.kronecker import kronecker_linear
-from ..checks import scalar
+from ..checks import lycoris_dropout_reason, scalar
 
 PEFT_CLASS = ("peft.tuners.lokr.layer", "Linear")
 """The exact peft class served (subclasses, e.g. quantized ones, are not)."""
@@ -19,13 +19,7 @@ class Handler:
             return f"adapter {adapter!r} has no weights on this layer"
         if adapter in module.lokr_t2:
             return "LoKr Tucker factor lokr_t2 (effective conv)"
-        if training is not False:
-            rd, md = module.rank_dropout.get(adapter, 0.0), module.module_dropout.get(adapter, 0.0)
-            if rd or md:
-                where = "" if training else " (eval calls are served)"
-                what = " and ".join(f"{k}={v}" for k, v in (("rank_dropout", rd), ("module_dropout", md)) if v)
-                return f"LoKr {what} in training{where}"
-        return None
+        return lycoris_dropout_reason(module, adapter, training, "LoKr")
 
     @staticmethod
     def call_reason(module, adapter, x) -> str | None:
