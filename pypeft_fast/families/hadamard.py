@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..function import delta_linear
 from ..validate import check_base, check_param, check_same_device, check_scaling, compute_dtype, fail
-from ._accumulate import add_into, addmm_into
+from ._accumulate import addmm_into
 
 FAMILY = "hadamard"
 METHODS = ("factored", "dense")
@@ -162,7 +162,7 @@ class TorchHadamard:
             grads, t, Kb = _factored_grads(gyc, x2d.to(cd), params, s, n_a, n_b,
                                            want_t=needs_dx and plan.dx == "factored")
             if t is not None:
-                dx = add_into(gy2d @ weight, t @ Kb)
+                dx = addmm_into(gy2d @ weight, t, Kb)
         elif n_a or n_b:
             grads = _dense_grads(gyc, x2d.to(cd), params, s, needs_dparams)
         if needs_dx and dx is None:
@@ -171,7 +171,7 @@ class TorchHadamard:
                 dx = _matmul_in(gy2d, _effective_weight(weight, M1, M2, s))
             else:
                 Ka, Kb = khatri_rao(*params, cd)
-                dx = add_into(gy2d @ weight, ((gyc @ Ka).mul_(s)) @ Kb)
+                dx = addmm_into(gy2d @ weight, gyc @ Ka, Kb, alpha=s)
         grads = tuple(None if g is None or not need else g.to(p.dtype)
                       for g, need, p in zip(grads, needs_dparams, params))
         return dx, grads
