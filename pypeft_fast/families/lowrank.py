@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..function import delta_linear
-from ..philox import apply_keep, dropout_rows, keep_rows
+from ..philox import apply_keep, draw_seed, dropout_rows, keep_rows
 from ..validate import (
     check_base, check_dropout, check_param, check_same_device, check_scaling, check_seed,
     compute_dtype, fail,
@@ -175,7 +175,9 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     extra = _variant_params(where, out_f, in_f, magnitude, lora_bias, activation, gate)
     if extra:
         check_same_device(where, x=x, **{f"param {i + 3}": t for i, t in enumerate(extra)})
-    aux = (check_seed(where, seed),) if dropout > 0.0 else ()  # a copy: the caller may reuse it
+    aux = ()
+    if dropout > 0.0:  # a checked copy: the caller may reuse its seed tensor before backward
+        aux = (check_seed(where, draw_seed() if seed is None else seed),)
     hp = LowRankHP(scaling, dropout, magnitude is not None, activation, gate is not None)
     kernels = _kernels_for(hp, backend, device, where)
     return delta_linear(kernels, hp, 2 + len(extra), x, weight, bias, A, B, *extra, *aux)
