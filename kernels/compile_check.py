@@ -58,7 +58,7 @@ def _kernels():
 
     def lowrank_args(x, c, dm, u, M, N, K, xs, ws, cs, ds):
         return dict(x_ptr=x, w_ptr=bf, bias_ptr=bf, c_ptr=c, d_ptr=dm, u_ptr=u, y_ptr=bf,
-                    seed_ptr=i64, xin_ptr=bf, dd_ptr=f32, v_ptr=f32, dc_ptr=f32,
+                    seed_ptr=i64, xin_ptr=bf, dd_ptr=f32, v_ptr=f32, dc_ptr=f32, cs_ptr=f32,
                     M=M, N=N, K=K, R=r, stride_xm=xs, stride_xk=1,
                     stride_wk=ws[0], stride_wn=ws[1], stride_ck=cs[0], stride_cr=cs[1],
                     stride_dr=ds[0], stride_dn=ds[1], stride_um=r, stride_ur=1, stride_ym=N,
@@ -67,7 +67,7 @@ def _kernels():
                     scaling=0.5, keep_scale=1.1, threshold=6554, alpha_d=0.5, alpha_c=0.5)
 
     base = dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_R=16,
-                GRAD_D=False, GRAD_C=False)
+                GRAD_D=False, GRAD_C=False, COL_SCALE=False)
     lr = lowrank._lowrank_fwd_kernel
     # forward, dropout 0: u fused into the K-loop and stored
     out.append(("lowrank_fwd", "fwd: fused u, bf16", lr, gemm_cfgs,
@@ -95,6 +95,13 @@ def _kernels():
     out.append(("lowrank_fwd", "fwd: fused u, bf16 x + fp32 A/B", lr, gemm_cfgs[:1],
                 lowrank_args(bf, f32, f32, f32, n, ff, d, d, (1, d), (1, d), (1, r)),
                 dict(base, FUSE_U=True, STORE_U=True, DROPOUT=False, GROUPED_RNG=False)))
+
+    # DoRA (dropout 0): c = m / ‖W + s·B·A‖ in the epilogue, fp32 shift as the bias
+    out.append(("lowrank_fwd", "fwd: fused u, DoRA column scale, bf16 x + fp32 A/B", lr, gemm_cfgs[:1],
+                lowrank_args(bf, f32, f32, f32, n, ff, d, d, (1, d), (1, d), (1, r))
+                | dict(bias_ptr=f32),
+                dict(base, HAS_BIAS=True, COL_SCALE=True, FUSE_U=True, STORE_U=True, DROPOUT=False,
+                     GROUPED_RNG=False)))
 
     # fp64 operands (float64 inputs on a GPU): the small tile
     f64 = "*fp64"

@@ -45,14 +45,14 @@ from ._utils import (
 @triton.jit
 def _lowrank_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, c_ptr, d_ptr, u_ptr, y_ptr, seed_ptr,
-    xin_ptr, dd_ptr, v_ptr, dc_ptr,
+    xin_ptr, dd_ptr, v_ptr, dc_ptr, cs_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ck, stride_cr, stride_dr, stride_dn,
     stride_um, stride_ur, stride_ym, stride_yn,
     stride_im, stride_in, stride_ddr, stride_ddn, stride_vm, stride_vr, stride_dck, stride_dcr,
     scaling, keep_scale, threshold, alpha_d, alpha_c,
     HAS_BIAS: tl.constexpr, FUSE_U: tl.constexpr, STORE_U: tl.constexpr, DROPOUT: tl.constexpr,
-    GRAD_D: tl.constexpr, GRAD_C: tl.constexpr,
+    GRAD_D: tl.constexpr, GRAD_C: tl.constexpr, COL_SCALE: tl.constexpr,
     GROUPED_RNG: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -65,7 +65,8 @@ def _lowrank_fwd_kernel(
     The dx pass also yields both factor gradients by fp32 atomics, so LoRA's backward is this
     one kernel: GRAD_D: dD (R, N) += α_d·Uᵀ·mask?(Xin) with Xin (M, N) (dA = s·keep·tᵀ·(m⊙x),
     from the x tile under this output tile); GRAD_C: dC (K, R) += α_c·Xᵀ·V with V (M, R)
-    (dB = s·gyᵀ·u, in the K-loop of the pid_n == 0 tiles).
+    (dB = s·gyᵀ·u, in the K-loop of the pid_n == 0 tiles). COL_SCALE: DoRA's epilogue,
+    y = c ⊙ (X·Wop + s·U·D) + bias with c (N,) at cs_ptr.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,6 +116,8 @@ def _lowrank_fwd_kernel(
     if DROPOUT:
         delta = tl.where(keep, delta * keep_scale, 0.0)
     acc += delta
+    if COL_SCALE:
+        acc = acc * tl.load(cs_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -177,8 +180,10 @@ def _skinny(L, R, P, Q, K, strides_l, strides_r, alpha, *, drop=0, seed=None, ro
 
 
 def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R, scaling,
-          *, fuse_u, store_u, dropout, keep_scale, threshold, grad_d=None, grad_c=None):
-    """Launch ``_lowrank_fwd_kernel``. grad_d = (Xin, dD fp32, α_d), grad_c = (V, dC fp32, α_c)."""
+          *, fuse_u, store_u, dropout, keep_scale, threshold, grad_d=None, grad_c=None,
+          col_scale=None):
+    """Launch ``_lowrank_fwd_kernel``. grad_d = (Xin, dD fp32, α_d), grad_c = (V, dC fp32, α_c),
+    col_scale: DoRA's c (N,) applied in the epilogue."""
     grouped = dropout and N % 8 == 0
     xin, dd, alpha_d = grad_d if grad_d is not None else (y, y, 0.0)
     v, dc, alpha_c = grad_c if grad_c is not None else (u, y, 0.0)
@@ -186,6 +191,7 @@ def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R
     wrap_triton(_lowrank_fwd_autotuned)[grid](
         X, w_strides[0], bias if bias is not None else y, C, D, u, y,
         seed if seed is not None else u, xin, dd, v, dc,
+        col_scale if col_scale is not None else y,
         M, N, K, R,
         X.stride(0), X.stride(1), w_strides[1], w_strides[2], *c_strides, *d_strides,
         u.stride(0), u.stride(1), y.stride(0), y.stride(1),
@@ -193,13 +199,13 @@ def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R
         dc.stride(0), dc.stride(1),
         scaling, keep_scale, threshold, alpha_d, alpha_c,
         HAS_BIAS=bias is not None, FUSE_U=fuse_u, STORE_U=store_u, DROPOUT=dropout,
-        GRAD_D=grad_d is not None, GRAD_C=grad_c is not None,
+        GRAD_D=grad_d is not None, GRAD_C=grad_c is not None, COL_SCALE=col_scale is not None,
         GROUPED_RNG=grouped, ACC=acc_dtype(X, w_strides[0], C, D), UPCAST=upcast_flag(X, C, D),
         PREC=input_precision(X, C, D), BLOCK_R=rank_block(R),
     )
 
 
-def _lowrank_fwd_fake(x, weight, bias, A, B, seed, scaling, dropout):
+def _lowrank_fwd_fake(x, weight, bias, A, B, seed, scaling, dropout, col_scale=None):
     torch._check(x.shape[1] == weight.shape[1] == A.shape[1] and B.shape == (weight.shape[0], A.shape[0]),
                  lambda: f"lowrank_fwd: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)} do not chain")
@@ -210,14 +216,16 @@ def _lowrank_fwd_fake(x, weight, bias, A, B, seed, scaling, dropout):
 @register_op("pypeft_fast::lowrank_fwd", _lowrank_fwd_fake)
 def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 A: torch.Tensor, B: torch.Tensor, seed: Optional[torch.Tensor],
-                scaling: float, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+                scaling: float, dropout: float,
+                col_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (n, in), weight (out, in), bias (out,) or None, A (r, in), B (out, r), seed: 0-d int64
     on x's device (dropout > 0). Returns y (n, out) in x's dtype and u = drop(x)·Aᵀ (n, r) fp32
-    (fp64 for fp64 inputs), saved for dB."""
+    (fp64 for fp64 inputs), saved for dB. ``col_scale`` c (out,) (DoRA, dropout 0):
+    y = c ⊙ (x·Wᵀ + s·u·Bᵀ) + bias, c applied in the GEMM's epilogue."""
     n, k = x.shape
     out_f, r = weight.shape[0], A.shape[0]
     check_int32_offsets("lowrank_fwd", x=x, weight=weight, bias=bias, A=A, B=B, y=(n, out_f),
-                        u=(n, r))
+                        u=(n, r), col_scale=col_scale)
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     drop = dropout > 0.0
     threshold, keep_scale = _dropout_args(dropout) if drop else (0, 1.0)
@@ -233,7 +241,7 @@ def lowrank_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _gemm(x, (weight, weight.stride(1), weight.stride(0)), bias, A,
               (A.stride(1), A.stride(0)), B, (B.stride(1), B.stride(0)), u, y, None,
               n, out_f, k, r, scaling, fuse_u=not separate_u, store_u=not separate_u,
-              dropout=False, keep_scale=1.0, threshold=0)
+              dropout=False, keep_scale=1.0, threshold=0, col_scale=col_scale)
     return y, u
 
 

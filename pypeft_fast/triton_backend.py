@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import registry
+from .families.lowrank_dora import TorchDoRA, _magnitude_grad
 
 
 def _import_kernels():
@@ -98,6 +99,77 @@ class TritonLowRank:
                                               _none_if_empty(dB, need_dB))
 
 
+class TritonDoRA(TorchDoRA):
+    """DoRA at dropout 0 (``families/lowrank_dora.py``): the forward is ``lowrank_fwd`` with
+    c = m / ‖W + s·B·A‖ in its epilogue (``col_scale``; the shift b + c·s·b_B as its bias), the
+    backward ``lowrank_bwd`` on c ⊙ gy (dx = (c⊙gy)·W + s·(c⊙gy)·B·A, dA, dB = s·(c⊙gy)ᵀ·u
+    in its one kernel); the row norm's A·Wᵀ and dm's column sums are torch ops. Dropout > 0
+    (peft's base(drop(x)) terms) is not served: auto runs the torch kernels."""
+
+    @staticmethod
+    def serves(hp) -> str | None:
+        if hp.dropout > 0.0:
+            return "DoRA with dropout > 0 (peft's base(drop(x)) terms) has no Triton path"
+        return None
+
+    @classmethod
+    def scaled_linear(cls, x2d, weight, A, B, s, c, shift):
+        return torch.ops.pypeft_fast.lowrank_fwd(x2d, weight, shift, A, B, None, s, 0.0, c)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        u, norm, *kept = extras
+        if hp.dropout > 0.0 or len(kept) != 3:  # not a p = 0 "output" forward
+            return TorchDoRA.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                      needs_dparams)
+        A, B, m = params[:3]
+        b_B = params[3] if len(params) > 3 else None
+        cd = u.dtype
+        s = hp.scaling
+        mc = m.to(cd)
+        c = mc / norm
+        g, colsum, coldot = cls.grad_prologue(gy2d, c, kept[1])
+        need_dA, need_dB, need_dm = (bool(v) for v in needs_dparams[:3])
+        dx, dA, dB = torch.ops.pypeft_fast.lowrank_bwd(
+            g.to(gy2d.dtype), x2d, weight, A.to(cd), B.to(cd), u, None, s, 0.0, bool(needs_dx),
+            need_dA, need_dB)
+        dm = dbB = None
+        if need_dm:
+            dm = _magnitude_grad(gy2d.to(cd), x2d, None, u, B.to(cd), s, b_B, mc, norm, None, kept, None,
+                                 0.0, cd, colsum, coldot).to(m.dtype)
+        if b_B is not None and needs_dparams[3]:
+            dbB = (colsum * c * s).to(b_B.dtype)
+        grads = (dA.to(A.dtype) if need_dA else None, dB.to(B.dtype) if need_dB else None, dm)
+        return _none_if_empty(dx, needs_dx), grads + ((dbB,) if b_B is not None else ())
+
+
+class TritonLowRankVariants(TritonLowRank):
+    """The lowrank family on Triton: LoRA (``TritonLowRank``) and DoRA at dropout 0; parallel
+    adapters (activation, gate) are not served."""
+
+    @staticmethod
+    def serves(hp) -> str | None:
+        if hp.variant == "adapter":
+            return "the Triton low-rank kernels have no activation/gate (parallel adapter) path"
+        if hp.variant == "dora":
+            return TritonDoRA.serves(hp)
+        return None
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        if hp.magnitude:
+            return TritonDoRA.forward(x2d, weight, bias, params, aux, hp)
+        return TritonLowRank.forward(x2d, weight, bias, params, aux, hp)
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if hp.magnitude:
+            return TritonDoRA.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                       needs_dparams)
+        return TritonLowRank.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                      needs_dparams)
+
+
 class TritonKronSum:
     """``pypeft_fast::kron_sum_fwd`` / ``kron_sum_bwd`` (kernels/kronecker.py), for both the
     kronecker (h = 1) and phm families; params A (h, a_out, a_in), B (h, b_out, b_in)."""
@@ -138,7 +210,7 @@ class TritonSparse:
         return _none_if_empty(dx, needs_dx), (_none_if_empty(dv, need_dv),)
 
 
-registry.register_kernels("lowrank", "triton", TritonLowRank, auto=True)
+registry.register_kernels("lowrank", "triton", TritonLowRankVariants, auto=True)
 registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
 # Not auto (yet): no GPU has timed them, and the roofline in bench/NOTES.md predicts 2.1–4.0×
 # (kronecker) and 4.5–11× (phm) the frozen GEMM — cuBLAS batched GEMMs on the torch path are

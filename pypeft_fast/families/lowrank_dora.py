@@ -148,6 +148,12 @@ class TorchDoRA:
     def keep(seed, n, k, p, device):
         return keep_rows(seed, n, k, p, device=device)
 
+    @classmethod
+    def scaled_linear(cls, x2d, weight, A, B, s, c, shift):
+        """(y = c ⊙ (x·Wᵀ + s·u·Bᵀ) + shift, u = x·Aᵀ): DoRA's p = 0 forward."""
+        u = x2d.to(A.dtype) @ A.t()
+        return cls.scaled_epilogue(F.linear(x2d, weight), u, B, s, c, shift), u
+
     @staticmethod
     def scaled_epilogue(xw, u, B, s, c, shift):
         """c ⊙ (xw + s·u·Bᵀ) + shift, summed in u's dtype and rounded once to xw's dtype."""
@@ -171,11 +177,10 @@ class TorchDoRA:
         c = m.to(cd) / norm
         src = dm_source(hp.dropout)
         if hp.dropout == 0.0:
-            u = x2d.to(cd) @ Ac.t()
             shift = None if bias is None else bias.to(cd)
             if bBc is not None:
                 shift = c * (s * bBc) if shift is None else shift + c * (s * bBc)
-            y = cls.scaled_epilogue(F.linear(x2d, weight), u, Bc, s, c, shift)
+            y, u = cls.scaled_linear(x2d, weight, Ac, Bc, s, c, shift)
             if src == "output":
                 return y, (u, norm, weight, y, None if bias is None else bias.to(cd))
             return y, (u, norm, weight)
@@ -228,7 +233,7 @@ class TorchDoRA:
         if need_dA:
             xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, p)
             dA = (t.t() @ xd).to(A.dtype)
-        P = gyc.t() @ u if (need_dB or need_dm) else None  # (out, r)
+        P = gyc.t() @ u if (need_dB or (need_dm and y_kept is None)) else None  # (out, r)
         if need_dB:
             dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
         if need_dbB:
