@@ -5,8 +5,11 @@
 //   _kron_tok_bwd  one block per token: V = G·Bs (shared), dx += Arᵀ·V; V and U = Ar·X written
 //                  out for the reductions when dA / dB are asked for
 //   _kron_reduce   out[r, c] += Σ_t Σ_k P_t[r, k]·Q_t[c, k] over a chunk of tokens per block
-//                  row (dA_rows = Σ V·Xᵀ, dB_cols = Σ Gᵀ·U), one atomicAdd per chunk
+//                  row (dA_rows = Σ V·Xᵀ, dB_cols = Σ Gᵀ·U), one atomicAdd per chunk; under
+//                  torch.use_deterministic_algorithms(True) a single block row: each element's
+//                  chunks are added by one thread in token order (bit-reproducible)
 // Activations are converted to the accumulation dtype up front (float32/float64).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -128,8 +131,11 @@ template <typename T>
 void reduce(const at::Tensor& P, int64_t pt, int64_t pr, int64_t pk, const at::Tensor& Q, int64_t qt,
             int64_t qr, int64_t qk, int64_t K, at::Tensor& out, int64_t n, cudaStream_t stream) {
   const int64_t rows = out.size(0), cols = out.size(1);
+  // Parallel token chunks add in a run-dependent order; deterministic mode: one chunk row.
+  const int64_t chunk_rows = at::globalContext().deterministicAlgorithms()
+                                 ? 1 : std::min<int64_t>(ceil_div(n, kReduceTokenChunk), 65535);
   const dim3 grid(static_cast<unsigned>(ceil_div(rows * cols, kThreads)),
-                  static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kReduceTokenChunk), 65535)));
+                  static_cast<unsigned>(chunk_rows));
   _kron_reduce<T><<<grid, kThreads, 0, stream>>>(P.data_ptr<T>(), pt, pr, pk, Q.data_ptr<T>(), qt,
                                                  qr, qk, K, rows, cols, n, out.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
