@@ -638,3 +638,39 @@ def test_triton_lowrank_backward_leaves_atomics_under_deterministic_algorithms(m
     y2.backward(torch.ones_like(y2))
     for name, g, ref in (("dx", x.grad, x2.grad), ("dA", A.grad, A2.grad), ("dB", B.grad, B2.grad)):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family, backend", [("kronecker", "cuda"), ("phm", "cuda"),
+                                             ("lowrank", "triton")])
+def test_gpu_gradients_bit_identical_under_deterministic_algorithms(family, backend):
+    """On a GPU the atomics-free routes must give the same bits on every run (many token
+    chunks / tiles: n = 4099)."""
+    import pypeft_fast as pf
+    if registry.why_unavailable(family, backend, torch.device("cuda")) is not None:
+        pytest.skip(f"{backend} unavailable")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4099, 64, device="cuda", generator=g)
+    w = torch.randn(96, 64, device="cuda", generator=g)
+    factors = {"kronecker": lambda: (torch.randn(4, 8, device="cuda", generator=g),
+                                     torch.randn(24, 8, device="cuda", generator=g)),
+               "phm": lambda: (torch.randn(2, 2, 2, device="cuda", generator=g),
+                               torch.randn(2, 48, 32, device="cuda", generator=g)),
+               "lowrank": lambda: (torch.randn(8, 64, device="cuda", generator=g),
+                                   torch.randn(96, 8, device="cuda", generator=g))}[family]()
+    fn = {"kronecker": pf.kronecker_linear, "phm": pf.phm_linear, "lowrank": pf.lowrank_linear}[family]
+    prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(3):
+            ps = [f.clone().requires_grad_() for f in factors]
+            y = fn(x, w, None, *ps, 0.5, backend=backend)
+            y.backward(torch.ones_like(y))
+            runs.append([p.grad for p in ps])
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b), f"{family}/{backend}: gradients differ between runs"
