@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from . import _ops, registry
 from .families._accumulate import addmm_into
 from .families.kron_sum import TorchKronSumKernels, macs_per_row
 from .families.lowrank import TorchLowRank
-from .families.lowrank_dora import TorchDoRA
+from .families.lowrank_dora import TorchDoRA, factored_norm
 from .philox import keep_rows
 from .validate import compute_dtype
 
@@ -102,6 +103,99 @@ class NativeDoRA(TorchDoRA):
             return TorchDoRA.grad_prologue(gy2d, c, y)
         g, colsum, coldot = ops.dora_grad_prologue(gy2d, c, y)
         return g, colsum, None if y is None else coldot
+
+    # Dropout > 0 on CPU: peft's x̃·Wᵀ (x̃ = drop(x)) without a second frozen GEMM. With the
+    # dropped entries x_d = x ⊙ (1 − mask) (density p, a CSR built from the seed's mask),
+    # x̃·Wᵀ = (x·Wᵀ − x_d·Wᵀ) / (1 − p): one frozen GEMM plus a native SpMM of p·n·in nonzeros.
+    # Backward likewise: dx = gy·W + drop'(((c−1)⊙gy)·W + t·A)
+    #                       = (c₁ ⊙ gy)·W + drop(t·A) − SDDMM_dropped((c−1)⊙gy, W) / (1 − p),
+    # c₁ = (c − p)/(1 − p); and dm from the saved output y = (c − p) ⊙ x̃·Wᵀ + x_d·Wᵀ + b + L
+    # (L = c ⊙ s·(u·Bᵀ + b_B)), x_d·Wᵀ recomputed by the SpMM: x̃·Wᵀ = (y − …)/(c − p), which
+    # amplifies y's rounding by 1/(c − p). A call with any c − p < SPARSE_MIN_GAP (never near
+    # peft's init c = 1 at p ≤ 0.3) takes the torch kernels' path (one more frozen GEMM).
+    SPARSE_MIN_GAP = 0.5
+
+    @classmethod
+    def _sparse_ok(cls, x2d, p, c) -> bool:
+        return (x2d.device.type == "cpu" and p > 0.0 and os.environ.get("PYPEFT_FAST_DORA_DM") is None
+                and bool(((c - p).abs() >= cls.SPARSE_MIN_GAP).all()))
+
+    @staticmethod
+    def _dropped_csr(x2d, seed, p):
+        n, k = x2d.shape
+        dropped = ops.philox_keep_mask(seed, n * k, p).view(n, k).logical_not_()
+        rows, cols = dropped.nonzero(as_tuple=True)
+        row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+        torch.cumsum(dropped.sum(1), 0, out=row_ptr[1:])
+        return rows, cols, row_ptr
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        A, B, m = params[:3]
+        b_B = params[3] if len(params) > 3 else None
+        cd = compute_dtype(x2d, A, B, m)
+        s, p = hp.scaling, hp.dropout
+        Ac, Bc = A.to(cd), B.to(cd)
+        bBc = None if b_B is None else b_B.to(cd)
+        norm = factored_norm(weight, Ac, Bc, s, bBc, cd)
+        c = m.to(cd) / norm
+        if not cls._sparse_ok(x2d, p, c):
+            return super().forward(x2d, weight, bias, params, aux, hp)
+        seed = aux[0]
+        rows, cols, row_ptr = cls._dropped_csr(x2d, seed, p)
+        q = ops.sparse_spmm_csr_t(row_ptr, cols, x2d[rows, cols].to(cd), x2d.shape[1], weight).t()
+        u = ops.lowrank_dropout_down(x2d, Ac, seed, p)
+        c1 = (c - p) / (1 - p)
+        # y = c₁ ⊙ (x·Wᵀ − ((c−1)/(c−p)) ⊙ x_d·Wᵀ + s·u·(B ⊙ c/c₁)ᵀ) + b + c ⊙ s·b_B
+        acc = F.linear(x2d, weight).to(cd)
+        acc.addcmul_(q, -(c - 1) / (c - p))
+        shift = None if bias is None else bias.to(cd)
+        if bBc is not None:
+            shift = c * (s * bBc) if shift is None else shift + c * (s * bBc)
+        y = cls.scaled_epilogue(acc, u, Bc * (c / c1).unsqueeze(1), s, c1, shift).to(x2d.dtype)
+        return y, (u, norm, weight, y, None if bias is None else bias.to(cd), None)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        u, norm, *kept = extras
+        if len(kept) != 4:  # not the dropped-set forward
+            return super().backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                    needs_dparams)
+        A, B, m = params[:3]
+        b_B = params[3] if len(params) > 3 else None
+        _, y, b, _ = kept
+        cd = u.dtype
+        s, p, seed = hp.scaling, hp.dropout, aux[0]
+        Ac, Bc, mc = A.to(cd), B.to(cd), m.to(cd)
+        c = mc / norm
+        need_dA, need_dB, need_dm = needs_dparams[:3]
+        g, colsum, coldot = cls.grad_prologue(gy2d, c, y)
+        gyc = gy2d.to(cd)
+        rows, cols, row_ptr = cls._dropped_csr(x2d, seed, p)
+        dx = dA = dB = dm = dbB = None
+        if needs_dx or need_dA:
+            t = (g @ Bc).mul_(s)                                      # (n, r)
+            if needs_dx:
+                dx = (gyc * ((c - p) / (1 - p))).to(gy2d.dtype) @ weight   # (c₁ ⊙ gy)·W
+                g2w = ops.sparse_sddmm_csr(row_ptr, cols, (gyc * (c - 1)).to(weight.dtype).t(), weight)
+                dx.index_put_((rows, cols), (g2w / -(1 - p)).to(dx.dtype), accumulate=True)
+            dA = ops.lowrank_dropout_bwd(t, x2d, Ac, seed, p, dx, bool(need_dA))
+            dA = dA.to(A.dtype) if need_dA else None
+        P = gyc.t() @ u if (need_dB or need_dm) else None            # (out, r)
+        if need_dB:
+            dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
+        if b_B is not None and needs_dparams[3]:
+            dbB = (colsum * c * s).to(b_B.dtype)
+        if need_dm:
+            q = ops.sparse_spmm_csr_t(row_ptr, cols, x2d[rows, cols].to(cd), x2d.shape[1], weight)
+            lora = s * (P * Bc).sum(1)                                # Σᵢ gy ⊙ s·u·Bᵀ
+            if b_B is not None:
+                lora = lora + s * b_B.to(cd) * colsum
+            acc = coldot - (q.t() * gyc).sum(0) - c * lora           # Σ gy ⊙ (y − x_d·Wᵀ − L)
+            if b is not None:
+                acc = acc - b * colsum
+            dm = ((acc / (c - p) + lora) / norm).to(m.dtype)         # Σ gy ⊙ (x̃·Wᵀ + s·(u·Bᵀ + b_B))
+        return dx, (dA, dB, dm) + ((dbB,) if b_B is not None else ())
 
     @staticmethod
     def dropped(x2d, seed, p):

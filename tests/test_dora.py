@@ -94,6 +94,26 @@ def test_dora_every_magnitude_gradient_source(monkeypatch, source, kw):
     check_case(dora_case(**kw), "torch", "fp32")
 
 
+@pytest.mark.skipif("cpp" not in DORA_BACKENDS, reason="the native extension is not built")
+@pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
+@pytest.mark.parametrize("p", [0.05, 0.2])
+def test_native_dora_dropout_without_the_second_frozen_gemm(monkeypatch, dtype_case, p):
+    """cpp at p > 0: x̃·Wᵀ from one frozen GEMM and an SpMM over the dropped entries
+    (native.NativeDoRA); c near 1 as in training (c − p ≥ SPARSE_MIN_GAP)."""
+    from pypeft_fast import native
+
+    calls = []
+    real = native.NativeDoRA._dropped_csr
+    monkeypatch.setattr(native.NativeDoRA, "_dropped_csr",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    case = dora_case(dropout=p, lora_bias=True, lead=(5, 13), n_in=70, n_out=41)
+    W, A, B = case.frozen["weight"], case.params["A"], case.params["B"]
+    norm = torch.linalg.vector_norm(W + 0.8 * (B @ A + case.params["b_B"][:, None]), dim=1)
+    case.params["m"] = norm * (0.8 + 0.4 * rand(41, seed=9).sigmoid())   # c in (0.8, 1.2)
+    check_case(case, "cpp", dtype_case)
+    assert len(calls) >= 2  # forward and backward took the dropped-set path
+
+
 def test_dora_magnitude_entry_exactly_zero_still_gets_its_gradient():
     c = dora_case(lead=(9,), n_in=20, n_out=11, r=2)
     c.params["m"][[0, 4]] = 0.0
