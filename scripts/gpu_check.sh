@@ -202,7 +202,13 @@ if os.path.exists(e2e):
     try:
         data = json.load(open(e2e))
         erows = data.get("rows", data) if isinstance(data, dict) else data
-        md += ["### End-to-end (pypeft-fast bench)", "", "```", json.dumps(erows, indent=1)[:6000], "```", ""]
+        try:  # the e2e bench's own table; its raw rows if that format changed
+            from pypeft_fast.bench.report import table as e2e_table
+            e2e_md = e2e_table(erows)
+        except Exception as e:  # noqa: BLE001
+            e2e_md = f"(table failed: {e})\n```\n{json.dumps(erows, indent=1)[:6000]}\n```"
+        md += ["### End-to-end (pypeft-fast bench)", "", e2e_md, ""]
+        print("\nend-to-end (pypeft-fast bench):\n" + e2e_md)
     except Exception as e:  # noqa: BLE001
         summary.append(["e2e: e2e.json", "unreadable", "", str(e)])
 table = report._table(summary[0], summary[1:], markdown=True)
