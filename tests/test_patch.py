@@ -426,20 +426,26 @@ def test_merge_disable_and_set_adapter_keep_working():
 
 
 def test_unsupported_layers_are_reported_and_run_peft():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    # DoRA is served (tests/test_dora.py) — but not a training layer whose dropout is in eval mode
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
                                                     use_dora=True, init_lora_weights=False))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, peft.tuners.lora.layer.Linear):
+            m.lora_dropout["default"].eval()
+    why = "DoRA with lora_dropout in a different train/eval mode than its layer"
     batch = batch_for("llama")
     with torch.no_grad():
         ref = outputs(model, batch)
-    with pytest.raises(ValueError, match=r"(?s)strict=True.*4 of 4.*q_proj.*DoRA"):
+    with pytest.raises(ValueError, match=r"(?s)strict=True.*4 of 4.*q_proj.*DoRA with lora_dropout"):
         pf.patch(model, strict=True)
     assert not any(is_patched(m) for m in model.modules())  # strict failure patches nothing
     report = pf.patch(model)
-    assert [e.status for e in report] == ["DoRA"] * 4
+    assert [e.status for e in report] == [why] * 4
     with torch.no_grad():
         torch.testing.assert_close(outputs(model, batch), ref, rtol=1e-5, atol=1e-6)
-    assert all(e.fallback_calls["DoRA"] == 1 and e.served_calls == 0 for e in report)
-    assert "4× DoRA" in report.summary()
+    assert all(e.fallback_calls[why] == 1 and e.served_calls == 0 for e in report)
+    assert f"4× {why}" in report.summary()
 
     # LoKr module/rank dropout: peft's forward in training, served in eval
     lokr = get_peft_model(tiny_llama(), LoKrConfig(r=4, target_modules=["q_proj"], rank_dropout=0.2,
