@@ -37,7 +37,7 @@ def parse_args(argv):
                    help="model/batch size (default: hidden 1024, 4 layers, batch 4×256; tiny: CI smoke)")
     for name, help_text in (("hidden", "hidden size"), ("intermediate", "MLP size"), ("layers", "decoder layers"),
                             ("heads", "attention heads"), ("vocab", "vocabulary"), ("batch", "sequences per step"),
-                            ("seq", "tokens per sequence"), ("rank", "r for LoRA, LoKr and SHiRA"),
+                            ("seq", "tokens per sequence"), ("rank", "r for LoRA, DoRA, LoKr, LoHa and SHiRA"),
                             ("steps", "timed steps per row (median reported)"), ("warmup", "untimed steps first")):
         p.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (overrides the preset)")
     p.add_argument("--families", default=",".join(VARIANTS),

@@ -37,9 +37,25 @@ def _lora(a):
                       target_modules=list(TARGET_MODULES))
 
 
+def _dora(p):
+    """peft DoRA at dropout p (None: --lora-dropout): p = 0 and p > 0 are different math in peft
+    (p > 0 adds base(drop(x)) terms), so both get a row."""
+    def make(a):
+        from peft import LoraConfig
+        return LoraConfig(r=a.rank, lora_alpha=2 * a.rank, use_dora=True,
+                          lora_dropout=a.lora_dropout if p is None else p,
+                          target_modules=list(TARGET_MODULES))
+    return make
+
+
 def _lokr(a):
     from peft import LoKrConfig
     return LoKrConfig(r=a.rank, alpha=a.rank, target_modules=list(TARGET_MODULES))
+
+
+def _loha(a):
+    from peft import LoHaConfig
+    return LoHaConfig(r=a.rank, alpha=a.rank, target_modules=list(TARGET_MODULES))
 
 
 def _shira(a):
@@ -56,8 +72,13 @@ def _phm(a, backend):
 VARIANTS: dict[str, VariantSpec] = {s.name: s for s in (
     VariantSpec("lowrank", "lowrank", "LoRA", lambda a: f"LoRA r={a.rank} dropout {a.lora_dropout:g}",
                 peft_config=_lora, aliases=("lora",)),
+    VariantSpec("dora", "lowrank", "DoRA", lambda a: f"DoRA r={a.rank} dropout 0", peft_config=_dora(0.0)),
+    VariantSpec("dora-dropout", "lowrank", "DoRA p", lambda a: f"DoRA r={a.rank} dropout {a.lora_dropout:g}",
+                peft_config=_dora(None)),
     VariantSpec("kronecker", "kronecker", "LoKr", lambda a: f"LoKr r={a.rank}",
                 peft_config=_lokr, aliases=("lokr",)),
+    VariantSpec("loha", "hadamard", "LoHa", lambda a: f"LoHa r={a.rank}",
+                peft_config=_loha, aliases=("hadamard",)),
     VariantSpec("sparse", "sparse", "SHiRA", lambda a: f"SHiRA r={a.rank}",
                 peft_config=_shira, aliases=("shira",)),
     VariantSpec("phm", "phm", "PHM", lambda a: f"PHM n={a.phm_n} rank {a.phm_rank}",
