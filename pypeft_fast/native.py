@@ -348,19 +348,41 @@ def _cuda_probe(device: torch.device) -> str | None:
 registry.register_availability("cpp", _cpp_probe)
 registry.register_availability("cuda", _cuda_probe)
 
+
+def cpp_auto_families(capability: str) -> frozenset[str]:
+    """Families for which ``auto`` picks the cpp kernels on a CPU whose torch capability
+    (``torch.backends.cpu.get_cpu_capability()``) is ``capability``.
+
+    The sparse and Kronecker/PHM kernels were measured faster than the torch path on an
+    AVX-512 Xeon only; on an AVX2-only AMD EPYC (bench/NOTES.md, micro-benchmarks) the native
+    Kronecker op ran 20-80x slower than the torch path (its 8-row x 2-vector register tiles of
+    512-bit lanes spill when each splits into two 256-bit registers) and sparse at 0.7-0.97x.
+    There ``auto`` keeps them on torch and says so once; ``backend="cpp"`` still runs them."""
+    if capability.upper().startswith("AVX512"):
+        return frozenset({"lowrank", "sparse", "kronecker", "phm"})
+    return frozenset({"lowrank"})
+
+
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_CPP_AUTO = cpp_auto_families(CPU_CAPABILITY)
+for _family in ("sparse", "kronecker", "phm"):
+    if _family not in _CPP_AUTO:
+        log.info("pypeft_fast %s: auto keeps the torch path on this %s CPU (the cpp kernels were "
+                 "measured faster only with AVX-512; backend='cpp' still runs them)", _family, CPU_CAPABILITY)
+
 # auto=True only where bench/ measured the cpp kernels faster than the torch path on CPU
 # (bench/NOTES.md "csrc (C++/CUDA)"; 2-core Xeon AVX-512, fp32, n = 1024, llama-1024 shapes):
 # bench/bench_sparse.py, 1 thread: SpMM fwd 2.5-5.2x, SpMM bwd 4.1-5.2x, SDDMM 3.1-4.0x faster
 # than torch.sparse (2 threads, attn: SDDMM 13.4 -> 3.25 ms, 4.1x); sparse_linear fwd+bwd over
 # the frozen layer: attn +44 % vs +121 %, up +5 % vs +57 %.
-registry.register_kernels("sparse", "cpp", NativeSparse, auto=True)
+registry.register_kernels("sparse", "cpp", NativeSparse, auto="sparse" in _CPP_AUTO)
 # bench/bench_lowrank.py, r = 16, p = 0.05, attn: mask 9x, u = drop(x)·Aᵀ 15.3 -> 1.49 ms,
 # backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
 # +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 runs the torch kernels.
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
 # bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kron_sum below.
-registry.register_kernels("kronecker", "cpp", NativeKronSum, auto=True)
-registry.register_kernels("phm", "cpp", NativeKronSum, auto=True)
+registry.register_kernels("kronecker", "cpp", NativeKronSum, auto="kronecker" in _CPP_AUTO)
+registry.register_kernels("phm", "cpp", NativeKronSum, auto="phm" in _CPP_AUTO)
 if WITH_CUDA:
     # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
     registry.register_kernels("sparse", "cuda", NativeSparse, auto=False)
