@@ -117,7 +117,7 @@ class NativeDoRA(TorchDoRA):
 
     @classmethod
     def _sparse_ok(cls, x2d, p, c) -> bool:
-        return (x2d.device.type == "cpu" and p > 0.0 and os.environ.get("PYPEFT_FAST_DORA_DM") is None
+        return (x2d.device.type == "cpu" and p > 0.0 and os.environ.get("PYPEFT_FAST_DORA_DM") == "sparse"
                 and bool(((c - p).abs() >= cls.SPARSE_MIN_GAP).all()))
 
     @staticmethod

@@ -102,6 +102,7 @@ def test_native_dora_dropout_without_the_second_frozen_gemm(monkeypatch, dtype_c
     (native.NativeDoRA); c near 1 as in training (c − p ≥ SPARSE_MIN_GAP)."""
     from pypeft_fast import native
 
+    monkeypatch.setenv("PYPEFT_FAST_DORA_DM", "sparse")
     calls = []
     real = native.NativeDoRA._dropped_csr
     monkeypatch.setattr(native.NativeDoRA, "_dropped_csr",
@@ -178,7 +179,7 @@ def test_dora_saves_what_lora_saves_plus_vectors_of_length_out(p):
     total, ptrs, y = saved_bytes(lambda: pf.lowrank_linear(x, W, b, A, B, 0.5, p, 3, "torch", magnitude=m),
                                  exclude=(W, b, A, B, m))
     vectors = 2 * OUT * 4
-    output = y.numel() * y.element_size() if p == 0 else 0  # p = 0 keeps the output itself
+    output = y.numel() * y.element_size()  # p = 0: the output itself; p > 0: x̃·Wᵀ (peft's own)
     assert x.untyped_storage().data_ptr() in ptrs
     if p == 0:
         assert y.untyped_storage().data_ptr() in ptrs, "p = 0 keeps the output, no copy of it"

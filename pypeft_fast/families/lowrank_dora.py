@@ -26,17 +26,18 @@ g = c ⊙ gy, P = gyᵀ·u (out × r), t = s·g·B (n × r)::
     dm  = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖
 
 The magnitude gradient needs Σᵢ gy ⊙ (x·Wᵀ), which costs either n × out saved or one more
-frozen-size GEMM in backward (bench/NOTES.md "DoRA"). Default (``DM_SOURCE``):
+frozen-size GEMM in backward (bench/NOTES.md "DoRA", measured side by side). Default
+(``dm_source``):
 
-* p = 0 — ``"output"``: the op's own output y is saved (the same storage the caller gets, so free
-  wherever the next op saves it too) and dm = (Σᵢ gyᵢ ⊙ yᵢ − b·Σᵢ gyᵢ) / m, since y − b = c ⊙ z
-  and c·‖V‖ = m. (A magnitude entry exactly 0 would make this 0/0: those entries are
-  recomputed from x·W_jᵀ.)
-* p > 0 — ``"recompute"``: x̃·Wᵀ is recomputed in backward (x̃ is rebuilt from the seed for dA
-  anyway): 3 frozen GEMMs over LoRA's 2 instead of an n × out activation.
+* p = 0 — ``"output"``: the op's own output y is saved (the same storage the caller gets, no
+  copy) and dm = (Σᵢ gyᵢ ⊙ yᵢ − b·Σᵢ gyᵢ) / m, since y − b = c ⊙ z and c·‖V‖ = m. (A magnitude
+  entry exactly 0 would make this 0/0: those entries are recomputed from x·W_jᵀ.)
+* p > 0 — ``"saved"``: x̃·Wᵀ, which peft's math computes in forward anyway, is kept (n × out):
+  2 frozen GEMMs over LoRA's, as peft, instead of 3.
 
-``PYPEFT_FAST_DORA_DM=recompute|saved`` overrides both (``saved``: p = 0 as above, p > 0 keeps
-x̃·Wᵀ, n × out) — for the benchmark's side-by-side measurement; results agree to rounding.
+``PYPEFT_FAST_DORA_DM=recompute`` recomputes x·Wᵀ / x̃·Wᵀ in backward instead (nothing n × out
+kept, one more frozen GEMM); ``=sparse`` (cpp, p > 0) runs ``native.NativeDoRA``'s dropped-set
+identity. Results agree to rounding.
 """
 from __future__ import annotations
 
@@ -116,9 +117,10 @@ def factored_norm(weight, A, B, scaling, b_B, cd) -> torch.Tensor:
 
 def dm_source(p: float) -> str:
     forced = os.environ.get("PYPEFT_FAST_DORA_DM")
-    if forced in ("recompute", "saved"):
+    if forced in ("recompute", "saved", "sparse"):
+        forced = "recompute" if forced == "sparse" else forced  # sparse: native.NativeDoRA only
         return forced if p > 0 else ("recompute" if forced == "recompute" else "output")
-    return "output" if p == 0 else "recompute"
+    return "output" if p == 0 else "saved"
 
 
 def _scaled_epilogue(xw, u, B, s, c, shift):
