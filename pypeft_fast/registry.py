@@ -98,6 +98,9 @@ def register_availability(backend: str, probe: Callable[[torch.device], str | No
 def why_unavailable(family: str, backend: str, device: torch.device) -> str | None:
     fam = FAMILIES[family]
     if backend not in fam.backends:
+        if any(backend in other.backends for other in FAMILIES.values()):
+            return (f"backend {backend!r} has no {family} kernels (the backend is loaded; "
+                    f"{family} is implemented on the torch path only)")
         reason = _UNREGISTERED_REASON.get(backend, "no kernels registered")
         return f"backend {backend!r} has no {family} kernels: {reason}"
     probe = _AVAILABILITY.get(backend)
