@@ -59,6 +59,21 @@ def test_bench_tiny_end_to_end_fp32_and_bf16_autocast(tmp_path, capsys):
     lora = 4 * (4 * (64 + 64) + 2 * (64 + 176) + (176 + 64)) * 2  # r·(in+out), 7 projections, 2 layers
     assert by[("fp32", "lowrank", "peft")]["trainable_params"] == lora
 
+    # the limit beside the measurement: the adapter's FLOPs over the floor step's, from the formula
+    tokens, shapes = 2 * 32, [(64, 64)] * 4 + [(64, 176)] * 2 + [(176, 64)]  # tiny: batch 2 × 32
+    lora_flops = 2 * sum(6 * tokens * 4 * (i + o) for i, o in shapes)  # 6·n·r·(in+out), r = 4, 2 layers
+    frozen = 2 * sum(4 * tokens * i * o for i, o in shapes)  # the projections' fwd + dx
+    for prec in ("fp32", "bf16-autocast"):
+        lo = by[(prec, "lowrank", "pypeft_fast")]
+        assert lo["adapter_flops"] == lora_flops
+        assert lo["floor_step_flops"] > frozen  # counted by torch: attention and lm_head on top
+        assert lo["flop_share"] == pytest.approx(lora_flops / lo["floor_step_flops"])
+        assert by[(prec, "floor", "floor")]["flop_share"] is None
+        for r in rows:
+            if r["precision"] == prec and r["impl"] != "floor":
+                assert 0 < r["flop_share"] < 5, r["label"]
+    assert "FLOP share" in out
+
     for r in rows:  # the printed table has every row
         assert r["label"] in out
     assert "time over floor" in out and "saved MiB" in out and "bf16-autocast" in out

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         return 2
     from ..measure import device_text, environment
     from .model import build_base, make_batch
-    from .report import notes, plot, rows, table
+    from .report import add_flop_shares, notes, plot, rows, table
     from .timing import Run, measure, profile
     from .variants import build_variants
 
@@ -175,6 +175,7 @@ def main(argv=None) -> int:
         raise RuntimeError(f"the floor failed, nothing to compare with: {floors_failed[0].variant.error}")
     env = environment(device)
     result = rows(runs, env)
+    add_flop_shares(result, a, runs, batch, device)
     print(table(result))
     for n in notes(result):
         print(n)

@@ -49,12 +49,26 @@ def rows(runs: list[Run], env: dict) -> list[dict]:
     return out
 
 
+def add_flop_shares(result_rows: list[dict], a, runs, batch, device) -> None:
+    """``flop_share`` per row: the adapter's FLOPs over the floor step's (:mod:`.flops`), the
+    limit printed beside the measured time over the floor."""
+    from .flops import adapter_step_flops, step_flops
+
+    floor_flops = {r.precision.name: step_flops(r.variant.model, batch, r.precision.context(device))
+                   for r in runs if r.variant.impl == "floor" and r.variant.error is None}
+    for row in result_rows:
+        extra = adapter_step_flops(row["family"], a) if row["impl"] != "floor" else None
+        total = floor_flops.get(row["precision"])
+        row["adapter_flops"], row["floor_step_flops"] = extra, total
+        row["flop_share"] = extra / total if (extra is not None and total) else None
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:+.1f} %"
 
 
-HEAD = ("precision", "variant", "step s", "vs peft", "time over floor", "(min-based)", "saved MiB",
-        "mem over floor", "excl. weights", "trainable")
+HEAD = ("precision", "variant", "step s", "vs peft", "time over floor", "(min-based)", "FLOP share",
+        "saved MiB", "mem over floor", "excl. weights", "trainable")
 
 
 def table(result_rows: list[dict]) -> str:
@@ -62,7 +76,7 @@ def table(result_rows: list[dict]) -> str:
     for r in result_rows:
         floor = r["impl"] == "floor"
         if r.get("error"):
-            body.append((r["precision"], r["label"], "failed", "—", "—", "—", "—", "—", "—",
+            body.append((r["precision"], r["label"], "failed", "—", "—", "—", "—", "—", "—", "—",
                          f"{r['trainable_params']:,}"))
             continue
         body.append((
@@ -70,6 +84,7 @@ def table(result_rows: list[dict]) -> str:
             "—" if r["speedup_vs_peft"] is None else f"{r['speedup_vs_peft']:.2f}×",
             "—" if floor else _pct(r["time_over_floor"]),
             f"{r['step_s_min']:.3f} s" if floor else _pct(r["time_over_floor_min"]),
+            _pct(r.get("flop_share")),
             f"{r['saved_bytes'] / 2**20:.1f}",
             "—" if floor else _pct(r["saved_over_floor"]),
             f"{r['saved_nonparam_bytes'] / 2**20:.1f}" + ("" if floor else
