@@ -143,3 +143,24 @@ def test_bench_reports_a_failing_variant_and_goes_on(tmp_path, capsys):
     assert rows[1]["step_s"] > 0 and rows[1]["saved_bytes"] > 0
     captured = capsys.readouterr()
     assert "FAILED" in captured.out
+
+
+def test_scaling_view_runs_every_rank_and_sequence_length(tmp_path, capsys):
+    js = tmp_path / "sweep.json"
+    rc = cli_main(["bench", "--preset", "tiny", "--families", "lora", "--precision", "fp32", "--steps", "1",
+                   "--warmup", "0", "--no-progress", "--rank", "2,4", "--seq", "8,12", "--json", str(js)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    assert doc["ranks"] == [2, 4] and doc["seqs"] == [8, 12]
+    fast = {(r["rank"], r["seq"]): r for r in doc["rows"] if r["impl"] == "pypeft_fast"}
+    assert sorted(fast) == [(2, 8), (2, 12), (4, 8), (4, 12)]
+    for (rank, seq), r in fast.items():  # the adapter's FLOPs grow with r and with the tokens
+        assert r["adapter_flops"] == 2 * sum(6 * 2 * seq * rank * (i + o) for i, o in
+                                             [(64, 64)] * 4 + [(64, 176)] * 2 + [(176, 64)])
+    assert fast[(4, 8)]["flop_share"] == pytest.approx(2 * fast[(2, 8)]["flop_share"])
+    assert "time / share" in out and out.count("pypeft_fast LoRA") >= 8  # 4 tables + the summary
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rank", "8,x"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--seq", "0,256"])

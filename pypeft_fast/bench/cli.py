@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -24,6 +25,16 @@ PRESETS = {
 }
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
 def parse_args(argv):
     from ..registry import BACKENDS
 
@@ -37,9 +48,13 @@ def parse_args(argv):
                    help="model/batch size (default: hidden 1024, 4 layers, batch 4×256; tiny: CI smoke)")
     for name, help_text in (("hidden", "hidden size"), ("intermediate", "MLP size"), ("layers", "decoder layers"),
                             ("heads", "attention heads"), ("vocab", "vocabulary"), ("batch", "sequences per step"),
-                            ("seq", "tokens per sequence"), ("rank", "r for LoRA, DoRA, LoKr, LoHa and SHiRA"),
                             ("steps", "timed steps per row (median reported)"), ("warmup", "untimed steps first")):
         p.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (overrides the preset)")
+    for name, help_text in (("seq", "tokens per sequence"), ("rank", "r for LoRA, DoRA, LoKr, LoHa and SHiRA")):
+        p.add_argument(f"--{name}", type=_int_list, default=None,
+                       help=f"{help_text} (overrides the preset); a comma list, e.g. 8,16,64, runs the "
+                            "scaling view: the bench once per value, then time over floor beside the "
+                            "FLOP share per variant and value")
     p.add_argument("--families", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {names} (also: "
                         f"{', '.join(a for s in VARIANTS.values() for a in s.aliases)})")
@@ -68,6 +83,11 @@ def parse_args(argv):
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.ranks = a.rank if isinstance(a.rank, list) else [a.rank]
+    a.seqs = a.seq if isinstance(a.seq, list) else [a.seq]
+    a.rank, a.seq = a.ranks[0], a.seqs[0]
+    if any(v <= 0 for v in a.ranks + a.seqs):
+        p.error(f"--rank and --seq must be positive, got {a.ranks} and {a.seqs}")
     wanted = [f for f in a.families.split(",") if f.strip()]
     resolved = [resolve_name(f) for f in wanted]
     bad = [f.strip().lower() for f, r in zip(wanted, resolved) if r is None]
@@ -123,13 +143,36 @@ def pf_backends(a, device) -> dict[str, str]:
 
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    combos = [(r, q) for q in a.seqs for r in a.ranks]
+    if len(combos) == 1:
+        return run_bench(a)[0]
+    from .report import scaling_table
+
+    rc, sweep = 0, []
+    for i, (r, q) in enumerate(combos, 1):
+        print(f"pypeft-fast bench: scaling view {i}/{len(combos)}: r = {r}, seq = {q}", flush=True)
+        b = copy.copy(a)
+        b.rank, b.seq, b.json, b.plot, b.profile = r, q, None, None, 0
+        code, result = run_bench(b)
+        rc = rc or code
+        sweep += [dict(row, rank=r, seq=q) for row in result]
+    print(scaling_table(sweep))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"ranks": a.ranks, "seqs": a.seqs, "rows": sweep}, f, indent=2)
+        print(f"wrote {a.json}")
+    return rc
+
+
+def run_bench(a) -> tuple[int, list[dict]]:
+    """One bench at ``a.rank`` and ``a.seq``: prints the table; returns (exit code, rows)."""
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         print(f"pypeft-fast bench needs transformers and peft (pip install 'pypeft_fast[hf]'): {e}",
               file=sys.stderr)
-        return 2
+        return 2, []
     from ..measure import device_text, environment
     from .model import build_base, make_batch
     from .report import add_flop_shares, notes, plot, rows, table
@@ -143,7 +186,7 @@ def main(argv=None) -> int:
                           ("cpu" if a.device == "auto" else a.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("pypeft-fast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return 2, []
     note = None
     if a.precision == "auto":
         a.precision, note = default_precisions(device)
@@ -195,4 +238,4 @@ def main(argv=None) -> int:
     if a.profile:
         print(profile(runs, batch, device, a.profile))
     bad = [r for r in result if r.get("error") or not (r["step_s"] > 0 and math.isfinite(r["step_s"]))]
-    return 1 if bad else 0
+    return (1 if bad else 0), result

@@ -103,6 +103,24 @@ def table(result_rows: list[dict]) -> str:
     return "\n".join([line(HEAD), sep] + [line(b) for b in body])
 
 
+def scaling_table(sweep_rows: list[dict]) -> str:
+    """The scaling view: per precision and variant, time over the floor beside the FLOP share at
+    every (r, seq) of the sweep, and their ratio (how far from the arithmetic limit)."""
+    head = ("precision", "variant", "r", "seq", "time over floor", "FLOP share", "time / share", "mem over floor")
+    body = []
+    for r in sweep_rows:
+        if r["impl"] == "floor":
+            continue
+        short = VARIANTS[r["family"]].short if r["family"] in VARIANTS else r["family"]
+        t, share = r.get("time_over_floor"), r.get("flop_share")
+        ratio = f"{t / share:.2f}" if (t is not None and share) else "—"
+        body.append((r["precision"], f"{r['impl']} {short}", str(r["rank"]), str(r["seq"]), _pct(t),
+                     _pct(share), ratio, _pct(r.get("saved_over_floor"))))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
+
+
 def notes(result_rows: list[dict]) -> list[str]:
     """Failed rows and calls that ran peft's forward (facts about this run, not targets)."""
     out = []
