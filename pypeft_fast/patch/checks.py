@@ -58,13 +58,9 @@ def common_reason(module, x, args, kwargs) -> str | None:
         if "adapter_names" in kwargs:
             return "mixed-batch adapter_names"
         return "extra forward arguments " + ", ".join([f"#{i}" for i in range(len(args))] + list(kwargs))
-    if module.disable_adapters:
-        return "adapters disabled"
-    if module.merged:
-        return "adapter merged into the base weight"
-    active = module.active_adapters
-    if len(active) != 1:
-        return f"{len(active)} adapters active at once ({', '.join(active)})"
+    reason = adapter_state_reason(module)
+    if reason is not None:
+        return reason
     if not isinstance(x, torch.Tensor):
         return f"input is a {type(x).__name__}, not a tensor"
     base = module.base_layer
@@ -84,8 +80,8 @@ def common_reason(module, x, args, kwargs) -> str | None:
     return None
 
 
-def static_layer_reason(module, handler) -> str | None:
-    """Status at patch time: the per-call conditions that do not depend on the input."""
+def adapter_state_reason(module) -> str | None:
+    """The layer's adapter state: enabled, not merged, exactly one active adapter."""
     if module.disable_adapters:
         return "adapters disabled"
     if module.merged:
@@ -93,7 +89,15 @@ def static_layer_reason(module, handler) -> str | None:
     active = module.active_adapters
     if len(active) != 1:
         return f"{len(active)} adapters active at once ({', '.join(active)})"
-    return handler.adapter_reason(module, active[0], None)
+    return None
+
+
+def static_layer_reason(module, handler) -> str | None:
+    """Status at patch time: the per-call conditions that do not depend on the input."""
+    reason = adapter_state_reason(module)
+    if reason is not None:
+        return reason
+    return handler.adapter_reason(module, module.active_adapters[0], None)
 
 
 def lycoris_dropout_reason(module, adapter: str, training: bool | None, method: str) -> str | None:
