@@ -55,8 +55,9 @@ class ServedForward:
         if reason is None:
             adapter = module.active_adapters[0]
             reason = server.adapter_reason(module, adapter, module.training)
-            if reason is None:
-                reason = server.call_reason(module, adapter, x)
+            call_reason = getattr(server, "call_reason", None)  # optional: per-input conditions
+            if reason is None and call_reason is not None:
+                reason = call_reason(module, adapter, x)
         if reason is None:
             state.entry.served_calls += 1
             return server.forward(module, adapter, x, state)

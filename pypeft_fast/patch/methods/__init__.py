@@ -5,7 +5,7 @@ it serves) and ``Handler`` with::
 
     peft_type                                  # "lora", "lokr", ...
     adapter_reason(module, adapter, training)  # None, or why this adapter cannot be served
-    call_reason(module, adapter, x)            # None, or why this call cannot be served
+    call_reason(module, adapter, x)            # optional: None, or why this input cannot be served
     forward(module, adapter, x, state)         # y through a pypeft_fast op
 
 Adding a method: write its module here and add its name to ``METHODS``.

@@ -22,10 +22,6 @@ class Handler:
         return lycoris_dropout_reason(module, adapter, training, "LoKr")
 
     @staticmethod
-    def call_reason(module, adapter, x) -> str | None:
-        return None
-
-    @staticmethod
     def forward(module, adapter, x, state):
         weight, bias = linear_view(module.base_layer)
 

@@ -27,10 +27,6 @@ class Handler:
         return None
 
     @staticmethod
-    def call_reason(module, adapter, x) -> str | None:
-        return None
-
-    @staticmethod
     def forward(module, adapter, x, state):
         weight, bias = linear_view(module.base_layer)
         values = module.shira_weight[adapter]
