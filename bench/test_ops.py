@@ -88,16 +88,16 @@ def _calls(family, w, dtype):
                 "bwd": {"torch": torch_bwd, "nodrop": nodrop_bwd,
                         "native": lambda: nat.lowrank_dropout_bwd(t, x, A, seed, p, dx, True)}}
     if family == "kronecker":
-        from pypeft_fast.families.kron_sum import torch_kron_sum_acc, torch_kron_sum_bwd
+        from pypeft_fast.families.kronecker import torch_kronecker_acc, torch_kronecker_bwd
         P = {k: v.detach().to(dtype) for k, v in w.params.items()}
         A = P["A"].unsqueeze(0)
         B = (P["B"] if "B" in P else P["B_left"] @ P["B_right"]).unsqueeze(0)
         s = w.fixed["scaling"]
         y, dx = torch.zeros_like(gy), torch.zeros_like(x)
-        return {"fwd": {"torch": lambda: torch_kron_sum_acc(y, x, A, B, s),
-                        "native": lambda: (nat.kron_sum_apply_acc(y, x, A, B, s), y)[1]},
-                "bwd": {"torch": lambda: torch_kron_sum_bwd(gy, x, A, B, s, dx, True, True)[1:],  # (dA, dB)
-                        "native": lambda: nat.kron_sum_apply_bwd(gy, x, A, B, s, dx, True, True)}}
+        return {"fwd": {"torch": lambda: torch_kronecker_acc(y, x, A, B, s),
+                        "native": lambda: (nat.kronecker_apply_acc(y, x, A, B, s), y)[1]},
+                "bwd": {"torch": lambda: torch_kronecker_bwd(gy, x, A, B, s, dx, True, True)[1:],  # (dA, dB)
+                        "native": lambda: nat.kronecker_apply_bwd(gy, x, A, B, s, dx, True, True)}}
     if family == "sparse":
         from pypeft_fast.families.sparse import build_layout
         L = build_layout(w.fixed["indices"], w.shape.out_features, w.shape.in_features)

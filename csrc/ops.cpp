@@ -5,7 +5,7 @@
 //
 // Names do not clash with the torch-path custom ops pypeft_fast::torch_spmm_csr_t and
 // pypeft_fast::torch_sddmm_csr (pypeft_fast/families/sparse.py), nor with the Triton ops
-// (kernels/: lowrank_fwd/bwd, kron_sum_fwd/bwd, sparse_fwd/bwd).
+// (kernels/: lowrank_fwd/bwd, kronecker_fwd/bwd, sparse_fwd/bwd).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -25,8 +25,8 @@ TORCH_LIBRARY(pypeft_fast, m) {
   m.def("dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()");
   m.def("dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)");
   // Kronecker / PHM: A (h, ao, ai), B (h, bo, bi); x (n, ai·bi); y, gy (n, ao·bo)
-  m.def("kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()");
-  m.def("kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)");
+  m.def("kronecker_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()");
+  m.def("kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
@@ -41,6 +41,6 @@ TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   m.impl("lowrank_dropout_bwd", &lowrank_dropout_bwd_cpu);
   m.impl("dora_scale_epilogue", &dora_scale_epilogue_cpu);
   m.impl("dora_grad_prologue", &dora_grad_prologue_cpu);
-  m.impl("kron_sum_apply_acc", &kron_sum_apply_acc_cpu);
-  m.impl("kron_sum_apply_bwd", &kron_sum_apply_bwd_cpu);
+  m.impl("kronecker_apply_acc", &kronecker_apply_acc_cpu);
+  m.impl("kronecker_apply_bwd", &kronecker_apply_bwd_cpu);
 }

@@ -31,10 +31,10 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
     const at::Tensor& gy, const at::Tensor& c, const std::optional<at::Tensor>& y);
 
-// Kronecker / PHM structured apply (csrc/kron_sum/)
-void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+// Kronecker / PHM structured apply (csrc/kronecker/)
+void kronecker_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                              const at::Tensor& B, double scaling);
-std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
                                                     const at::Tensor& A, const at::Tensor& B,
                                                     double scaling,
                                                     const std::optional<at::Tensor>& dx,

@@ -130,7 +130,7 @@ def _kernels():
                 dict(ACC=tl.float32, UPCAST=False, PREC="ieee", BLOCK_O=bo, BLOCK_I=bi,
                      BLOCK_M=bmm, BLOCK_E=be)))
 
-    kr = kronecker._kron_sum_fwd_kernel
+    kr = kronecker._kronecker_fwd_kernel
 
     def kron_args(h):  # LoKr-like factors for 1024 -> 2752: A (h, 43, 32), B (h, 64, 32)
         return dict(x_ptr=bf, w_ptr=bf, bias_ptr=bf, u_ptr=f32, b_ptr=bf, y_ptr=bf,
@@ -140,9 +140,9 @@ def _kernels():
                     stride_ym=ff, stride_yn=1)
 
     kcx = dict(HAS_BIAS=False, ACC=tl.float32, UPCAST=False, PREC="ieee")
-    out.append(("kron_sum_fwd", "kronecker: epilogue Σ U·B (h·b_in = 32), bf16", kr, gemm_cfgs,
+    out.append(("kronecker_fwd", "kronecker: epilogue Σ U·B (h·b_in = 32), bf16", kr, gemm_cfgs,
                 kron_args(1), dict(kcx, BLOCK_C=32)))
-    out.append(("kron_sum_fwd", "phm h = 4: epilogue Σ U·B (h·b_in = 128), bf16", kr, gemm_cfgs,
+    out.append(("kronecker_fwd", "phm h = 4: epilogue Σ U·B (h·b_in = 128), bf16", kr, gemm_cfgs,
                 kron_args(4), dict(kcx, BLOCK_C=kronecker.block_c(128, interpret=False))))
 
     sm = _strided_matmul_kernel

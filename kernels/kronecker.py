@@ -18,8 +18,8 @@ h·b_in per tile). Backward is the same two passes with the roles of the factors
     U (recomputed)                                             dB[h, k, l] = Σ_{n,i} gY·U
 
 U, G, V are n × (a·h·b) fp32 temporaries of one pass (never saved for backward); x and the
-factors are all that is saved. Launchers :func:`kron_sum_fwd`, :func:`kron_sum_bwd`; ops
-``pypeft_fast::kron_sum_fwd`` / ``pypeft_fast::kron_sum_bwd``.
+factors are all that is saved. Launchers :func:`kronecker_fwd`, :func:`kronecker_bwd`; ops
+``pypeft_fast::kronecker_fwd`` / ``pypeft_fast::kronecker_bwd``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from ._utils import (
 
 
 @triton.jit
-def _kron_sum_fwd_kernel(
+def _kronecker_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
     M, N, K, QD, C, HC,
     stride_xm, stride_xk, stride_wk, stride_wn,
@@ -88,9 +88,9 @@ def _kron_sum_fwd_kernel(
              _cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_kron_sum_fwd_autotuned = triton.autotune(
+_kronecker_fwd_autotuned = triton.autotune(
     configs=gemm_configs(), key=["M", "N", "K", "QD", "HC"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs})(_kron_sum_fwd_kernel)
+    prune_configs_by={"early_config_prune": prune_gemm_configs})(_kronecker_fwd_kernel)
 
 
 def block_c(hc: int, interpret: bool | None = None) -> int:
@@ -102,7 +102,7 @@ def block_c(hc: int, interpret: bool | None = None) -> int:
 
 def _gemm(X, w, w_strides, bias, U, u_strides, Bm, b_strides, y, M, N, K, QD, C, HC):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_kron_sum_fwd_autotuned)[grid](
+    wrap_triton(_kronecker_fwd_autotuned)[grid](
         X, w, bias if bias is not None else y, U, Bm, y,
         M, N, K, QD, C, HC,
         X.stride(0), X.stride(1), *w_strides, *u_strides, *b_strides, y.stride(0), y.stride(1),
@@ -124,27 +124,27 @@ def _apply_A(A, x, scaling, cd, caller):
                           oq=(b_in, U.stride(0), U.stride(3)), alpha=scaling, caller=caller)
 
 
-def _kron_sum_fwd_fake(x, weight, bias, A, B, scaling):
+def _kronecker_fwd_fake(x, weight, bias, A, B, scaling):
     torch._check(A.shape[1] * B.shape[1] == weight.shape[0] and A.shape[2] * B.shape[2] == x.shape[1],
-                 lambda: f"kron_sum_fwd: A {tuple(A.shape)} ⊗ B {tuple(B.shape)} does not match "
+                 lambda: f"kronecker_fwd: A {tuple(A.shape)} ⊗ B {tuple(B.shape)} does not match "
                          f"weight {tuple(weight.shape)}")
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@register_op("pypeft_fast::kron_sum_fwd", _kron_sum_fwd_fake)
-def kron_sum_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+@register_op("pypeft_fast::kronecker_fwd", _kronecker_fwd_fake)
+def kronecker_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """x (n, in), weight (out, in), A (h, a_out, a_in), B (h, b_out, b_in) → y (n, out)."""
     h, a_out, a_in = A.shape
     _, b_out, b_in = B.shape
     n = x.shape[0]
     out_f = weight.shape[0]
-    check_int32_offsets("kron_sum_fwd", x=x, weight=weight, bias=bias, A=A, B=B, y=(n, out_f),
+    check_int32_offsets("kronecker_fwd", x=x, weight=weight, bias=bias, A=A, B=B, y=(n, out_f),
                         U=(n, a_out, h, b_in))
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     if n == 0 or out_f == 0:
         return y
-    U = _apply_A(A, x, scaling, torch_acc_dtype(x, A, B), "kron_sum_fwd")
+    U = _apply_A(A, x, scaling, torch_acc_dtype(x, A, B), "kronecker_fwd")
     _gemm(x, weight, (weight.stride(1), weight.stride(0)), bias,
           U, (U.stride(0), U.stride(1), U.stride(2), U.stride(3)),
           B, (B.stride(0), B.stride(2), B.stride(1)), y, n, out_f, x.shape[1], b_out, b_in,
@@ -152,13 +152,13 @@ def kron_sum_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return y
 
 
-def _kron_sum_bwd_fake(gy, x, weight, A, B, scaling, needs_dx, need_dA, need_dB):
+def _kronecker_bwd_fake(gy, x, weight, A, B, scaling, needs_dx, need_dA, need_dB):
     return (x.new_empty(x.shape if needs_dx else (0,)),
             A.new_empty(A.shape if need_dA else (0,)), B.new_empty(B.shape if need_dB else (0,)))
 
 
-@register_op("pypeft_fast::kron_sum_bwd", _kron_sum_bwd_fake)
-def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+@register_op("pypeft_fast::kronecker_bwd", _kronecker_bwd_fake)
+def kronecker_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                  B: torch.Tensor, scaling: float, needs_dx: bool, need_dA: bool,
                  need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (n, in), dA (h, a_out, a_in), dB (h, b_out, b_in)); empty (0,) when not asked for."""
@@ -166,7 +166,7 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
     _, b_out, b_in = B.shape
     n, out_f = gy.shape
     in_f = weight.shape[1]
-    check_int32_offsets("kron_sum_bwd", gy=gy, x=x, weight=weight, A=A, B=B,
+    check_int32_offsets("kronecker_bwd", gy=gy, x=x, weight=weight, A=A, B=B,
                         dx=(n, in_f) if needs_dx else None,
                         G=(n, a_in, h, b_out) if needs_dx else None,
                         V=(n, a_out, h, b_in) if need_dA else None,
@@ -183,7 +183,7 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
                            rk=b_out * gy.stride(1), rq=(b_out, gy.stride(0), gy.stride(1)),
                            out=G, op=(a_in, G.stride(2), G.stride(1)),
                            oq=(b_out, G.stride(0), G.stride(3)), alpha=scaling,
-                           caller="kron_sum_bwd")
+                           caller="kronecker_bwd")
             _gemm(gy, weight, (weight.stride(0), weight.stride(1)), None,
                   G, (G.stride(0), G.stride(1), G.stride(2), G.stride(3)),
                   B, (B.stride(0), B.stride(1), B.stride(2)), dx, n, in_f, out_f, b_in, b_out,
@@ -195,22 +195,22 @@ def kron_sum_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: tor
                        lp=(a_out, gy.stride(0), b_out * gy.stride(1)), lk=gy.stride(1),
                        rk=B.stride(1), rq=(b_in, B.stride(0), B.stride(2)),
                        out=V, op=(a_out, V.stride(0), V.stride(1)),
-                       oq=(b_in, V.stride(2), V.stride(3)), alpha=scaling, caller="kron_sum_bwd")
+                       oq=(b_in, V.stride(2), V.stride(3)), alpha=scaling, caller="kronecker_bwd")
         dA32 = torch.empty((h, a_out, a_in), dtype=cd, device=x.device)
         strided_matmul(V, x, h * a_out, a_in, n * b_in,
                        lp=(a_out, V.stride(2), V.stride(1)), lk=(b_in, V.stride(0), V.stride(3)),
                        rk=(b_in, x.stride(0), x.stride(1)), rq=b_in * x.stride(1),
                        out=dA32, op=(a_out, dA32.stride(0), dA32.stride(1)), oq=dA32.stride(2),
-                       caller="kron_sum_bwd")
+                       caller="kronecker_bwd")
         dA = dA32.to(A.dtype)
     if need_dB:
         # dB[h, k, l] = Σ_{n,i} gY[n, i, k]·U[n, i, h, l]   (U recomputed, with s)
-        U = _apply_A(A, x, scaling, cd, "kron_sum_bwd")
+        U = _apply_A(A, x, scaling, cd, "kronecker_bwd")
         dB32 = torch.empty((h, b_out, b_in), dtype=cd, device=x.device)
         strided_matmul(gy, U, b_out, h * b_in, n * a_out,
                        lp=gy.stride(1), lk=(a_out, gy.stride(0), b_out * gy.stride(1)),
                        rk=(a_out, U.stride(0), U.stride(1)), rq=(b_in, U.stride(2), U.stride(3)),
                        out=dB32, op=dB32.stride(1), oq=(b_in, dB32.stride(0), dB32.stride(2)),
-                       caller="kron_sum_bwd")
+                       caller="kronecker_bwd")
         dB = dB32.to(B.dtype)
     return dx, dA, dB

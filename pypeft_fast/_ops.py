@@ -26,10 +26,10 @@ sources is refused, not half-used) and registers the fake (meta) implementations
     dora_grad_prologue(gy (n, out), c (out,), y (n, out)?) -> (g, colsum, coldot)
         g = c ⊙ gy (n, out), colsum = Σᵢ gyᵢ, coldot = Σᵢ gyᵢ ⊙ yᵢ ((0,) without y), in c's dtype.
 
-    kron_sum_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
+    kronecker_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
         y += x · (s·Σₕ Aₕ ⊗ Bₕ)ᵀ in place, ΔW never formed; summed in A's dtype
         (float32/float64), rounded once to y's; x and y may be any float dtype.
-    kron_sum_apply_bwd(gy (n, ao·bo), x, A, B, scaling, dx (n, ai·bi)!?, need_dA, need_dB) -> (dA, dB)
+    kronecker_apply_bwd(gy (n, ao·bo), x, A, B, scaling, dx (n, ai·bi)!?, need_dA, need_dB) -> (dA, dB)
         dx += gy · (s·Σₕ Aₕ ⊗ Bₕ) in place (if dx given); dA, dB shaped like A, B (each (0,)
         when not asked for), in A's dtype.
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``."""
 
 SCHEMAS = {
@@ -54,8 +54,8 @@ SCHEMAS = {
     "lowrank_dropout_bwd": "lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor",
     "dora_scale_epilogue": "dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()",
     "dora_grad_prologue": "dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)",
-    "kron_sum_apply_acc": "kron_sum_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
-    "kron_sum_apply_bwd": "kron_sum_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
+    "kronecker_apply_acc": "kronecker_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
+    "kronecker_apply_bwd": "kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
 }
 
 
@@ -164,14 +164,14 @@ def register_fakes() -> None:
                              lambda: f"{op}: {name} has shape {tuple(t.shape)}; expected "
                                      f"({x.shape[0]}, {cols})")
 
-    @torch.library.register_fake(lib + "kron_sum_apply_acc")
+    @torch.library.register_fake(lib + "kronecker_apply_acc")
     def _(y, x, A, B, scaling):
-        _kron_check("kron_sum_apply_acc", x, A, B, y=(y, A.shape[1] * B.shape[1]))
+        _kron_check("kronecker_apply_acc", x, A, B, y=(y, A.shape[1] * B.shape[1]))
         return None
 
-    @torch.library.register_fake(lib + "kron_sum_apply_bwd")
+    @torch.library.register_fake(lib + "kronecker_apply_bwd")
     def _(gy, x, A, B, scaling, dx, need_dA, need_dB):
-        _kron_check("kron_sum_apply_bwd", x, A, B, gy=(gy, A.shape[1] * B.shape[1]),
+        _kron_check("kronecker_apply_bwd", x, A, B, gy=(gy, A.shape[1] * B.shape[1]),
                     dx=(dx, x.shape[1]))
         return (A.new_empty(A.shape) if need_dA else A.new_empty((0,)),
                 B.new_empty(B.shape) if need_dB else B.new_empty((0,)))

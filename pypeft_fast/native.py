@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._accumulate import addmm_into
-from .families.kron_sum import TorchKronSumKernels, macs_per_row
+from .families.kronecker import TorchKroneckerKernels, macs_per_row
 from .families.lowrank import TorchLowRank
 from .families.lowrank_dora import TorchDoRA, factored_norm
 from .philox import keep_rows
@@ -277,7 +277,7 @@ class NativeLowRank:
         return dx, (dA, dB)
 
 
-class NativeKronSum:
+class NativeKronecker:
     """Kronecker and PHM families: y += s·Σₕ (Aₕ ⊗ Bₕ)·x a token at a time by the native
     structured apply (each token's small products in cache, ΔW never formed), accumulated into
     the frozen GEMM's output; one native pass for dx, dA and dB.
@@ -292,7 +292,7 @@ class NativeKronSum:
 
     MAX_B_ELEMENTS = 32768  # h·bo·bi; measured crossover between 32 K (native 1.5× faster) and 64 K
     DENSE_OVER_FACTORED = 2.0
-    CUDA_SHARED_BYTES = 48 * 1024  # kMaxSharedBytes in csrc/kron_sum/kron_sum_cuda.cu (checked there too)
+    CUDA_SHARED_BYTES = 48 * 1024  # kMaxSharedBytes in csrc/kronecker/kronecker_cuda.cu (checked there too)
 
     @classmethod
     def prefers_factored(cls, A3_shape, b_shape, k) -> bool:
@@ -310,23 +310,23 @@ class NativeKronSum:
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
         if len(params) == 3 or not cls._serves(x2d, *params):
-            return TorchKronSumKernels.forward(x2d, weight, bias, params, aux, hp)
+            return TorchKroneckerKernels.forward(x2d, weight, bias, params, aux, hp)
         A3, B3 = params
         cd = compute_dtype(x2d, A3, B3)
         y = F.linear(x2d, weight, bias)
-        ops.kron_sum_apply_acc(y, x2d, A3.to(cd), B3.to(cd), hp.scaling)
+        ops.kronecker_apply_acc(y, x2d, A3.to(cd), B3.to(cd), hp.scaling)
         return y, ()
 
     @classmethod
     def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
         if len(params) == 3 or not cls._serves(x2d, *params):
-            return TorchKronSumKernels.backward(gy2d, x2d, weight, params, aux, extras, hp,
+            return TorchKroneckerKernels.backward(gy2d, x2d, weight, params, aux, extras, hp,
                                                 needs_dx, needs_dparams)
         A3, B3 = params
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A3, B3)
         dx = gy2d @ weight if needs_dx else None
-        dA, dB = ops.kron_sum_apply_bwd(gy2d, x2d, A3.to(cd), B3.to(cd), hp.scaling, dx,
+        dA, dB = ops.kronecker_apply_bwd(gy2d, x2d, A3.to(cd), B3.to(cd), hp.scaling, dx,
                                         bool(need_dA), bool(need_dB))
         return dx, (dA.to(A3.dtype) if need_dA else None, dB.to(B3.dtype) if need_dB else None)
 
@@ -380,12 +380,12 @@ registry.register_kernels("sparse", "cpp", NativeSparse, auto="sparse" in _CPP_A
 # backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
 # +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 runs the torch kernels.
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
-# bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kron_sum below.
-registry.register_kernels("kronecker", "cpp", NativeKronSum, auto="kronecker" in _CPP_AUTO)
-registry.register_kernels("phm", "cpp", NativeKronSum, auto="phm" in _CPP_AUTO)
+# bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kronecker below.
+registry.register_kernels("kronecker", "cpp", NativeKronecker, auto="kronecker" in _CPP_AUTO)
+registry.register_kernels("phm", "cpp", NativeKronecker, auto="phm" in _CPP_AUTO)
 if WITH_CUDA:
     # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
     registry.register_kernels("sparse", "cuda", NativeSparse, auto=False)
     registry.register_kernels("lowrank", "cuda", NativeLowRank, auto=False)
-    registry.register_kernels("kronecker", "cuda", NativeKronSum, auto=False)
-    registry.register_kernels("phm", "cuda", NativeKronSum, auto=False)
+    registry.register_kernels("kronecker", "cuda", NativeKronecker, auto=False)
+    registry.register_kernels("phm", "cuda", NativeKronecker, auto=False)

@@ -170,20 +170,20 @@ class TritonLowRankVariants(TritonLowRank):
                                       needs_dparams)
 
 
-class TritonKronSum:
-    """``pypeft_fast::kron_sum_fwd`` / ``kron_sum_bwd`` (kernels/kronecker.py), for both the
+class TritonKronecker:
+    """``pypeft_fast::kronecker_fwd`` / ``kronecker_bwd`` (kernels/kronecker.py), for both the
     kronecker (h = 1) and phm families; params A (h, a_out, a_in), B (h, b_out, b_in)."""
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
         A, B = params
-        return torch.ops.pypeft_fast.kron_sum_fwd(x2d, weight, bias, A, B, hp.scaling), ()
+        return torch.ops.pypeft_fast.kronecker_fwd(x2d, weight, bias, A, B, hp.scaling), ()
 
     @staticmethod
     def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
         A, B = params
         need_dA, need_dB = bool(needs_dparams[0]), bool(needs_dparams[1])
-        dx, dA, dB = torch.ops.pypeft_fast.kron_sum_bwd(gy2d, x2d, weight, A, B, hp.scaling,
+        dx, dA, dB = torch.ops.pypeft_fast.kronecker_bwd(gy2d, x2d, weight, A, B, hp.scaling,
                                                        bool(needs_dx), need_dA, need_dB)
         return _none_if_empty(dx, needs_dx), (_none_if_empty(dA, need_dA),
                                               _none_if_empty(dB, need_dB))
@@ -215,6 +215,6 @@ registry.register_kernels("sparse", "triton", TritonSparse, auto=True)
 # Not auto (yet): no GPU has timed them, and the roofline in bench/NOTES.md predicts 2.1–4.0×
 # (kronecker) and 4.5–11× (phm) the frozen GEMM — cuBLAS batched GEMMs on the torch path are
 # expected to be no slower. `backend="triton"` runs them; a GPU run of scripts/gpu_check.sh decides.
-registry.register_kernels("kronecker", "triton", TritonKronSum, auto=False)
-registry.register_kernels("phm", "triton", TritonKronSum, auto=False)
+registry.register_kernels("kronecker", "triton", TritonKronecker, auto=False)
+registry.register_kernels("phm", "triton", TritonKronecker, auto=False)
 registry.register_availability("triton", probe)

@@ -40,7 +40,7 @@ FLOPs (multiply-add = 2), per call of n tokens, shape in → out, rank r:
 | frozen | 2·n·in·out | 2·n·in·out (dx) |
 | lowrank (any p) | 2·n·r·(in + out) | 4·n·r·(in + out) (t, dx, dA, dB) |
 | dora | lowrank + 2·out·in·r + 2·r²·in + 2·out·r² (row norms of W + s·B·A, factored) + 2·n·out | lowrank backward + 2·n·out |
-| kronecker, phm | 2·macs_per_row·n (kron_sum.macs_per_row: dense or rank-k B, the cheaper) | 2.5 × forward |
+| kronecker, phm | 2·macs_per_row·n (kronecker.macs_per_row: dense or rank-k B, the cheaper) | 2.5 × forward |
 | hadamard | min(Khatri–Rao 2·n·r²·(in+out) + 2·r²·(in+out), dense 4·out·in·r + 3·out·in) | min(4·n·r²·(in+out) + 4·r²·(in+out), dense form + 2·n·in·out + 8·out·in·r) |
 | sparse, nnz = r·(in + out) | 2·n·nnz | 4·n·nnz (SpMM + SDDMM) |
 
@@ -203,7 +203,7 @@ def _mode(mode: str) -> str:
 
 
 def _kron_macs(name: str, shape: ProjectionShape, rank: int) -> int:
-    from .families.kron_sum import macs_per_row
+    from .families.kronecker import macs_per_row
 
     if name == "kronecker":
         (ao, ai), (bo, bi), k = kron_factors(shape, rank)

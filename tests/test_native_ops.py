@@ -319,7 +319,7 @@ def _kron_dense(A, B, s):
 @pytest.mark.parametrize("n,h,a,b", KRON_SHAPES)
 @pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                          (torch.bfloat16, torch.float32)])
-def test_kron_sum_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
+def test_kronecker_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
     s = 0.7
     x = rand(n, a[1] * b[1], seed=1).to(device=device, dtype=x_dtype)
     A = rand(h, *a, seed=2).to(device=device, dtype=acc)
@@ -329,13 +329,13 @@ def test_kron_sum_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
     dW64, dW = _kron_dense(A.double(), B.double(), s), _kron_dense(A, B, s)
 
     y = y0.clone()
-    ops.kron_sum_apply_acc(y, x, A, B, s)
+    ops.kronecker_apply_acc(y, x, A, B, s)
     assert_within("y += x·ΔWᵀ", y, y0.double() + x.double() @ dW64.t(),
                   (y0.to(acc) + x.to(acc) @ dW.t()).to(x_dtype), x_dtype)
 
     dx0 = rand(n, a[1] * b[1], seed=6).to(device=device, dtype=x_dtype)
     dx = dx0.clone()
-    dA, dB = ops.kron_sum_apply_bwd(gy, x, A, B, s, dx, True, True)
+    dA, dB = ops.kronecker_apply_bwd(gy, x, A, B, s, dx, True, True)
     assert_within("dx += gy·ΔW", dx, dx0.double() + gy.double() @ dW64,
                   (dx0.to(acc) + gy.to(acc) @ dW).to(x_dtype), x_dtype)
     # dA, dB: the chain rule through ΔW = s·Σ Aₕ ⊗ Bₕ from dΔW = gyᵀ·x, in float64 and in acc
@@ -349,34 +349,34 @@ def test_kron_sum_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
 
     # each output alone, and nothing asked for
     dx2 = dx0.clone()
-    dA2, dB2 = ops.kron_sum_apply_bwd(gy, x, A, B, s, dx2, False, False)
+    dA2, dB2 = ops.kronecker_apply_bwd(gy, x, A, B, s, dx2, False, False)
     assert dA2.numel() == 0 and dB2.numel() == 0
     torch.testing.assert_close(dx2, dx, rtol=0, atol=0)
-    dA3, dB3 = ops.kron_sum_apply_bwd(gy, x, A, B, s, None, True, False)
+    dA3, dB3 = ops.kronecker_apply_bwd(gy, x, A, B, s, None, True, False)
     torch.testing.assert_close(dA3, dA)
     assert dB3.numel() == 0
 
 
-def test_kron_sum_apply_accepts_strided_activations():
+def test_kronecker_apply_accepts_strided_activations():
     x = rand(40, 64, seed=1).float().t().contiguous().t()  # column-major: converted per block
     A, B = rand(1, 4, 8, seed=2).float(), rand(1, 8, 8, seed=3).float()
     y = torch.zeros(40, 32)
-    ops.kron_sum_apply_acc(y, x, A, B, 1.0)
+    ops.kronecker_apply_acc(y, x, A, B, 1.0)
     torch.testing.assert_close(y, x @ _kron_dense(A, B, 1.0).t(), rtol=1e-5, atol=1e-5)
 
 
-def test_kron_sum_ops_name_the_bad_argument_and_shapes():
+def test_kronecker_ops_name_the_bad_argument_and_shapes():
     A, B = torch.randn(2, 3, 4), torch.randn(2, 5, 6)
-    with pytest.raises(RuntimeError, match=r"kron_sum_apply_acc: x has shape \[7, 23\]; expected \(n, 24\)"):
-        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 23), A, B, 1.0)
-    with pytest.raises(RuntimeError, match=r"kron_sum_apply_acc: y has shape \[7, 14\]; expected \(7, 15\)"):
-        ops.kron_sum_apply_acc(torch.zeros(7, 14), torch.randn(7, 24), A, B, 1.0)
+    with pytest.raises(RuntimeError, match=r"kronecker_apply_acc: x has shape \[7, 23\]; expected \(n, 24\)"):
+        ops.kronecker_apply_acc(torch.zeros(7, 15), torch.randn(7, 23), A, B, 1.0)
+    with pytest.raises(RuntimeError, match=r"kronecker_apply_acc: y has shape \[7, 14\]; expected \(7, 15\)"):
+        ops.kronecker_apply_acc(torch.zeros(7, 14), torch.randn(7, 24), A, B, 1.0)
     with pytest.raises(RuntimeError, match=r"B has shape \[3, 5, 6\] but A has shape \[2, 3, 4\]; expected the same number"):
-        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A, torch.randn(3, 5, 6), 1.0)
+        ops.kronecker_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A, torch.randn(3, 5, 6), 1.0)
     with pytest.raises(RuntimeError, match=r"A has dtype BFloat16; expected float32 or float64"):
-        ops.kron_sum_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A.bfloat16(), B, 1.0)
-    with pytest.raises(RuntimeError, match=r"kron_sum_apply_bwd: dx has shape \[7, 20\]; expected \(7, 24\)"):
-        ops.kron_sum_apply_bwd(torch.randn(7, 15), torch.randn(7, 24), A, B, 1.0, torch.zeros(7, 20), True, True)
+        ops.kronecker_apply_acc(torch.zeros(7, 15), torch.randn(7, 24), A.bfloat16(), B, 1.0)
+    with pytest.raises(RuntimeError, match=r"kronecker_apply_bwd: dx has shape \[7, 20\]; expected \(7, 24\)"):
+        ops.kronecker_apply_bwd(torch.randn(7, 15), torch.randn(7, 24), A, B, 1.0, torch.zeros(7, 20), True, True)
 
 
 # ---------------------------------------------------------------- opcheck on every op
@@ -402,8 +402,8 @@ def _opcheck_cases():
         "dora_scale_epilogue": (torch.randn(13, 9).bfloat16(), t, torch.randn(9, 3), 0.5,
                                 torch.rand(9) + 0.5, torch.randn(9)),
         "dora_grad_prologue": (gy, torch.rand(9) + 0.5, torch.randn(13, 9)),
-        "kron_sum_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
-        "kron_sum_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
+        "kronecker_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
+        "kronecker_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
                                torch.randn(13, 22), True, True),
     }
 
@@ -493,12 +493,12 @@ def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
     x = torch.randn(5, 30, requires_grad=True)
     pf.phm_linear(x, W, None, torch.randn(2, 3, 5, requires_grad=True),
                   torch.randn(2, 8, 6, requires_grad=True), 0.5, "cpp").sum().backward()
-    assert calls == ["kron_sum_apply_acc", "kron_sum_apply_bwd"]
+    assert calls == ["kronecker_apply_acc", "kronecker_apply_bwd"]
     calls.clear()
     pf.phm_linear(x, W, None, torch.randn(2, 3, 5), (torch.randn(2, 8, 1), torch.randn(2, 1, 6)),
                   0.5, "cpp").sum().backward()
     assert calls == []
-    monkeypatch.setattr(native.NativeKronSum, "MAX_B_ELEMENTS", 2 * 8 * 6 - 1)
+    monkeypatch.setattr(native.NativeKronecker, "MAX_B_ELEMENTS", 2 * 8 * 6 - 1)
     pf.phm_linear(x, W, None, torch.randn(2, 3, 5), torch.randn(2, 8, 6), 0.5, "cpp").sum().backward()
     assert calls == []
 

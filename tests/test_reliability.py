@@ -68,15 +68,15 @@ def _lowrank_bwd_case():
 
 
 def _kron_case(bwd):
-    from pypeft_fast.kernels.kronecker import kron_sum_bwd, kron_sum_fwd
+    from pypeft_fast.kernels.kronecker import kronecker_bwd, kronecker_fwd
     # h = 1, A (1, 8, 1), B (1, 1, 4): in 4, out 8; U (n, 8, 1, 4) is 4× y and 8× x
     n = 50
     x, w = torch.randn(n, 4), torch.randn(8, 4)
     A, B = torch.randn(1, 8, 1), torch.randn(1, 1, 4)
     if bwd:
         gy = torch.randn(n, 8)
-        return lambda: kron_sum_bwd(gy, x, w, A, B, 1.0, False, False, True)
-    return lambda: kron_sum_fwd(x, w, None, A, B, 1.0)
+        return lambda: kronecker_bwd(gy, x, w, A, B, 1.0, False, False, True)
+    return lambda: kronecker_fwd(x, w, None, A, B, 1.0)
 
 
 def _sparse_case():
@@ -94,8 +94,8 @@ def _sparse_case():
     (_lowrank_fwd_y_case, 5000, "lowrank_fwd", "y"),
     (_lowrank_fwd_case, 1000, "lowrank_fwd", "u"),
     (_lowrank_bwd_case, 1000, "lowrank_bwd", "u"),
-    (lambda: _kron_case(False), 1000, "kron_sum_fwd", "U"),
-    (lambda: _kron_case(True), 1000, "kron_sum_bwd", "U"),
+    (lambda: _kron_case(False), 1000, "kronecker_fwd", "U"),
+    (lambda: _kron_case(True), 1000, "kronecker_bwd", "U"),
     (_sparse_case, 5000, "sparse_fwd", "y"),
 ])
 def test_every_kernel_operand_is_bounds_checked(monkeypatch, case, limit, op, operand):

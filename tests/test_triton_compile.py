@@ -33,7 +33,7 @@ def compiled():
 def test_every_kernel_compiles_for_every_arch(compiled):
     proc, rows = compiled
     assert rows, f"compile check produced nothing:\n{proc.stderr[-4000:]}"
-    kernels = {"lowrank_fwd", "sparse_fwd", "sparse_sddmm", "kron_sum_fwd", "strided_matmul"}
+    kernels = {"lowrank_fwd", "sparse_fwd", "sparse_sddmm", "kronecker_fwd", "strided_matmul"}
     for arch in ARCHS:
         seen = {r["kernel"] for r in rows if r["arch"] == arch}
         assert seen == kernels, f"sm_{arch}: compiled {sorted(seen)}, expected {sorted(kernels)}"

@@ -135,7 +135,7 @@ def test_lowrank_fp64_and_mixed_adapter():
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("h, a, b", [(1, (5, 3), (14, 43)), (3, (2, 7), (37, 19))])
-def test_kron_sum_ops(dtype, h, a, b):
+def test_kronecker_ops(dtype, h, a, b):
     dt, s, n = DTYPES[dtype], 0.6, 74
     out_f, in_f = a[0] * b[0], a[1] * b[1]
     T = dict(x=rand(n, in_f, seed=1), weight=rand(out_f, in_f, seed=2) / in_f**0.5,
@@ -149,9 +149,9 @@ def test_kron_sum_ops(dtype, h, a, b):
     y64, g64 = _grads(ref, T, gy)
     yb, gb = _grads(ref, {kk: v.to(dt) for kk, v in T.items()}, gy)
     x, W, bias, A, B = (T[kk].to(dt) for kk in ("x", "weight", "bias", "A", "B"))
-    y = torch.ops.pypeft_fast.kron_sum_fwd(x, W, bias, A, B, s)
-    dx, dA, dB = torch.ops.pypeft_fast.kron_sum_bwd(gy.to(dt), x, W, A, B, s, True, True, True)
-    _check(f"kron_sum[{dtype}, h={h}]", dict(y=y, x=dx, A=dA, B=dB),
+    y = torch.ops.pypeft_fast.kronecker_fwd(x, W, bias, A, B, s)
+    dx, dA, dB = torch.ops.pypeft_fast.kronecker_bwd(gy.to(dt), x, W, A, B, s, True, True, True)
+    _check(f"kronecker[{dtype}, h={h}]", dict(y=y, x=dx, A=dA, B=dB),
            dict(y=y64, x=g64["x"], A=g64["A"], B=g64["B"]),
            dict(y=yb, x=gb["x"], A=gb["A"], B=gb["B"]))
 
@@ -213,14 +213,14 @@ def _op_samples():
     return {
         "lowrank_fwd": (ops.lowrank_fwd.default, (x, W, b, A, B, seed, 0.5, 0.1)),
         "lowrank_bwd": (ops.lowrank_bwd.default, (gy, x, W, A, B, u, seed, 0.5, 0.1, True, True, True)),
-        "kron_sum_fwd": (ops.kron_sum_fwd.default, (x, W, b, KA, KB, 0.5)),
-        "kron_sum_bwd": (ops.kron_sum_bwd.default, (gy, x, W, KA, KB, 0.5, True, True, True)),
+        "kronecker_fwd": (ops.kronecker_fwd.default, (x, W, b, KA, KB, 0.5)),
+        "kronecker_bwd": (ops.kronecker_bwd.default, (gy, x, W, KA, KB, 0.5, True, True, True)),
         "sparse_fwd": (ops.sparse_fwd.default, (x, W, b, v, L.csr_perm, L.row_ptr, L.csr_col, 0.5)),
         "sparse_bwd": (ops.sparse_bwd.default, (gy, x, W, v, *L.tensors(), 0.5, True, True)),
     }
 
 
-@pytest.mark.parametrize("name", ["lowrank_fwd", "lowrank_bwd", "kron_sum_fwd", "kron_sum_bwd",
+@pytest.mark.parametrize("name", ["lowrank_fwd", "lowrank_bwd", "kronecker_fwd", "kronecker_bwd",
                                   "sparse_fwd", "sparse_bwd"])
 def test_opcheck(name):
     op, args = _op_samples()[name]

@@ -6,7 +6,7 @@
 
 #include <optional>
 
-#include "../kron_sum/kron_sum_body.h"
+#include "../kronecker/kronecker_body.h"
 
 #define PPF_CHECK(op, cond, ...) TORCH_CHECK((cond), "pypeft_fast::", op, ": ", __VA_ARGS__)
 

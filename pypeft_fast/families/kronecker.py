@@ -1,17 +1,246 @@
-"""Kronecker family (KronA, KAdaptation, peft LoKr): ΔW = s·(A ⊗ B).
+"""Kronecker family (KronA, KAdaptation, peft LoKr): ΔW = s·(A ⊗ B), and the sum-of-Kronecker
+apply it shares with the ``phm`` family (:mod:`.phm`, ΔW = s·Σₕ Aₕ ⊗ Bₕ; Kronecker is h = 1).
 
 A: (a_out, a_in), B: (b_out, b_in) with out = a_out·b_out, in = a_in·b_in. Either factor may be a
-low-rank pair (L, R) meaning L @ R (LoKr's w1_a/w1_b, w2_a/w2_b). Computed as the h = 1 case of
-:mod:`.kron_sum` — (A ⊗ B)·vec(X) = vec(A·X·Bᵀ) — so ΔW is never built.
+low-rank pair (L, R) meaning L @ R (LoKr's w1_a/w1_b, w2_a/w2_b).
+
+The apply, for ΔW = s·Σₕ Aₕ ⊗ Bₕ with A: (h, a_out, a_in), B: (h, b_out, b_in):
+ΔW is never built: with x viewed as X: (n, a_in, b_in) and y as Y: (n, a_out, b_out)
+
+    (Aₕ ⊗ Bₕ)·vec(Xₙ) = vec(Aₕ·Xₙ·Bₕᵀ)      so   Yₙ = s·Σₕ Aₕ·Xₙ·Bₕᵀ
+
+Layout trick: stack the factors as A_rows[(i,h), j] = s·A[h,i,j] — (a_out·h, a_in) — and
+B_cols[k, (h,l)] = B[h,k,l] — (b_out, h·b_in). Then
+
+    U   = A_rows @ Xₙ                 (n, a_out·h, b_in)  ==  (n·a_out, h·b_in) contiguous
+    Y  += U @ B_colsᵀ                 one GEMM, accumulated straight into y viewed (n·a_out, b_out)
+
+Backward (gY = gy viewed (n·a_out, b_out)):
+
+    V   = gY @ (s·B_cols)             (n·a_out, h·b_in)
+    dX  = A_rowsᵀ @ Vₙ                (n, a_in, b_in)              (A_rows here without s)
+    dA_rows = Σₙ Vₙ @ Xₙᵀ             (a_out·h, a_in)
+    dB_cols = gYᵀ @ U                 (b_out, h·b_in)              (U recomputed, not saved)
+
+Saved: x and the factors only. FLOPs per row of x: forward 2·h·a_out·b_in·(a_in + b_out);
+backward about twice that.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from .. import registry
-from ..validate import check_base, check_same_device, check_scaling, fail
+from ..validate import check_base, check_same_device, check_scaling, compute_dtype, fail
+from ._accumulate import add_into, addmm_into
 from .factors import check_factor, compose_factor, factor_shape, factor_tensors
-from .kron_sum import TorchKronSumKernels, apply_kron_sum
+
+
+@dataclass(frozen=True)
+class KroneckerHP:
+    scaling: float
+
+
+def stacked_factors(A3, B3, dtype, scaling):
+    """``A_rows`` (a_out·h, a_in) scaled by s and ``B_cols`` (b_out, h·b_in), in ``dtype``."""
+    h, a_out, a_in = A3.shape
+    _, b_out, b_in = B3.shape
+    A_rows = (A3.to(dtype) * scaling).transpose(0, 1).reshape(a_out * h, a_in)
+    B_cols = B3.to(dtype).transpose(0, 1).reshape(b_out, h * b_in)
+    return A_rows, B_cols
+
+
+def _apply_A(A_rows, x2d, a_in, b_in, dtype):
+    """U = A_rows @ Xₙ for every row n: (n, a_out·h, b_in). ``bmm`` on an expanded (stride-0)
+    A: torch.matmul's 2-D @ 3-D path would first copy A n times."""
+    n = x2d.shape[0]
+    X3 = x2d.to(dtype).reshape(n, a_in, b_in)
+    return torch.bmm(A_rows.expand(n, *A_rows.shape), X3)
+
+
+def torch_kronecker_acc(y, x2d, A3, B3, scaling):
+    """y (n, out) + x·(s·Σₕ Aₕ ⊗ Bₕ)ᵀ with the torch ops above (in place where the dtypes allow;
+    returns the result). The torch twin of the native ``kronecker_apply_acc``."""
+    h, a_out, a_in = A3.shape
+    _, b_out, b_in = B3.shape
+    n = x2d.shape[0]
+    cd = compute_dtype(x2d, A3, B3)
+    A_rows, B_cols = stacked_factors(A3, B3, cd, scaling)
+    U = _apply_A(A_rows, x2d, a_in, b_in, cd)
+    y = addmm_into(y.view(n * a_out, b_out), U.view(n * a_out, h * b_in), B_cols.t())
+    return y.view(n, a_out * b_out)
+
+
+def torch_kronecker_bwd(gy2d, x2d, A3, B3, scaling, dx, need_dA, need_dB):
+    """(dx + gy·(s·Σₕ Aₕ ⊗ Bₕ) if dx is given, dA, dB): the torch twin of the native
+    ``kronecker_apply_bwd`` (dx updated in place where the dtypes allow)."""
+    h, a_out, a_in = A3.shape
+    _, b_out, b_in = B3.shape
+    n = x2d.shape[0]
+    cd = compute_dtype(x2d, A3, B3)
+    A_rows, B_cols = stacked_factors(A3, B3, cd, 1.0)
+    gY = gy2d.to(cd).reshape(n * a_out, b_out)
+    dA = dB = None
+    if dx is not None or need_dA:
+        V = (gY @ (B_cols * scaling)).view(n, a_out * h, b_in)
+    if dx is not None:
+        At = A_rows.t().expand(n, a_in, a_out * h)
+        if dx.dtype == cd:
+            dx.view(n, a_in, b_in).baddbmm_(At, V)
+        else:
+            dx = add_into(dx, torch.bmm(At, V).view(n, a_in * b_in))
+    if need_dA:
+        X3 = x2d.to(cd).reshape(n, a_in, b_in)
+        dA_rows = torch.bmm(V, X3.transpose(1, 2)).sum(0)  # Σₙ Vₙ·Xₙᵀ
+        dA = dA_rows.view(a_out, h, a_in).transpose(0, 1).to(A3.dtype)
+    if need_dB:
+        U = _apply_A(A_rows * scaling, x2d, a_in, b_in, cd)
+        dB_cols = gY.t() @ U.view(n * a_out, h * b_in)
+        dB = dB_cols.view(b_out, h, b_in).transpose(0, 1).to(B3.dtype)
+    return dx, dA, dB
+
+
+class TorchKronecker:
+    """Dense factors: params (A (h, a_out, a_in), B (h, b_out, b_in))."""
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        return torch_kronecker_acc(F.linear(x2d, weight, bias), x2d, *params, hp.scaling), ()
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        dx = gy2d @ weight if needs_dx else None
+        dx, dA, dB = torch_kronecker_bwd(gy2d, x2d, *params, hp.scaling, dx, *needs_dparams)
+        return dx, (dA, dB)
+
+
+class TorchKroneckerFactoredB:
+    """B given as rank-k factors Bₕ = Sₕ·Tₕ (Compacter's fast weights, LoKr's w2_a/w2_b), kept
+    factored: params (A (h, a_out, a_in), S (h, b_out, k), T (h, k, b_in)).
+
+    With T_cols[l, (h,c)] = T[h,c,l] and S_cols[m, (h,c)] = S[h,m,c]::
+
+        Z  = X (n·a_in, b_in) @ T_cols              (n, a_in, h, k)       one GEMM
+        M[n,i,h,c] = Σⱼ A[h,i,j] Z[n,j,h,c]         (n, a_out, h, k)      small
+        Y += s · M (n·a_out, h·k) @ S_colsᵀ         one GEMM into y
+
+    Backward (G = s·gY @ S_cols): dS_cols = s·gYᵀ·M, dZ = Σᵢ A[h,i,j] G[n,i,h,c],
+    dA = Σₙ,c G·Z, dX += dZ @ T_colsᵀ (one GEMM into dx), dT_cols = Xᵀ·dZ. Z and M are
+    recomputed (n·(a_in + a_out)·h·k elements, small). Cost per row: k·h·(in + a_out·a_in + out)
+    multiply-adds instead of h·a_out·b_in·(a_in + b_out) with B formed densely.
+    """
+
+    @staticmethod
+    def _cols(S3, T3, dtype):
+        h, b_out, k = S3.shape
+        b_in = T3.shape[2]
+        S_cols = S3.to(dtype).transpose(0, 1).reshape(b_out, h * k)
+        T_cols = T3.to(dtype).permute(2, 0, 1).reshape(b_in, h * k)
+        return S_cols, T_cols
+
+    @staticmethod
+    def _ZM(x2d, A3, T_cols, k, dtype):
+        h, a_out, a_in = A3.shape
+        n = x2d.shape[0]
+        Z = (x2d.to(dtype).reshape(n * a_in, -1) @ T_cols).view(n, a_in, h, k)
+        M = torch.einsum("hij,njhc->nihc", A3.to(dtype), Z)
+        return Z, M.reshape(n * a_out, h * k)
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        A3, S3, T3 = params
+        h, a_out, a_in = A3.shape
+        b_out, k = S3.shape[1], S3.shape[2]
+        n = x2d.shape[0]
+        cd = compute_dtype(x2d, *params)
+        S_cols, T_cols = cls._cols(S3, T3, cd)
+        _, M = cls._ZM(x2d, A3, T_cols, k, cd)
+        y = F.linear(x2d, weight, bias)
+        y = addmm_into(y.view(n * a_out, b_out), M, S_cols.t(), alpha=hp.scaling)
+        return y.view(n, a_out * b_out), ()
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A3, S3, T3 = params
+        h, a_out, a_in = A3.shape
+        b_out, k = S3.shape[1], S3.shape[2]
+        b_in = T3.shape[2]
+        n = x2d.shape[0]
+        need_dA, need_dS, need_dT = needs_dparams
+        cd = compute_dtype(x2d, *params)
+        S_cols, T_cols = cls._cols(S3, T3, cd)
+        gY = gy2d.to(cd).reshape(n * a_out, b_out)
+        Z, M = cls._ZM(x2d, A3, T_cols, k, cd)
+        G = (gY @ S_cols).mul_(hp.scaling).view(n, a_out, h, k)
+        dx = dA = dS = dT = None
+        if need_dS:
+            dS = (gY.t() @ M).mul_(hp.scaling).view(b_out, h, k).transpose(0, 1).to(S3.dtype)
+        if need_dA:
+            dA = torch.einsum("nihc,njhc->hij", G, Z).to(A3.dtype)
+        if needs_dx or need_dT:
+            dZ = torch.einsum("hij,nihc->njhc", A3.to(cd), G).reshape(n * a_in, h * k)
+            if needs_dx:
+                dx = gy2d @ weight
+                dx = addmm_into(dx.view(n * a_in, b_in), dZ, T_cols.t()).view(n, a_in * b_in)
+            if need_dT:
+                dT_cols = x2d.to(cd).reshape(n * a_in, b_in).t() @ dZ
+                dT = dT_cols.view(b_in, h, k).permute(1, 2, 0).to(T3.dtype)
+        return dx, (dA, dS, dT)
+
+
+def macs_per_row(A3_shape, b_shape, k) -> tuple[int, int]:
+    """Multiply-adds per row of x, forward: (B formed densely, B kept as rank-k factors)."""
+    h, a_out, a_in = A3_shape
+    b_out, b_in = b_shape
+    dense = h * a_out * b_in * (a_in + b_out)
+    factored = h * k * (a_in * b_in + a_out * a_in + a_out * b_out)
+    return dense, factored
+
+
+def factored_is_cheaper(A3_shape, b_shape, k) -> bool:
+    """Factored B costs fewer multiply-adds than B formed densely (see the classes above)."""
+    dense, factored = macs_per_row(A3_shape, b_shape, k)
+    return factored < dense
+
+
+class TorchKroneckerKernels:
+    """The torch path for both parameter layouts: 2 params (A, B) or 3 (A, S, T)."""
+
+    # Kernels that accept B as (S, T) say when they want it kept factored; without this hook
+    # B = S @ T is formed (factor-sized) and the dense kernels run.
+    prefers_factored = staticmethod(factored_is_cheaper)
+
+    @staticmethod
+    def forward(x2d, weight, bias, params, aux, hp):
+        impl = TorchKroneckerFactoredB if len(params) == 3 else TorchKronecker
+        return impl.forward(x2d, weight, bias, params, aux, hp)
+
+    @staticmethod
+    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        impl = TorchKroneckerFactoredB if len(params) == 3 else TorchKronecker
+        return impl.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
+
+
+def apply_kronecker(family, x, weight, bias, A3, B, scaling, backend, device):
+    """Runs ``family``'s kernels on A3 (h, a_out, a_in) and B — a tensor (h, b_out, b_in) or a
+    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend's kernels prefer it
+    (``prefers_factored``), else formed (factor-sized, never ΔW-sized)."""
+    from .. import registry
+    from ..function import delta_linear
+    from .factors import factor_product
+
+    _, kernels = registry.resolve(family, backend, device)
+    hp = KroneckerHP(scaling)
+    if isinstance(B, tuple):
+        S, T = B
+        prefers = getattr(kernels, "prefers_factored", None)
+        if prefers is not None and prefers(A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
+            return delta_linear(kernels, hp, 3, x, weight, bias, A3, S, T)
+        B = factor_product(S, T)
+    return delta_linear(kernels, hp, 2, x, weight, bias, A3, B)
+
 
 FAMILY = "kronecker"
 
@@ -24,7 +253,7 @@ def delta_weight(A, B, scaling: float = 1.0) -> torch.Tensor:
 
 
 registry.register_family(FAMILY, delta_weight)
-registry.register_kernels(FAMILY, "torch", TorchKronSumKernels)
+registry.register_kernels(FAMILY, "torch", TorchKroneckerKernels)
 
 
 def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None):
@@ -35,11 +264,11 @@ def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name
                                **{f"A[{i}]": t for i, t in enumerate(factor_tensors(A))},
                                **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
     A = compose_factor(where, "A", A)  # A is the small factor: form it
-    B = check_factor(where, "B", B)    # B may stay factored (see kron_sum.apply_kron_sum)
+    B = check_factor(where, "B", B)    # B may stay factored (see kronecker.apply_kronecker)
     (a_out, a_in), (b_out, b_in) = A.shape, factor_shape(B)
     if a_out * b_out != out_f or a_in * b_in != in_f:
         fail(where, f"A {tuple(A.shape)} ⊗ B {(b_out, b_in)} gives ({a_out * b_out}, {a_in * b_in}); "
                     f"expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
     B3 = (B[0].unsqueeze(0), B[1].unsqueeze(0)) if isinstance(B, tuple) else B.unsqueeze(0)
-    return apply_kron_sum(FAMILY, x, weight, bias, A.unsqueeze(0), B3, scaling, backend, device)
+    return apply_kronecker(FAMILY, x, weight, bias, A.unsqueeze(0), B3, scaling, backend, device)

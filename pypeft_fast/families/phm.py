@@ -2,7 +2,7 @@
 
 A: (n, a_out, a_in) — Compacter's shared "slow" rule matrices; B: (n, b_out, b_in), or a pair
 (S: (n, b_out, k), T: (n, k, b_in)) meaning Bᵢ = Sᵢ @ Tᵢ (Compacter's rank-k "fast" weights).
-Computed by :mod:`.kron_sum`; ΔW is never built.
+Computed by :mod:`.kronecker`; ΔW is never built.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from .. import registry
 from ..validate import check_base, check_param, check_same_device, check_scaling, fail, shape_str
 from .factors import check_factor, factor_shape, factor_tensors
-from .kron_sum import TorchKronSumKernels, apply_kron_sum
+from .kronecker import TorchKroneckerKernels, apply_kronecker
 
 FAMILY = "phm"
 
@@ -23,7 +23,7 @@ def delta_weight(A, B, scaling: float = 1.0) -> torch.Tensor:
 
 
 registry.register_family(FAMILY, delta_weight)
-registry.register_kernels(FAMILY, "torch", TorchKronSumKernels)
+registry.register_kernels(FAMILY, "torch", TorchKroneckerKernels)
 
 
 def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None):
@@ -44,4 +44,4 @@ def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None)
         fail(where, f"Σ A[i] ⊗ B[i] with A {shape_str(A)}, B {b_shape} gives "
                     f"({a_out * b_out}, {a_in * b_in}); expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
-    return apply_kron_sum(FAMILY, x, weight, bias, A, B, scaling, backend, device)
+    return apply_kronecker(FAMILY, x, weight, bias, A, B, scaling, backend, device)

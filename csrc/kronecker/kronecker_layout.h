@@ -1,4 +1,4 @@
-// Host-side layouts and argument checks shared by the CPU and CUDA launchers of kron_sum.
+// Host-side layouts and argument checks shared by the CPU and CUDA launchers of kronecker.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -6,7 +6,7 @@
 #include <optional>
 
 #include "../common/checks.h"
-#include "kron_sum_body.h"
+#include "kronecker_body.h"
 
 namespace pypeft_fast {
 
@@ -15,7 +15,7 @@ inline at::Tensor stacked_rows(const at::Tensor& A) {
   return A.permute({1, 0, 2}).reshape({A.size(0) * A.size(1), A.size(2)}).contiguous();
 }
 
-// The checks of kron_sum_apply_acc (y += x·ΔWᵀ).
+// The checks of kronecker_apply_acc (y += x·ΔWᵀ).
 inline KronShape check_kron_fwd_args(const char* op, const at::Tensor& y, const at::Tensor& x,
                                      const at::Tensor& A, const at::Tensor& B) {
   const KronShape s = check_kron_args(op, x, A, B);
@@ -23,7 +23,7 @@ inline KronShape check_kron_fwd_args(const char* op, const at::Tensor& y, const 
   return s;
 }
 
-// The checks of kron_sum_apply_bwd; has_dx says whether dx was given.
+// The checks of kronecker_apply_bwd; has_dx says whether dx was given.
 inline KronShape check_kron_bwd_args(const char* op, const at::Tensor& gy, const at::Tensor& x,
                                      const at::Tensor& A, const at::Tensor& B,
                                      const std::optional<at::Tensor>& dx, bool& has_dx) {

@@ -1,6 +1,6 @@
 // CUDA launchers of the Kronecker / PHM structured apply. The per-thread body is
-// small_gemm_tile (kron_sum_body.h) with one element per thread, the function the CPU launchers
-// run with Lanes register tiles; the stacked layouts are kron_sum_cpu.cpp's (unpadded here):
+// small_gemm_tile (kronecker_body.h) with one element per thread, the function the CPU launchers
+// run with Lanes register tiles; the stacked layouts are kronecker_cpu.cpp's (unpadded here):
 //   _kron_tok_fwd  one block per token: U = Ar·X into shared memory, then y += U·Bt
 //   _kron_tok_bwd  one block per token: V = G·Bs (shared), dx += Arᵀ·V; V and U = Ar·X written
 //                  out for the reductions when dA / dB are asked for
@@ -21,8 +21,8 @@
 #include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
 #include "../ops.h"
-#include "kron_sum_body.h"
-#include "kron_sum_layout.h"
+#include "kronecker_body.h"
+#include "kronecker_layout.h"
 
 namespace pypeft_fast {
 namespace {
@@ -143,9 +143,9 @@ void reduce(const at::Tensor& P, int64_t pt, int64_t pr, int64_t pk, const at::T
 
 }  // namespace
 
-void kron_sum_apply_acc_cuda(at::Tensor& y, const at::Tensor& x_, const at::Tensor& A_,
+void kronecker_apply_acc_cuda(at::Tensor& y, const at::Tensor& x_, const at::Tensor& A_,
                              const at::Tensor& B_, double scaling) {
-  static constexpr const char* op = "kron_sum_apply_acc";
+  static constexpr const char* op = "kronecker_apply_acc";
   const KronShape s = check_kron_fwd_args(op, y, x_, A_, B_);
   const int64_t n = x_.size(0);
   if (s.empty(n)) return;
@@ -167,13 +167,13 @@ void kron_sum_apply_acc_cuda(at::Tensor& y, const at::Tensor& x_, const at::Tens
   if (!ya.is_same(y)) y.add_(ya);
 }
 
-std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cuda(const at::Tensor& gy_,
+std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cuda(const at::Tensor& gy_,
                                                            const at::Tensor& x_,
                                                            const at::Tensor& A_,
                                                            const at::Tensor& B_, double scaling,
                                                            const std::optional<at::Tensor>& dx_opt,
                                                            bool need_dA, bool need_dB) {
-  static constexpr const char* op = "kron_sum_apply_bwd";
+  static constexpr const char* op = "kronecker_apply_bwd";
   bool has_dx;
   const KronShape s = check_kron_bwd_args(op, gy_, x_, A_, B_, dx_opt, has_dx);
   const int64_t n = x_.size(0), m = s.ao * s.h, hb = s.h * s.bi, per = m * s.bi;
@@ -217,6 +217,6 @@ std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cuda(const at::Tensor& gy_
 }  // namespace pypeft_fast
 
 TORCH_LIBRARY_IMPL(pypeft_fast, CUDA, m) {
-  m.impl("kron_sum_apply_acc", &pypeft_fast::kron_sum_apply_acc_cuda);
-  m.impl("kron_sum_apply_bwd", &pypeft_fast::kron_sum_apply_bwd_cuda);
+  m.impl("kronecker_apply_acc", &pypeft_fast::kronecker_apply_acc_cuda);
+  m.impl("kronecker_apply_bwd", &pypeft_fast::kronecker_apply_bwd_cuda);
 }

@@ -1,8 +1,8 @@
 // CPU launchers of the Kronecker / PHM structured apply: ΔW = s·Σₕ Aₕ ⊗ Bₕ is never formed.
 //
-// Each token's X (ai × bi) goes through the small products of kron_sum_body.h while it is in L1
+// Each token's X (ai × bi) goes through the small products of kronecker_body.h while it is in L1
 // (the factors, a few KB, stay there too); the products with B on the right run once for a tile
-// of tokens stacked (token_tile). Stacked layouts, as in pypeft_fast/families/kron_sum.py:
+// of tokens stacked (token_tile). Stacked layouts, as in pypeft_fast/families/kronecker.py:
 //   Ar[(i,h), j]    = A[h,i,j]          (ao·h × ai)     U = Ar·X  is (ao·h × bi) ≡ (ao × h·bi)
 //   Bt[(h,l), k]    = s·B[h,k,l]        (h·bi × bo)     Y += U·Bt
 //   Bs[k, (h,l)]    = s·B[h,k,l]        (bo × h·bi)     V = G·Bs  (ao × h·bi) ≡ (ao·h × bi)
@@ -23,8 +23,8 @@
 #include "../common/checks.h"
 #include "../common/lanes.h"
 #include "../ops.h"
-#include "kron_sum_body.h"
-#include "kron_sum_layout.h"
+#include "kronecker_body.h"
+#include "kronecker_layout.h"
 
 namespace pypeft_fast {
 
@@ -338,9 +338,9 @@ void add_back(at::Tensor& out, int64_t r0, int64_t rows, const at::Tensor& tmp) 
 }  // namespace
 
 // y (n, ao·bo) += s·Σₕ (Aₕ ⊗ Bₕ)·x (n, ai·bi), in A's dtype, rounded once to y's.
-void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_,
+void kronecker_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_,
                              const at::Tensor& B_, double scaling) {
-  static constexpr const char* op = "kron_sum_apply_acc";
+  static constexpr const char* op = "kronecker_apply_acc";
   const KronShape s = check_kron_fwd_args(op, y, x, A_, B_);
   const int64_t n = x.size(0);
   if (s.empty(n)) return;
@@ -371,12 +371,12 @@ void kron_sum_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor
 
 // dx (n, ai·bi) += s·Σₕ (Aₕ ⊗ Bₕ)ᵀ·gy (if dx given); returns (dA, dB) shaped like A and B
 // (each (0,) when not asked for).
-std::tuple<at::Tensor, at::Tensor> kron_sum_apply_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cpu(const at::Tensor& gy, const at::Tensor& x,
                                                     const at::Tensor& A_, const at::Tensor& B_,
                                                     double scaling,
                                                     const std::optional<at::Tensor>& dx_opt,
                                                     bool need_dA, bool need_dB) {
-  static constexpr const char* op = "kron_sum_apply_bwd";
+  static constexpr const char* op = "kronecker_apply_bwd";
   bool has_dx;
   const KronShape s = check_kron_bwd_args(op, gy, x, A_, B_, dx_opt, has_dx);
   const int64_t n = x.size(0);

@@ -1,4 +1,4 @@
-// Per-thread body of the Kronecker / PHM kernels, shared by kron_sum_cpu.cpp and kron_sum_cuda.cu.
+// Per-thread body of the Kronecker / PHM kernels, shared by kronecker_cpu.cpp and kronecker_cuda.cu.
 //
 // ΔW = s·Σₕ Aₕ ⊗ Bₕ is applied one token at a time as Yₙ = s·Σₕ Aₕ·Xₙ·Bₕᵀ: every stage of the
 // forward and backward (U = A·X, Y += U·Bᵀ, V = G·B, dX += Aᵀ·V, dA += V·Xᵀ, dB += Gᵀ·U) is a
