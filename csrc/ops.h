@@ -1,4 +1,5 @@
-// Declarations of the CPU and CUDA implementations registered in ops.cpp / *_cuda.cu.
+// Declarations of the CPU implementations registered in ops.cpp (the CUDA ones register in their
+// own .cu files). Schemas: pypeft_fast/_ops.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,11 +17,13 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr, const
 at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr, const at::Tensor& col,
                                 const at::Tensor& a, const at::Tensor& b);
 
-// Philox dropout and the fused low-rank dropout path (csrc/lowrank/)
+// Philox (csrc/philox/)
 at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key);
 at::Tensor philox_keep_mask_cpu(const at::Tensor& seed, int64_t numel, double p, int64_t start);
 at::Tensor philox_dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p,
                               std::optional<at::ScalarType> dtype);
+
+// the fused low-rank dropout path and DoRA (csrc/lowrank/)
 at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
                                     const at::Tensor& seed, double p);
 at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t, const at::Tensor& x, const at::Tensor& A,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validate import compute_dtype
+
 
 def interpreting() -> bool:
     """True when kernels run under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``)."""
@@ -34,13 +36,15 @@ def input_precision(*tensors: torch.Tensor) -> str:
     return "ieee"
 
 
-def acc_dtype(*tensors: torch.Tensor):
-    """Accumulate in fp32, or fp64 when any operand is fp64 (the core's ``compute_dtype``)."""
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
 def torch_acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """The accumulation dtype of the operands: the core's rule, ``validate.compute_dtype``
+    (fp32, or fp64 when any operand is fp64)."""
+    return compute_dtype(*tensors)
+
+
+def acc_dtype(*tensors: torch.Tensor):
+    """:func:`torch_acc_dtype` as a Triton dtype (a kernel's ``ACC`` constexpr)."""
+    return tl.float64 if compute_dtype(*tensors) == torch.float64 else tl.float32
 
 
 INT32_OFFSET_LIMIT = 2**31 - 2**16

@@ -1,9 +1,15 @@
 """The native ops (``torch.ops.pypeft_fast.*`` from ``csrc/``): schemas and fake kernels, in one place.
 
-The schemas are defined in C++ (``csrc/ops.cpp``, ``TORCH_LIBRARY(pypeft_fast, m)``); this module
-lists the same strings, checks them against the loaded library (a stale ``_C`` built from other
-sources is refused, not half-used) and registers the fake (meta) implementations that let
-``torch.compile`` trace through the ops. Shapes (S: (R, C) in CSR, nnz stored entries)::
+Every native op is defined here and only here: :data:`SCHEMAS` holds the schema strings and
+:func:`define_ops` defines them (``Library("pypeft_fast", "DEF")``) together with the fake (meta)
+kernels that let ``torch.compile`` trace through the ops. C++ only implements them
+(``TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m)`` in ``csrc/ops.cpp``, ``..., CUDA, m)`` in the ``.cu``
+files). ``pypeft_fast/native.py`` loads ``_C`` first, checks its ABI, then calls
+:func:`define_ops`: the dispatcher holds a kernel registered before its schema and checks the
+kernel's C++ signature against the schema when the schema arrives, so a ``_C`` whose kernels do
+not match these schemas is refused with an ImportError (defining first would make that mismatch
+throw inside the library's static initialisers, which aborts the process). Shapes (S: (R, C) in
+CSR, nnz stored entries)::
 
     sparse_spmm_csr_t(row_ptr (R+1,), col (nnz,), val (nnz,), n_cols=C, x (n, C)) -> (n, R)
         x · Sᵀ in val's dtype (float32/float64); x may be any float dtype.
@@ -14,7 +20,7 @@ sources is refused, not half-used) and registers the fake (meta) implementations
     philox4x32_10(counter (m, 4) int64, key (2,) int64) -> (m, 4) int64      [CPU]
         Random123 Philox4x32-10 on uint32 words held in int64.
     philox_keep_mask(seed 0-d int64, numel, p, start=0) -> (numel,) bool     [CPU]
-        pypeft_fast.philox.keep_mask, from csrc/common/philox.h.
+        pypeft_fast.philox.keep_mask, from csrc/philox/philox.h.
     philox_dropout(x, seed, p, dtype=None) -> like x
         x ⊙ keep / (1-p) over x's row-major flat index, in dtype (default x's).
     lowrank_dropout_down(x (n, in), A (r, in), seed, p) -> u (n, r)
@@ -40,9 +46,13 @@ from __future__ import annotations
 
 import torch
 
-ABI_VERSION = 4
-"""Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``."""
+from .validate import compute_dtype
 
+ABI_VERSION = 5
+"""Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
+schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas)."""
+
+# The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
     "sparse_spmm_csr_t": "sparse_spmm_csr_t(Tensor row_ptr, Tensor col, Tensor val, int n_cols, Tensor x) -> Tensor",
     "sparse_spmm_csr_t_acc": "sparse_spmm_csr_t_acc(Tensor(a!) out, Tensor row_ptr, Tensor col, Tensor val, Tensor x) -> ()",
@@ -59,38 +69,59 @@ SCHEMAS = {
 }
 
 
-def check_schemas() -> None:
-    """Raise ImportError unless the loaded library defines exactly the schemas listed here."""
-    problems = []
-    for name, schema in SCHEMAS.items():
-        try:
-            got = str(getattr(torch.ops.pypeft_fast, name).default._schema)
-        except (AttributeError, RuntimeError):
-            problems.append(f"{name}: missing")
-            continue
-        if got != f"pypeft_fast::{schema}":
-            problems.append(f"{name}: library has {got!r}, expected 'pypeft_fast::{schema}'")
+_REBUILD = "rebuild with `pip install --no-build-isolation -e .`"
+
+_LIB: torch.library.Library | None = None
+"""The library that owns the definitions (they live as long as it does)."""
+
+
+def define_ops() -> None:
+    """Define every op of :data:`SCHEMAS` with its fake kernel, once; ``_C`` must be loaded.
+
+    Raises ImportError when the loaded ``_C`` does not implement exactly these ops with these
+    signatures (a stale build, or a C++ kernel added without its schema here)."""
+    global _LIB
+    if _LIB is not None:
+        return
+    try:
+        lib = torch.library.Library("pypeft_fast", "DEF")
+    except RuntimeError as e:  # something else (an old _C's TORCH_LIBRARY) defines the namespace
+        raise ImportError(f"pypeft_fast: the op namespace is already defined ({e}); {_REBUILD}") from e
+    try:
+        for schema in SCHEMAS.values():
+            lib.define(schema)
+    except RuntimeError as e:
+        lib._destroy()
+        raise ImportError(f"pypeft_fast._C does not match pypeft_fast/_ops.py ({e}); stale build? "
+                          f"{_REBUILD}") from e
+    problems = [f"{name}: no CPU kernel" for name in SCHEMAS
+                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pypeft_fast::{name}", "CPU")]
+    problems += [f"{d.splitlines()[0].removeprefix('name: ')}: a kernel without a schema in _ops.py"
+                 for d in torch._C._dispatch_find_dangling_impls()
+                 if d.startswith("name: pypeft_fast::")]
     if problems:
-        raise ImportError("pypeft_fast._C does not match pypeft_fast/_ops.py (stale build? "
-                          "rebuild with `pip install --no-build-isolation -e .`): " + "; ".join(problems))
+        lib._destroy()
+        raise ImportError("pypeft_fast._C does not match pypeft_fast/_ops.py (stale build?): "
+                          + "; ".join(problems) + f"; {_REBUILD}")
+    _register_fakes(lib)
+    _LIB = lib
 
 
-def _acc_dtype(*ts):
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
-def register_fakes() -> None:
+def _register_fakes(library: torch.library.Library) -> None:
     """Fake (meta) kernels: output shapes/dtypes, with the C++ checks' shape conditions."""
     lib = "pypeft_fast::"
 
-    @torch.library.register_fake(lib + "sparse_spmm_csr_t")
+    def register_fake(qualname):
+        return torch.library.register_fake(qualname, lib=library)
+
+    @register_fake(lib + "sparse_spmm_csr_t")
     def _(row_ptr, col, val, n_cols, x):
         torch._check(x.dim() == 2 and x.shape[1] == n_cols,
                      lambda: f"sparse_spmm_csr_t: x has shape {tuple(x.shape)}; expected (n, {n_cols})")
         torch._check(val.shape == col.shape, lambda: "sparse_spmm_csr_t: val and col differ in shape")
         return x.new_empty((x.shape[0], row_ptr.shape[0] - 1), dtype=val.dtype)
 
-    @torch.library.register_fake(lib + "sparse_spmm_csr_t_acc")
+    @register_fake(lib + "sparse_spmm_csr_t_acc")
     def _(out, row_ptr, col, val, x):
         torch._check(out.dim() == 2 and out.shape[0] == x.shape[0]
                      and out.shape[1] == row_ptr.shape[0] - 1,
@@ -98,7 +129,7 @@ def register_fakes() -> None:
                              f"({x.shape[0]}, {row_ptr.shape[0] - 1})")
         return None
 
-    @torch.library.register_fake(lib + "sparse_sddmm_csr")
+    @register_fake(lib + "sparse_sddmm_csr")
     def _(row_ptr, col, a, b):
         torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[0],
                      lambda: f"sparse_sddmm_csr: a {tuple(a.shape)} and b {tuple(b.shape)} "
@@ -106,35 +137,35 @@ def register_fakes() -> None:
         torch._check(a.shape[1] == row_ptr.shape[0] - 1,
                      lambda: f"sparse_sddmm_csr: a has shape {tuple(a.shape)}; expected "
                              f"(n, {row_ptr.shape[0] - 1})")
-        return a.new_empty((col.shape[0],), dtype=_acc_dtype(a, b))
+        return a.new_empty((col.shape[0],), dtype=compute_dtype(a, b))
 
-    @torch.library.register_fake(lib + "philox4x32_10")
+    @register_fake(lib + "philox4x32_10")
     def _(counter, key):
         return torch.empty_like(counter)
 
-    @torch.library.register_fake(lib + "philox_keep_mask")
+    @register_fake(lib + "philox_keep_mask")
     def _(seed, numel, p, start=0):
         return torch.empty((numel,), dtype=torch.bool, device=seed.device)
 
-    @torch.library.register_fake(lib + "philox_dropout")
+    @register_fake(lib + "philox_dropout")
     def _(x, seed, p, dtype=None):
         return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
 
-    @torch.library.register_fake(lib + "lowrank_dropout_down")
+    @register_fake(lib + "lowrank_dropout_down")
     def _(x, A, seed, p):
         torch._check(x.dim() == 2 and A.dim() == 2 and A.shape[1] == x.shape[1],
                      lambda: f"lowrank_dropout_down: A has shape {tuple(A.shape)} but x has shape "
                              f"{tuple(x.shape)}; expected A: (r, {x.shape[-1]})")
         return x.new_empty((x.shape[0], A.shape[0]), dtype=A.dtype)
 
-    @torch.library.register_fake(lib + "lowrank_dropout_bwd")
+    @register_fake(lib + "lowrank_dropout_bwd")
     def _(t, x, A, seed, p, dx, need_dA):
         torch._check(t.shape[0] == x.shape[0] and t.shape[1] == A.shape[0],
                      lambda: f"lowrank_dropout_bwd: t has shape {tuple(t.shape)}; expected "
                              f"({x.shape[0]}, {A.shape[0]})")
         return A.new_empty(A.shape) if need_dA else A.new_empty((0,))
 
-    @torch.library.register_fake(lib + "dora_scale_epilogue")
+    @register_fake(lib + "dora_scale_epilogue")
     def _(y, u, B, scaling, c, shift):
         torch._check(y.dim() == 2 and u.dim() == 2 and u.shape[0] == y.shape[0]
                      and B.shape[0] == y.shape[1] and B.shape[1] == u.shape[1],
@@ -142,7 +173,7 @@ def register_fakes() -> None:
                              f"{tuple(B.shape)}; expected (n, out), (n, r), (out, r)")
         return None
 
-    @torch.library.register_fake(lib + "dora_grad_prologue")
+    @register_fake(lib + "dora_grad_prologue")
     def _(gy, c, y):
         torch._check(gy.dim() == 2 and c.shape == (gy.shape[1],),
                      lambda: f"dora_grad_prologue: c has shape {tuple(c.shape)}; expected "
@@ -164,12 +195,12 @@ def register_fakes() -> None:
                              lambda: f"{op}: {name} has shape {tuple(t.shape)}; expected "
                                      f"({x.shape[0]}, {cols})")
 
-    @torch.library.register_fake(lib + "kronecker_apply_acc")
+    @register_fake(lib + "kronecker_apply_acc")
     def _(y, x, A, B, scaling):
         _kron_check("kronecker_apply_acc", x, A, B, y=(y, A.shape[1] * B.shape[1]))
         return None
 
-    @torch.library.register_fake(lib + "kronecker_apply_bwd")
+    @register_fake(lib + "kronecker_apply_bwd")
     def _(gy, x, A, B, scaling, dx, need_dA, need_dB):
         _kron_check("kronecker_apply_bwd", x, A, B, gy=(gy, A.shape[1] * B.shape[1]),
                     dx=(dx, x.shape[1]))

@@ -46,8 +46,7 @@ if BUILD_INFO.get("torch_version") != torch.__version__:
     raise ImportError(f"pypeft_fast._C was built against torch {BUILD_INFO.get('torch_version')} "
                       f"but torch {torch.__version__} is running: rebuild with "
                       "`pip install --no-build-isolation -e .`")
-_ops.check_schemas()
-_ops.register_fakes()
+_ops.define_ops()  # the schemas and fakes, after _C's kernels (pypeft_fast/_ops.py)
 WITH_CUDA: bool = bool(BUILD_INFO.get("with_cuda"))
 ops = torch.ops.pypeft_fast
 

@@ -1,7 +1,7 @@
 """Counter-based dropout masks: the same bits from a seed on every backend, rebuilt in backward.
 
 The mask of an ``(n, in)`` input is defined element by element, so a kernel on any device (the
-torch path here, ``csrc/common/philox.h``, ``tl.randint4x`` in Triton) can regenerate any part of
+torch path here, ``csrc/philox/philox.h``, ``tl.randint4x`` in Triton) can regenerate any part of
 it without storing it::
 
     e        = i * in + j                        # row-major index of x[i, j] in the 2-D view

@@ -437,6 +437,17 @@ def test_build_info_matches_the_running_torch():
         assert info["cuda_version"] == torch.version.cuda and info["cuda_archs"]
 
 
+def test_every_op_is_defined_once_in_python_and_implemented_in_cpp():
+    """_ops.SCHEMAS is the one definition: the dispatcher holds exactly these schemas, each with
+    a C++ CPU kernel, and no C++ kernel lacks a schema; defining again is a no-op."""
+    from pypeft_fast import _ops
+    for name, schema in _ops.SCHEMAS.items():
+        assert str(getattr(ops, name).default._schema) == f"pypeft_fast::{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pypeft_fast::{name}", "CPU"), name
+    assert not [d for d in torch._C._dispatch_find_dangling_impls() if "pypeft_fast::" in d]
+    _ops.define_ops()
+
+
 def test_cpp_backend_is_registered_and_probed():
     from pypeft_fast import registry
     for family in ("sparse", "lowrank"):

@@ -46,3 +46,24 @@ def test_every_cli_command_listed_in_help_imports():
     for name, (module, _help) in COMMANDS.items():
         assert importlib.util.find_spec(module) is not None, f"`pypeft-fast {name}` points at missing {module}"
         assert callable(getattr(importlib.import_module(module), "main", None)), f"{module} has no main()"
+
+
+def test_csrc_shared_headers_include_no_family_header():
+    """csrc/common/ (generic) and csrc/philox/ (shared RNG) include only each other and csrc/ops.h,
+    never a family's header; and no C++ file defines a schema (pypeft_fast/_ops.py is the one
+    definition): csrc/README.md."""
+    import pathlib
+    import re
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    shared = {"common", "philox"}
+    for path in sorted(csrc.rglob("*")):
+        if path.suffix not in (".h", ".cuh", ".cpp", ".cu"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"\bTORCH_LIBRARY\s*\(", text), f"{path}: schemas belong in _ops.py"
+        if path.parent.name not in shared:
+            continue
+        for inc in re.findall(r'#include "([^"]+)"', text):
+            target = (path.parent / inc).resolve()
+            assert target.parent == csrc or target.parent.name in shared, (
+                f"{path} includes the family header {inc}")

@@ -20,10 +20,10 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/checks.h"
 #include "../common/lanes.h"
 #include "../ops.h"
 #include "kronecker_body.h"
+#include "kronecker_checks.h"
 #include "kronecker_layout.h"
 
 namespace pypeft_fast {

@@ -18,10 +18,10 @@
 
 #include <algorithm>
 
-#include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
 #include "../ops.h"
 #include "kronecker_body.h"
+#include "kronecker_checks.h"
 #include "kronecker_layout.h"
 
 namespace pypeft_fast {

@@ -12,10 +12,10 @@
 
 #include <vector>
 
-#include "../common/checks.h"
 #include "../common/lanes.h"
 #include "../ops.h"
 #include "sparse_body.h"
+#include "sparse_checks.h"
 
 namespace pypeft_fast {
 namespace {
@@ -246,7 +246,7 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, cons
   check_spmm_args(op, row_ptr_, col_, val_, C, x);
   check_csr_contents(op, row_ptr_, col_, C);
   const int64_t R = row_ptr_.numel() - 1, n = x.size(0);
-  check_out(op, out, n, R, x);
+  check_spmm_out(op, out, n, R, x);
   if (n == 0 || R == 0 || col_.numel() == 0) return;
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous(), val = val_.contiguous();
   AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "sparse_spmm_csr_t_acc", [&] {

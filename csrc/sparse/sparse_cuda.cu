@@ -9,10 +9,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
 #include "../ops.h"
 #include "sparse_body.h"
+#include "sparse_checks.h"
 
 namespace pypeft_fast {
 namespace {
@@ -84,7 +84,7 @@ void sparse_spmm_csr_t_acc_cuda(at::Tensor& out, const at::Tensor& row_ptr_, con
   static constexpr const char* op = "sparse_spmm_csr_t_acc";
   check_spmm_args(op, row_ptr_, col_, val_, x.dim() == 2 ? x.size(1) : -1, x);
   const int64_t R = row_ptr_.numel() - 1, n = x.size(0);
-  check_out(op, out, n, R, x);
+  check_spmm_out(op, out, n, R, x);
   if (n == 0 || R == 0 || col_.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   if (val_.scalar_type() != acc_of(x.scalar_type())) {  // rare: float64 values, lower x/out

@@ -6,11 +6,11 @@
 //   u16     = (r[(e >> 1) & 3] >> (16 * (e & 1))) & 0xffff
 //   keep    = u16 >= threshold,   threshold = round(p * 65536)
 //
-// Everything here is a PPF_HD body: the CPU launchers (csrc/lowrank/dropout_cpu.cpp) and the
-// CUDA launchers (dropout_cuda.cu) call these same functions.
+// Everything here is a PPF_HD body: the CPU mask generator (philox_cpu.cpp) and the CUDA launcher
+// (philox_cuda.cuh), used by the Philox ops and by csrc/lowrank/, call these same functions.
 #pragma once
 
-#include "macros.h"
+#include "../common/macros.h"
 
 namespace pypeft_fast {
 

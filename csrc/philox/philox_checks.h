@@ -1,0 +1,21 @@
+// Argument checks of the Philox dropout arguments (seed, p), shared by csrc/philox/ and the fused
+// low-rank dropout path (csrc/lowrank/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "../common/checks.h"
+
+namespace pypeft_fast {
+
+inline void check_p(const char* op, double p) {
+  PPF_CHECK(op, p >= 0.0 && p < 1.0, "p must be in [0, 1), got ", p);
+}
+
+inline void check_seed(const char* op, const at::Tensor& seed) {
+  PPF_CHECK(op, seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+            "seed must be a 0-d int64 CPU tensor, got shape ", seed.sizes(), ", dtype ",
+            seed.scalar_type(), ", device ", seed.device());
+}
+
+}  // namespace pypeft_fast
