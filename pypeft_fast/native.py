@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._accumulate import addmm_into
-from .families.kronecker import TorchKroneckerKernels, macs_per_row
-from .families.lowrank import TorchLowRank
+from .families.kronecker import macs_per_row
 from .families.lowrank_dora import TorchDoRA, factored_norm
 from .philox import keep_rows
 from .validate import compute_dtype
@@ -200,6 +199,18 @@ class NativeDoRA(TorchDoRA):
     def dropped(x2d, seed, p):
         return ops.philox_dropout(x2d, seed, p)
 
+    @classmethod
+    def masked(cls, h, seed, p):
+        if h.device.type != "cpu":
+            return TorchDoRA.masked(h, seed, p)
+        return ops.philox_dropout(h, seed, p)
+
+    @classmethod
+    def dropped_t_x(cls, t, x2d, A, seed, p):
+        if x2d.device.type != "cpu":
+            return TorchDoRA.dropped_t_x(t, x2d, A, seed, p)
+        return torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, A, seed, p)
+
     @staticmethod
     def keep(seed, n, k, p, device):
         if device.type != "cpu":
@@ -226,21 +237,25 @@ def _(t, x, A, seed, p):
 class NativeLowRank:
     """Low-rank family with dropout: the mask is generated inside the kernels that read x
     (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
-    ``dA = tᵀ·drop(x)``). Without dropout there is nothing to fuse: the torch kernels run.
-    DoRA runs :class:`NativeDoRA`; parallel adapters (activation, gate) are not served."""
+    ``dA = tᵀ·drop(x)``). DoRA runs :class:`NativeDoRA`. Declined (``supports``): LoRA without
+    dropout (nothing to fuse) and parallel adapters (activation, gate)."""
 
     @staticmethod
-    def serves(hp) -> str | None:
+    def supports(x, weight, params, aux, hp) -> str | None:
+        """Declines LoRA at dropout 0 and parallel adapters (activation/gate)."""
         if hp.variant == "adapter":
-            return "the native low-rank kernels have no activation/gate (parallel adapter) path"
+            return "adapter (activation/gate): the native low-rank kernels have no parallel-adapter path"
+        if hp.variant == "dora":
+            return NativeDoRA.supports(x, weight, params, aux, hp)
+        if hp.dropout == 0.0:
+            return ("LoRA at dropout 0: the native low-rank kernels fuse the dropout mask; without "
+                    "one the torch kernels' GEMMs are the whole computation")
         return None
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
         if hp.magnitude:
             return NativeDoRA.forward(x2d, weight, bias, params, aux, hp)
-        if hp.dropout == 0.0:
-            return TorchLowRank.forward(x2d, weight, bias, params, aux, hp)
         A, B = params
         cd = compute_dtype(x2d, A, B)
         u = ops.lowrank_dropout_down(x2d, A.to(cd), aux[0], hp.dropout)
@@ -253,9 +268,6 @@ class NativeLowRank:
         if hp.magnitude:
             return NativeDoRA.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
                                        needs_dparams)
-        if hp.dropout == 0.0:
-            return TorchLowRank.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
-                                         needs_dparams)
         A, B = params
         (u,) = extras
         need_dA, need_dB = needs_dparams
@@ -281,13 +293,14 @@ class NativeKronecker:
     structured apply (each token's small products in cache, ΔW never formed), accumulated into
     the frozen GEMM's output; one native pass for dx, dA and dB.
 
-    The torch path's kernels run instead (both exact) for a dense B stack larger than
-    ``MAX_B_ELEMENTS`` — there the per-token products stream B from memory for every token and
-    the torch path's one GEMM over all tokens wins — and for B given as rank-k factors (S, T)
-    when ``prefers_factored``: the dense B would not be served natively, or its multiply-adds
-    exceed ``DENSE_OVER_FACTORED`` × the factored ones (the native dense products run about
-    2.5× as many multiply-adds per second as the factored path's skinny GEMMs; bench/NOTES.md).
-    On CUDA also a token's U = A·X tile (ao·h·bi values) must fit the kernel's shared memory."""
+    Declined (``supports``; auto then runs the torch path's kernels, both exact): a dense B stack
+    larger than ``MAX_B_ELEMENTS`` — there the per-token products stream B from memory for every
+    token and the torch path's one GEMM over all tokens wins — and B given as rank-k factors
+    (S, T), which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense B would
+    not be served natively, or its multiply-adds exceed ``DENSE_OVER_FACTORED`` × the factored
+    ones (the native dense products run about 2.5× as many multiply-adds per second as the
+    factored path's skinny GEMMs; bench/NOTES.md). On CUDA also a token's U = A·X tile
+    (ao·h·bi values) must fit the kernel's shared memory."""
 
     MAX_B_ELEMENTS = 32768  # h·bo·bi; measured crossover between 32 K (native 1.5× faster) and 64 K
     DENSE_OVER_FACTORED = 2.0
@@ -300,16 +313,33 @@ class NativeKronecker:
         return not fits or dense > cls.DENSE_OVER_FACTORED * factored
 
     @classmethod
-    def _serves(cls, x2d, A3, B3) -> bool:
-        if B3.numel() > cls.MAX_B_ELEMENTS:
-            return False
+    def supports(cls, x, weight, params, aux, hp) -> str | None:
+        """Declines B as rank-k factors, a B stack over MAX_B_ELEMENTS, on CUDA a U tile over
+        the shared memory."""
+        A3 = params[0]
         h, ao = A3.shape[0], A3.shape[1]
-        return x2d.device.type != "cuda" or h * ao * B3.shape[2] * 8 <= cls.CUDA_SHARED_BYTES
+        if len(params) == 3:
+            S, T = params[1:]
+            k, b_shape = S.shape[2], (S.shape[1], T.shape[2])
+            dense, factored = macs_per_row(A3.shape, b_shape, k)
+            n_b = h * b_shape[0] * b_shape[1]
+            why = (f"the dense B stack would have {n_b} elements > MAX_B_ELEMENTS = {cls.MAX_B_ELEMENTS}"
+                   if n_b > cls.MAX_B_ELEMENTS else
+                   f"forming B costs {dense} multiply-adds per row > {cls.DENSE_OVER_FACTORED:g}× "
+                   f"the factored {factored}")
+            return f"B as rank-{k} factors (S, T), kept factored ({why}): the native kernels take a dense B"
+        B3 = params[1]
+        if B3.numel() > cls.MAX_B_ELEMENTS:
+            return (f"a B stack of {B3.numel()} elements > MAX_B_ELEMENTS = {cls.MAX_B_ELEMENTS} "
+                    "(per-token products streaming B lose to the torch path's one GEMM)")
+        tile = h * ao * B3.shape[2] * 8
+        if x.device.type == "cuda" and tile > cls.CUDA_SHARED_BYTES:
+            return (f"a U = A·X tile of {tile} bytes > the CUDA kernel's {cls.CUDA_SHARED_BYTES} "
+                    "bytes of shared memory")
+        return None
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
-        if len(params) == 3 or not cls._serves(x2d, *params):
-            return TorchKroneckerKernels.forward(x2d, weight, bias, params, aux, hp)
         A3, B3 = params
         cd = compute_dtype(x2d, A3, B3)
         y = F.linear(x2d, weight, bias)
@@ -318,9 +348,6 @@ class NativeKronecker:
 
     @classmethod
     def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        if len(params) == 3 or not cls._serves(x2d, *params):
-            return TorchKroneckerKernels.backward(gy2d, x2d, weight, params, aux, extras, hp,
-                                                needs_dx, needs_dparams)
         A3, B3 = params
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A3, B3)
@@ -377,7 +404,8 @@ for _family in ("sparse", "kronecker", "phm"):
 registry.register_kernels("sparse", "cpp", NativeSparse, auto="sparse" in _CPP_AUTO)
 # bench/bench_lowrank.py, r = 16, p = 0.05, attn: mask 9x, u = drop(x)·Aᵀ 15.3 -> 1.49 ms,
 # backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
-# +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 runs the torch kernels.
+# +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 is declined (supports):
+# auto runs the torch kernels.
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
 # bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kronecker below.
 registry.register_kernels("kronecker", "cpp", NativeKronecker, auto="kronecker" in _CPP_AUTO)

@@ -20,3 +20,14 @@ def add_into(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if out.dtype == delta.dtype:
         return out.add_(delta)
     return delta.add_(out).to(out.dtype)
+
+
+def gemm_into(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ w`` in ``acc``'s dtype, for a frozen-size GEMM ``a @ w`` added to a delta
+    already in ``acc``: one GEMM accumulating into ``acc`` (beta = 1: inside a compute-bound GEMM
+    the read of ``acc`` is nearly free, where adding the delta afterwards is another pass over the
+    result) when the dtypes agree; else ``a @ w`` in ``w``'s dtype — the frozen GEMM's precision
+    — then added to ``acc``."""
+    if acc.dtype == a.dtype == w.dtype:
+        return acc.addmm_(a, w)
+    return acc.add_(a.to(w.dtype) @ w)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import compute_dtype
+from ._accumulate import gemm_into
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20
 """W is read in blocks of rows of at most this many elements (a low-precision W is converted to
@@ -139,7 +140,7 @@ class TorchDoRA:
     mask) by subclassing."""
 
     @staticmethod
-    def serves(hp) -> str | None:
+    def supports(x, weight, params, aux, hp) -> str | None:
         return None
 
     @staticmethod
@@ -188,19 +189,38 @@ class TorchDoRA:
             return y, (u, norm, weight)
         xd = cls.dropped(x2d, aux[0], hp.dropout)         # transient, never saved
         u = xd.to(cd) @ Ac.t()
-        y = F.linear(x2d, weight, bias)                   # peft's base result
         v = F.linear(xd, weight)                          # peft's base_layer(dropout(x)), no bias
-        delta = u @ Bc.t()
+        del xd
+        # y = x·Wᵀ + b + (c−1) ⊙ v + u·(s·c ⊙ B)ᵀ + s·c ⊙ b_B: the delta first (the small GEMM
+        # writes y once, b and s·c·b_B as its bias), v added once, then the frozen GEMM x·Wᵀ
+        # accumulates into it (``gemm_into``): no separate pass adds the frozen result.
+        shift = None if bias is None else bias.to(cd)
         if bBc is not None:
-            delta.add_(bBc)
-        delta.mul_(c * s).add_(v.to(cd) * (c - 1))
-        y = delta.add_(y).to(y.dtype)
+            shift = c * (s * bBc) if shift is None else shift + c * (s * bBc)
+        cB = Bc * (c * s).unsqueeze(1)
+        y = u @ cB.t() if shift is None else torch.addmm(shift, u, cB.t())
+        y.addcmul_(v if v.dtype == cd else v.to(cd), c - 1)
+        y = gemm_into(y, x2d, weight.t()).to(x2d.dtype)
         if src == "saved":
             return y, (u, norm, weight, v)
         return y, (u, norm, weight)
 
     @classmethod
+    def dropped_t_x(cls, t, x2d, A, seed, p):
+        """tᵀ·drop(x) (r, in) in t's dtype (A: (r, in) in t's dtype, for the native op's checks),
+        drop(x) a transient."""
+        return t.t() @ cls.dropped(x2d, seed, p).to(t.dtype)
+
+    @classmethod
+    def masked(cls, h, seed, p):
+        """drop'(h) = h ⊙ keep / (1−p) for an (n, in) h: the forward's mask over x's index."""
+        return apply_keep(h, cls.keep(seed, *h.shape, p, h.device), p, inplace=True)
+
+    @classmethod
     def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        """The module docstring's backward. Each frozen-size GEMM accumulates into the small
+        product it is added to (``gemm_into``): dx = t·A first, then (c ⊙ gy)·W into it; at
+        p > 0 h = t·A + ((c−1) ⊙ gy)·W, drop'(h), then gy·W into it."""
         A, B, m = params[:3]
         b_B = params[3] if len(params) > 3 else None
         u, norm, *kept = extras
@@ -208,39 +228,33 @@ class TorchDoRA:
         s, p = hp.scaling, hp.dropout
         Ac, Bc, mc = A.to(cd), B.to(cd), m.to(cd)
         c = mc / norm
-        y_kept = kept[1] if len(kept) == 3 else None       # p = 0: the saved output
-        g, colsum, coldot = cls.grad_prologue(gy2d, c, y_kept)   # g: (n, out) transient
-        gyc = gy2d.to(cd)
         need_dA, need_dB, need_dm = needs_dparams[:3]
         need_dbB = b_B is not None and needs_dparams[3]
-        keep = cls.keep(aux[0], *x2d.shape, p, x2d.device) if p else None
+        seed = aux[0] if p else None
+        # g = c ⊙ gy (p = 0) or (c − 1) ⊙ gy (p > 0): (n, out), with Σᵢ gyᵢ and Σᵢ gyᵢ ⊙ (the
+        # kept y (p = 0) or x̃·Wᵀ (p > 0, "saved")) from the same read of gy.
+        dm_rows = kept[1] if (need_dm and len(kept) in (2, 3)) else None
+        g, colsum, coldot = cls.grad_prologue(gy2d, c if p == 0 else c - 1, dm_rows)
+        gyc = gy2d.to(cd)
         dx = dA = dB = dm = dbB = None
         t = None
         if needs_dx or need_dA:
-            t = (g @ Bc).mul_(s)                           # (n, r)
+            t = gyc @ (Bc * (c * s).unsqueeze(1))          # s·(c ⊙ gy)·B: (n, r)
         if needs_dx:
-            if keep is None:
-                dx = g.to(gy2d.dtype) @ weight
-                if dx.dtype == cd:
-                    dx.addmm_(t, Ac)
-                else:
-                    dx = torch.addmm(dx.to(cd), t, Ac).to(gy2d.dtype)
-            else:
-                h = (gyc * (c - 1)).to(gy2d.dtype) @ weight
-                h = torch.addmm(h.to(cd), t, Ac) if h.dtype != cd else h.addmm_(t, Ac)
-                h = apply_keep(h, keep, p, inplace=True)
-                dx = gy2d @ weight
-                dx = dx.add_(h) if dx.dtype == h.dtype else h.add_(dx).to(gy2d.dtype)
-        xd = None
+            h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
+            if p:
+                h = gemm_into(cls.masked(h, seed, p), gy2d, weight)
+            dx = h.to(gy2d.dtype)
         if need_dA:
-            xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, p)
-            dA = (t.t() @ xd).to(A.dtype)
-        P = gyc.t() @ u if (need_dB or (need_dm and y_kept is None)) else None  # (out, r)
+            dA = (t.t() @ x2d.to(cd) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
+        P = gyc.t() @ u if (need_dB or (need_dm and len(kept) != 3)) else None  # (out, r)
         if need_dB:
             dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
         if need_dbB:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
+            xd = cls.dropped(x2d, seed, p) if (p and len(kept) == 1) else None  # "recompute"
+            keep = None
             dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd,
                                  colsum, coldot)
             dm = dm.to(m.dtype)
@@ -268,14 +282,14 @@ def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd,
             dm[j] = (gyc[:, j] * zj).sum(0) / norm[j]
         return dm
     if len(kept) == 2:                                     # the saved x̃·Wᵀ (p > 0, "saved")
-        base = kept[1]
+        acc = coldot if coldot is not None else (gyc * kept[1].to(cd)).sum(0)
     else:                                                  # recompute x·Wᵀ or x̃·Wᵀ
         if xd is not None and xd.dtype == x2d.dtype:
             xin = xd
         else:
             xin = x2d if keep is None else apply_keep(x2d, keep, p)
-        base = F.linear(xin, weight)
-    acc = (gyc * base.to(cd)).sum(0) + s * (P * Bc).sum(1)
+        acc = (gyc * F.linear(xin, weight).to(cd)).sum(0)
+    acc = acc + s * (P * Bc).sum(1)
     if b_B is not None:
         acc.add_(colsum * (s * b_B.to(cd)))
     return acc / norm
