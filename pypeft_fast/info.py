@@ -36,13 +36,18 @@ def report() -> str:
         lines.append(f"  {name} backend: {err}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        lines.append(f"\nbackends on {device} (auto picks the first usable one marked *):")
+        lines.append(f"\nbackends on {device} (auto picks the first usable one marked *, or for a "
+                     "call it declines the next one):")
         for fam, table in registry.usable_backends(device).items():
             chosen, _ = registry.resolve(fam, "auto", device)
             lines.append(f"  {fam}:")
             for backend, why in table.items():
                 mark = "*" if backend == chosen else " "
-                lines.append(f"   {mark} {backend:<7}{'usable' if why is None else 'no — ' + why}")
+                text = "usable" if why is None else "no — " + why
+                declined = registry.declines(fam, backend) if why is None else None
+                if declined:  # per call, the routing rule: explicit raises, auto takes the next
+                    text += f" (per call: {declined[0].lower() + declined[1:]})"
+                lines.append(f"   {mark} {backend:<7}{text}")
     return "\n".join(lines)
 
 

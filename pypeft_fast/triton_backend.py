@@ -104,12 +104,13 @@ class TritonDoRA(TorchDoRA):
     c = m / ‖W + s·B·A‖ in its epilogue (``col_scale``; the shift b + c·s·b_B as its bias), the
     backward ``lowrank_bwd`` on c ⊙ gy (dx = (c⊙gy)·W + s·(c⊙gy)·B·A, dA, dB = s·(c⊙gy)ᵀ·u
     in its one kernel); the row norm's A·Wᵀ and dm's column sums are torch ops. Dropout > 0
-    (peft's base(drop(x)) terms) is not served: auto runs the torch kernels."""
+    (peft's base(drop(x)) terms) is declined (``supports``): auto runs the torch kernels."""
 
     @staticmethod
-    def serves(hp) -> str | None:
+    def supports(x, weight, params, aux, hp) -> str | None:
+        """Declines DoRA with dropout > 0."""
         if hp.dropout > 0.0:
-            return "DoRA with dropout > 0 (peft's base(drop(x)) terms) has no Triton path"
+            return "dora with dropout > 0: peft's base(drop(x)) terms have no Triton path"
         return None
 
     @classmethod
@@ -145,14 +146,15 @@ class TritonDoRA(TorchDoRA):
 
 class TritonLowRankVariants(TritonLowRank):
     """The lowrank family on Triton: LoRA (``TritonLowRank``) and DoRA at dropout 0; parallel
-    adapters (activation, gate) are not served."""
+    adapters (activation, gate) are declined."""
 
     @staticmethod
-    def serves(hp) -> str | None:
+    def supports(x, weight, params, aux, hp) -> str | None:
+        """Declines parallel adapters (activation/gate) and DoRA with dropout > 0."""
         if hp.variant == "adapter":
-            return "the Triton low-rank kernels have no activation/gate (parallel adapter) path"
+            return "adapter (activation/gate): the Triton low-rank kernels have no parallel-adapter path"
         if hp.variant == "dora":
-            return TritonDoRA.serves(hp)
+            return TritonDoRA.supports(x, weight, params, aux, hp)
         return None
 
     @staticmethod
@@ -173,6 +175,13 @@ class TritonLowRankVariants(TritonLowRank):
 class TritonKronecker:
     """``pypeft_fast::kronecker_fwd`` / ``kronecker_bwd`` (kernels/kronecker.py), for both the
     kronecker (h = 1) and phm families; params A (h, a_out, a_in), B (h, b_out, b_in)."""
+
+    @staticmethod
+    def supports(x, weight, params, aux, hp) -> str | None:
+        """Declines B as rank-k factors (S, T)."""
+        if len(params) == 3:
+            return "B as rank-k factors (S, T): the Triton kernels take a dense B"
+        return None
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):

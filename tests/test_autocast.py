@@ -22,7 +22,7 @@ from torch import nn
 
 import pypeft_fast as pf
 from pypeft_fast.measure import SavedTensors
-from numerics import _leaves, _run, assert_within, cpu_backends
+from numerics import _leaves, _run, assert_within, cpu_backends, routed
 
 from test_kronecker import kron_case
 from test_lowrank import lowrank_case
@@ -75,7 +75,7 @@ def check_autocast_case(case, backend, x_dtype):
         for k in ("x", "weight", "bias"):  # the frozen tensors in x's dtype (fp32 or bf16)
             if k in leaves:
                 leaves[k] = leaves[k].detach().to(x_dtype).requires_grad_(leaves[k].requires_grad)
-        op = lambda **kw: case.op(backend=backend, **kw)  # noqa: E731
+        op = lambda **kw: routed(lambda b: case.op(backend=b, **kw), backend)  # noqa: E731
         yo, go = _run(op, leaves, case.fixed, gy)
     assert yo.dtype == BF16, f"output is {yo.dtype}; autocast's F.linear gives bfloat16"
     assert_within(f"[{backend}/autocast x {x_dtype}] y", yo, y64, yb.to(BF16), BF16)
@@ -113,9 +113,9 @@ def test_autocast_saves_what_the_bf16_op_saves(name, backend):
         with SavedTensors(exclude=state, keep=True) as saved:
             if under_autocast:
                 with autocast():
-                    y = case.op(backend=backend, **leaves, **case.fixed)
+                    y = routed(lambda b: case.op(backend=b, **leaves, **case.fixed), backend)
             else:
-                y = case.op(backend=backend, **leaves, **case.fixed)
+                y = routed(lambda b: case.op(backend=b, **leaves, **case.fixed), backend)
         casts = {p for p, t in saved.tensors.items() if _is_cast_of(t, [leaves[k] for k in case.frozen if k != "x"])}
         assert not any(_is_cast_of(t, [leaves[k] for k in case.params]) for t in saved.tensors.values()), \
             "a bf16 copy of a parameter is saved"

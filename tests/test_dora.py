@@ -42,7 +42,7 @@ def serving_backends(hp) -> list[str]:
     """The CPU backends whose low-rank kernels serve this variant (the others raise, tested)."""
     fam = registry.FAMILIES["lowrank"].backends
     return [b for b in cpu_backends("lowrank")
-            if getattr(fam[b].kernels, "serves", lambda hp: "no variants")(hp) is None]
+            if registry.why_declined(fam[b].kernels, None, None, (), (), hp) is None]
 
 
 DORA_BACKENDS = serving_backends(LowRankHP(1.0, 0.0, magnitude=True))

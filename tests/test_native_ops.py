@@ -490,8 +490,10 @@ def test_cpp_backend_compiles_fullgraph(family):
 
 def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
     """Dense B up to MAX_B_ELEMENTS runs the native op; a larger B stack and rank-k (S, T)
-    factors run the torch path's kernels (both exact: the family tests check the numbers)."""
+    factors kept factored are declined: backend="cpp" raises, "auto" (were cpp its choice)
+    runs the torch path's kernels, no native op (both exact: the family tests check the numbers)."""
     import pypeft_fast as pf
+    from pypeft_fast import registry
     calls = []
 
     class Spy:
@@ -506,11 +508,16 @@ def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
                   torch.randn(2, 8, 6, requires_grad=True), 0.5, "cpp").sum().backward()
     assert calls == ["kronecker_apply_acc", "kronecker_apply_bwd"]
     calls.clear()
-    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), (torch.randn(2, 8, 1), torch.randn(2, 1, 6)),
-                  0.5, "cpp").sum().backward()
+    monkeypatch.setattr(registry.FAMILIES["phm"].backends["cpp"], "auto", True)
+    factored = (torch.randn(2, 8, 1), torch.randn(2, 1, 6))
+    with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot serve B as rank-1 factors"):
+        pf.phm_linear(x, W, None, torch.randn(2, 3, 5), factored, 0.5, "cpp")
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), factored, 0.5, "auto").sum().backward()
     assert calls == []
     monkeypatch.setattr(native.NativeKronecker, "MAX_B_ELEMENTS", 2 * 8 * 6 - 1)
-    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), torch.randn(2, 8, 6), 0.5, "cpp").sum().backward()
+    with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot serve a B stack of 96 elements"):
+        pf.phm_linear(x, W, None, torch.randn(2, 3, 5), torch.randn(2, 8, 6), 0.5, "cpp")
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5), torch.randn(2, 8, 6), 0.5, "auto").sum().backward()
     assert calls == []
 
 

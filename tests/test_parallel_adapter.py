@@ -95,15 +95,14 @@ def test_backends_without_the_variant_raise_when_named_and_auto_says_so_once(cap
     cpu = torch.device("cpu")
     hp = pf.families.lowrank.LowRankHP(0.9, 0.0, activation="relu", gate=True)
     for name, entry in registry.FAMILIES["lowrank"].backends.items():
-        serves = getattr(entry.kernels, "serves", None)
         if name == "torch" or registry.why_unavailable("lowrank", name, cpu) is not None:
             continue
-        assert serves is None or serves(hp) is not None  # no native/Triton path yet
+        assert registry.why_declined(entry.kernels, x, W, (A, B, wg, bg), (), hp) is not None  # no native/Triton path yet
         with pytest.raises(RuntimeError, match=f"backend '{name}' cannot serve adapter"):
             pf.lowrank_linear(x, W, b, A, B, 0.9, backend=name, activation="relu", gate=(wg, bg), name="l.q")
     want = pf.lowrank_linear(x, W, b, A, B, 0.9, backend="torch", activation="relu", gate=(wg, bg))
-    pf.families.lowrank._warned_variants.clear()
-    with caplog.at_level(logging.WARNING, logger="pypeft_fast"):
+    registry._warned_declines.clear()
+    with caplog.at_level(logging.INFO, logger="pypeft_fast"):
         for _ in range(3):
             got = pf.lowrank_linear(x, W, b, A, B, 0.9, backend="auto", activation="relu", gate=(wg, bg))
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pypeft_fast import registry
-from numerics import cpu_backends
+from numerics import cpu_backends, routed
 
 TRITON_CPU = registry.why_unavailable("lowrank", "triton", torch.device("cpu")) is None
 needs_triton = pytest.mark.skipif(not TRITON_CPU, reason="Triton interpreter unavailable")
@@ -235,7 +235,7 @@ def test_scaling_zero_propagates_nan_and_inf_like_f_linear(case):
     ref = torch.nn.functional.linear(x.double(), w.double() + dw(*(f.double() for f in factors), 0.0))
     assert ref.isnan().any()
     for backend in cpu_backends(family):
-        y = fn(x, w, None, *factors, 0.0, backend=backend)
+        y = routed(lambda b: fn(x, w, None, *factors, 0.0, backend=b), backend)
         if family == "kronecker" and backend == "triton":
             # Its epilogue MMA spans several block-rows of ΔW per tile: a non-finite U row meets
             # the other rows' zero B columns (NaN·0) and spreads over the tile. Masking the
@@ -600,7 +600,7 @@ def test_float64_bias_gradient_is_summed_in_float64(backend):
     bias = torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True)
     gy = torch.full((x.shape[0], w.shape[0]), 1e-9, dtype=torch.float64)
     gy[0] = 1.0  # float32 drops every 1e-9 next to 1.0
-    y = pf.lowrank_linear(x, w, bias, A, B, 0.5, backend=backend)
+    y = routed(lambda b: pf.lowrank_linear(x, w, bias, A, B, 0.5, backend=b), backend)
     y.backward(gy)
     want = gy.sum(0)
     assert (want != 1.0).all()

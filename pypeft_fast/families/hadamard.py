@@ -254,14 +254,13 @@ def hadamard_linear(x, weight, bias, W1a, W1b, W2a, W2b, scaling=1.0, backend="a
     check_param(where, "W1b", W1b, expected_shape=(r1, in_f))
     check_param(where, "W2a", W2a, expected_shape=(out_f, r2))
     check_param(where, "W2b", W2b, expected_shape=(r2, in_f))
-    device = check_same_device(where, x=x, weight=weight, bias=bias, W1a=W1a, W1b=W1b, W2a=W2a, W2b=W2b)
+    check_same_device(where, x=x, weight=weight, bias=bias, W1a=W1a, W1b=W1b, W2a=W2a, W2b=W2b)
     scaling = check_scaling(where, scaling)
     n = x.numel() // in_f if in_f else 0
     plan = _resolve_plan(where, method, n, in_f, out_f, r1, r2)
-    _, kernels = registry.resolve(FAMILY, backend, device)
-    return delta_linear(
-        kernels, HadamardHP(scaling, plan), 4, x, weight, bias, W1a, W1b, W2a, W2b
-    )
+    hp = HadamardHP(scaling, plan)
+    kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (W1a, W1b, W2a, W2b), (), hp)
+    return delta_linear(kernels, hp, 4, x, weight, bias, W1a, W1b, W2a, W2b)
 
 
 __all__ = ["hadamard_linear", "delta_weight", "HadamardHP", "HadamardPlan", "TorchHadamard",

@@ -223,23 +223,28 @@ class TorchKroneckerKernels:
         return impl.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
 
 
-def apply_kronecker(family, x, weight, bias, A3, B, scaling, backend, device):
+def apply_kronecker(family, where, x, weight, bias, A3, B, scaling, backend):
     """Runs ``family``'s kernels on A3 (h, a_out, a_in) and B — a tensor (h, b_out, b_in) or a
-    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the backend's kernels prefer it
-    (``prefers_factored``), else formed (factor-sized, never ΔW-sized)."""
+    pair (S (h, b_out, k), T (h, k, b_in)), kept factored when the first candidate backend's
+    kernels prefer it (``prefers_factored``), else formed (factor-sized, never ΔW-sized); then
+    the registry's routing picks the kernels that serve those params."""
     from .. import registry
     from ..function import delta_linear
     from .factors import factor_product
 
-    _, kernels = registry.resolve(family, backend, device)
+    options = registry.candidates(family, backend, x.device)
     hp = KroneckerHP(scaling)
+    params = (A3, B)
     if isinstance(B, tuple):
         S, T = B
-        prefers = getattr(kernels, "prefers_factored", None)
+        prefers = getattr(options[0][1], "prefers_factored", None)
         if prefers is not None and prefers(A3.shape, (S.shape[1], T.shape[2]), S.shape[2]):
-            return delta_linear(kernels, hp, 3, x, weight, bias, A3, S, T)
-        B = factor_product(S, T)
-    return delta_linear(kernels, hp, 2, x, weight, bias, A3, B)
+            params = (A3, S, T)
+        else:
+            params = (A3, factor_product(S, T))
+    kernels = registry.choose(family, options, where, x, weight, params, (), hp,
+                              registry.is_explicit(backend))
+    return delta_linear(kernels, hp, len(params), x, weight, bias, *params)
 
 
 FAMILY = "kronecker"
@@ -260,9 +265,9 @@ def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name
     """``y = x·Wᵀ + b + x·(s·A⊗B)ᵀ``; x: (..., in), weight: (out, in) frozen; A, B or pairs."""
     where = name or "kronecker_linear"
     out_f, in_f = check_base(where, x, weight, bias)
-    device = check_same_device(where, x=x, weight=weight, bias=bias,
-                               **{f"A[{i}]": t for i, t in enumerate(factor_tensors(A))},
-                               **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
+    check_same_device(where, x=x, weight=weight, bias=bias,
+                      **{f"A[{i}]": t for i, t in enumerate(factor_tensors(A))},
+                      **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
     A = compose_factor(where, "A", A)  # A is the small factor: form it
     B = check_factor(where, "B", B)    # B may stay factored (see kronecker.apply_kronecker)
     (a_out, a_in), (b_out, b_in) = A.shape, factor_shape(B)
@@ -271,4 +276,4 @@ def kronecker_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name
                     f"expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
     B3 = (B[0].unsqueeze(0), B[1].unsqueeze(0)) if isinstance(B, tuple) else B.unsqueeze(0)
-    return apply_kronecker(FAMILY, x, weight, bias, A.unsqueeze(0), B3, scaling, backend, device)
+    return apply_kronecker(FAMILY, where, x, weight, bias, A.unsqueeze(0), B3, scaling, backend)

@@ -17,7 +17,7 @@ its mask are never kept between forward and backward; backward rebuilds the mask
 transient bool n×in) for both dx and dA.
 
 Variants of the same family (same public function, same registry entry; each backend's kernels
-say which they serve through ``serves(hp)``):
+say which calls they serve through ``supports``, see :mod:`pypeft_fast.registry`):
 
 * DoRA — ``magnitude=m`` (and ``lora_bias=b_B``): :mod:`.lowrank_dora`;
 * parallel adapters — ``activation=`` between A and B, ``gate=(w_g, b_g)``: :mod:`.lowrank_adapter`.
@@ -41,7 +41,6 @@ from .lowrank_adapter import ACTIVATIONS, TorchParallelAdapter
 from .lowrank_dora import TorchDoRA
 
 FAMILY = "lowrank"
-log = registry.log
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,6 @@ def _dropped(x2d, aux, hp, dtype):
 class TorchLowRank:
     """The pure-PyTorch kernels: three GEMMs forward (one fused add), four backward; the DoRA
     and parallel-adapter variants run their own torch kernels."""
-
-    @staticmethod
-    def serves(hp) -> str | None:
-        return None
 
     @staticmethod
     def forward(x2d, weight, bias, params, aux, hp):
@@ -126,28 +121,6 @@ _VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
 registry.register_family(FAMILY, delta_weight)
 registry.register_kernels(FAMILY, "torch", TorchLowRank)
 
-_warned_variants: set = set()
-
-
-def _kernels_for(hp, backend, device, where):
-    """The resolved backend's kernels if they serve ``hp``'s variant; else an explicit backend
-    raises and "auto" says so once and runs the torch kernels (same results)."""
-    chosen, kernels = registry.resolve(FAMILY, backend, device)
-    serves = getattr(kernels, "serves", None)
-    reason = None if hp.variant is None else (serves(hp) if serves else f"{chosen} has no variants")
-    if reason is None:
-        return kernels
-    if backend != "auto":
-        raise RuntimeError(f"pypeft_fast lowrank ({where}): backend {chosen!r} cannot serve "
-                           f"{hp.variant}: {reason}")
-    key = (chosen, hp.variant, reason)
-    if key not in _warned_variants:
-        _warned_variants.add(key)
-        log.warning("pypeft_fast lowrank: backend %r does not serve %s (%s); using the torch "
-                    "kernels", chosen, hp.variant, reason)
-    return TorchLowRank
-
-
 def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, backend="auto",
                    *, name=None, magnitude=None, lora_bias=None, activation=None, gate=None):
     """``y = x·Wᵀ + b + scaling·(drop(x)·Aᵀ)·Bᵀ`` without keeping drop(x).
@@ -169,7 +142,7 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     r = A.shape[0]
     check_param(where, "A", A, expected_shape=(r, in_f))
     check_param(where, "B", B, expected_shape=(out_f, r))
-    device = check_same_device(where, x=x, weight=weight, bias=bias, A=A, B=B)
+    check_same_device(where, x=x, weight=weight, bias=bias, A=A, B=B)
     scaling = check_scaling(where, scaling)
     dropout = check_dropout(where, dropout)
     extra = _variant_params(where, out_f, in_f, magnitude, lora_bias, activation, gate)
@@ -179,7 +152,7 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     if dropout > 0.0:  # a checked copy: the caller may reuse its seed tensor before backward
         aux = (check_seed(where, draw_seed() if seed is None else seed),)
     hp = LowRankHP(scaling, dropout, magnitude is not None, activation, gate is not None)
-    kernels = _kernels_for(hp, backend, device, where)
+    kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (A, B, *extra), aux, hp)
     return delta_linear(kernels, hp, 2 + len(extra), x, weight, bias, A, B, *extra, *aux)
 
 

@@ -30,8 +30,8 @@ def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None)
     """``y = x·Wᵀ + b + x·(s·Σᵢ Aᵢ⊗Bᵢ)ᵀ``; x: (..., in), weight: (out, in) frozen."""
     where = name or "phm_linear"
     out_f, in_f = check_base(where, x, weight, bias)
-    device = check_same_device(where, x=x, weight=weight, bias=bias, A=A,
-                               **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
+    check_same_device(where, x=x, weight=weight, bias=bias, A=A,
+                      **{f"B[{i}]": t for i, t in enumerate(factor_tensors(B))})
     check_param(where, "A", A, dim=3)
     B = check_factor(where, "B", B, batched=True)
     n, a_out, a_in = A.shape
@@ -44,4 +44,4 @@ def phm_linear(x, weight, bias, A, B, scaling=1.0, backend="auto", *, name=None)
         fail(where, f"Σ A[i] ⊗ B[i] with A {shape_str(A)}, B {b_shape} gives "
                     f"({a_out * b_out}, {a_in * b_in}); expected weight's shape ({out_f}, {in_f})")
     scaling = check_scaling(where, scaling)
-    return apply_kronecker(FAMILY, x, weight, bias, A, B, scaling, backend, device)
+    return apply_kronecker(FAMILY, where, x, weight, bias, A, B, scaling, backend)

@@ -228,7 +228,7 @@ def sparse_linear(x, weight, bias, values, indices, scaling=1.0, backend="auto",
     """``y = x·Wᵀ + b + x·(s·M⊙D)ᵀ`` with ``values (nnz,)`` at ``indices (2, nnz)`` int64."""
     where = name or "sparse_linear"
     out_f, in_f = check_base(where, x, weight, bias)
-    device = check_same_device(where, x=x, weight=weight, bias=bias, values=values, indices=indices)
+    check_same_device(where, x=x, weight=weight, bias=bias, values=values, indices=indices)
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         fail(where, f"values must be a 1-D tensor (nnz,), got "
                     f"{shape_str(values) if isinstance(values, torch.Tensor) else type(values).__name__}")
@@ -242,6 +242,7 @@ def sparse_linear(x, weight, bias, values, indices, scaling=1.0, backend="auto",
         fail(where, f"values has shape {shape_str(values)}; expected ({layout.nnz},) to match "
                     f"indices {shape_str(indices)}")
     scaling = check_scaling(where, scaling)
-    _, kernels = registry.resolve(FAMILY, backend, device)
     hp = SparseHP(scaling, out_f, in_f)
-    return delta_linear(kernels, hp, 1, x, weight, bias, values, *layout.tensors())
+    aux = layout.tensors()
+    kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (values,), aux, hp)
+    return delta_linear(kernels, hp, 1, x, weight, bias, values, *aux)
