@@ -1,7 +1,8 @@
 """The micro-benchmark matrix: which (family, implementation, mode, shape, rank, tokens) cases
 ``pytest bench/`` runs under each ``--bench-selection``. The tensors of a case come from
-:func:`pypeft_fast.workloads.make_case` (one setup factory per family, shared with the e2e bench
-and the profiler); nothing here builds tensors.
+:func:`pypeft_fast.workloads.make_case` (the setup each family declares, shared with the e2e
+bench and the profiler); the case families are the declared ones
+(``workloads.CASE_FAMILIES``); nothing here builds tensors or names a family.
 
 Selections (``--bench-selection``):
 
@@ -11,8 +12,9 @@ Selections (``--bench-selection``):
   full, rank 16; at the other main shapes (CPU: BERT-base's intermediate 768→3072; GPU:
   Llama-3-8B's k, up and down projections) mode full; plus the scaling view at the first
   shape: mode full, pypeft_fast's ``auto`` choice and the reference, ranks 8 / 16 / 64 at
-  sequence 256 and sequence 1024 at rank 16 (batch 4 on CPU, 16 on GPU). LoHa's two forced
-  forms (``hadamard-factored``, ``hadamard-dense``) run mode full at the first shape only.
+  sequence 256 and sequence 1024 at rank 16 (batch 4 on CPU, 16 on GPU). A case declared
+  ``forced_form`` (LoHa's ``hadamard-factored``, ``hadamard-dense``) runs mode full at the first
+  shape only.
 * ``full`` — every shape of ``workloads.SHAPES`` × ranks 8 / 16 / 64 × every mode and
   implementation (opt-in: hours on a CPU).
 * ``tiny`` — the CI smoke: ragged tiny shapes (``workloads.TINY_SHAPES``, 37 tokens, rank 4),
@@ -41,9 +43,6 @@ MAIN_SHAPES = {
 TOKENS = {"cpu": workloads.CPU_TOKENS, "cuda": workloads.GPU_TOKENS}
 IMPLS = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "triton", "cuda")}
 TINY_RANK = 4
-# Case families that force one form of a family (LoHa's factored / dense): in the default
-# selection only mode full at the first main shape (the plain family runs the per-shape plan).
-FORCED_VARIANTS = ("hadamard-factored", "hadamard-dense")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,10 @@ class BenchCase:
 
 def cases(selection: str, device_kind: str, tokens: int | None = None,
           interpreter_triton: bool = False) -> list[BenchCase]:
-    fams = list(workloads.CASE_FAMILIES)
+    fams = list(workloads.CASE_FAMILIES)  # every family's declared cases (families/<name>_decl.py)
+    # Cases that force one form of a family (LoHa's factored / dense: declared forced_form): in
+    # the default selection only mode full at the first main shape (the plain one runs the plan).
+    forced = {f for f in fams if workloads.CASE_FAMILIES[f].forced_form}
     modes = workloads.MODES
     impls = IMPLS[device_kind]
     out: list[BenchCase] = []
@@ -83,8 +85,8 @@ def cases(selection: str, device_kind: str, tokens: int | None = None,
         n = tokens or TOKENS[device_kind]
         first, *others = MAIN_SHAPES[device_kind]
         out = [BenchCase(f, i, m, first, DEFAULT_RANK, n) for f in fams for i in impls
-               for m in (modes if f not in FORCED_VARIANTS else ("full",))]
-        fams = [f for f in fams if f not in FORCED_VARIANTS]
+               for m in (modes if f not in forced else ("full",))]
+        fams = [f for f in fams if f not in forced]
         out += [BenchCase(f, i, "full", s, DEFAULT_RANK, n) for s in others for f in fams for i in impls]
         # scaling: ranks 8 / 64 at sequence 256, sequence 1024 at rank 16 (rank 16 at 256 is above)
         seq_short, seq_long = SCALING_SEQS

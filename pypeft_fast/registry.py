@@ -234,3 +234,47 @@ def usable_backends(device: torch.device) -> dict[str, dict[str, str | None]]:
     return {
         fam: {b: why_unavailable(fam, b, device) for b in BACKENDS} for fam in sorted(FAMILIES)
     }
+
+
+# ------------------------------------------------------------------------------ declarations
+# What else a family declares once (pypeft_fast/declaration.py: public function, inject spec,
+# benchmark cases, peft counterpart). inject, workloads, the benches and the profiler read
+# DECLARATIONS through declaration.DeclaredTable views; routing above never looks at it.
+
+DECLARATIONS: dict[str, object] = {}
+DECLARATIONS_VERSION = 0
+"""Bumped by every declare/undeclare: the DeclaredTable views rebuild when it changes."""
+
+
+def declare(decl):
+    """Register ``decl`` (a ``declaration.FamilyDeclaration``); the family itself too unless its
+    module registered it already (with the same ``delta_weight``). Returns ``decl``."""
+    global DECLARATIONS_VERSION
+    if decl.name in DECLARATIONS:
+        raise RuntimeError(f"delta family {decl.name!r} is declared twice")
+    taken = {c.name: d.name for d in DECLARATIONS.values() for c in d.cases}
+    clash = {c.name: taken[c.name] for c in decl.cases if c.name in taken}
+    if clash:
+        raise RuntimeError(f"delta family {decl.name!r}: case names {clash} are declared by other families")
+    fam = FAMILIES.get(decl.name)
+    if fam is None:
+        register_family(decl.name, decl.delta_weight)
+    elif fam.delta_weight is not decl.delta_weight:
+        raise RuntimeError(f"delta family {decl.name!r}: the declaration's delta_weight is not the "
+                           "registered one")
+    from dataclasses import replace
+
+    cases = tuple(replace(c, family=decl.name, function=decl.function.__name__) for c in decl.cases)
+    decl = replace(decl, cases=cases)
+    DECLARATIONS[decl.name] = decl
+    DECLARATIONS_VERSION += 1
+    return decl
+
+
+def undeclare(name: str) -> None:
+    """Forget family ``name`` entirely (its declaration and its registry entry): for a family
+    declared in-process, e.g. a test's toy family."""
+    global DECLARATIONS_VERSION
+    DECLARATIONS.pop(name, None)
+    FAMILIES.pop(name, None)
+    DECLARATIONS_VERSION += 1

@@ -1,4 +1,4 @@
-"""Benchmark workloads: real projection shapes, one setup factory per family, FLOP/byte formulas.
+"""Benchmark workloads: real projection shapes, the families' declared setups, FLOP/byte formulas.
 
 Shared by the kernel micro-benchmarks (``bench/``), the end-to-end bench and the memory profiler,
 so every measurement of a family runs the same tensors and counts work by the same formulas.
@@ -11,7 +11,9 @@ API (everything a benchmark or profiler needs; nothing here times anything)::
     TINY_SHAPES, TINY_TOKENS      ragged tiny shapes for smoke runs (CI)
     CASE_FAMILIES                 bench names: lowrank, lowrank-dropout, dora, kronecker, phm,
                                   hadamard (+ -factored, -dense: its two forms forced), sparse
-                                  (name -> registry family, public function, options)
+                                  (name -> declaration.CaseFamily: registry family, public
+                                  function, options, setup, formulas; live from the families'
+                                  declarations, ``families/<name>_decl.py``)
     unavailable(name)             None, or why this pypeft_fast cannot run that case family
     make_case(name, shape, rank, tokens, dtype, device, adapter_dtype=None, seed=0) -> Workload
         w.ours(backend)()         y of pypeft_fast's public function (x, W, params of the case)
@@ -33,35 +35,40 @@ API (everything a benchmark or profiler needs; nothing here times anything)::
 ``mode`` is "forward", "backward" or "full" (forward + backward). The frozen layer's backward is
 dx = gy·W only (W frozen: no weight gradient).
 
-FLOPs (multiply-add = 2), per call of n tokens, shape in → out, rank r:
+FLOPs (multiply-add = 2), per call of n tokens, shape in → out, rank r: the frozen layer
+2·n·in·out forward and 2·n·in·out backward (dx); each case's delta by the ``flops`` formula its
+family declares (``families/<name>_decl.py``, the formula's docstring says how it counts):
 
 | family | forward | backward |
 |---|---|---|
-| frozen | 2·n·in·out | 2·n·in·out (dx) |
 | lowrank (any p) | 2·n·r·(in + out) | 4·n·r·(in + out) (t, dx, dA, dB) |
 | dora | lowrank + 2·out·in·r + 2·r²·in + 2·out·r² (row norms of W + s·B·A, factored) + 2·n·out | lowrank backward + 2·n·out |
 | kronecker, phm | 2·macs_per_row·n (kronecker.macs_per_row: dense or rank-k B, the cheaper) | 2.5 × forward |
 | hadamard | min(Khatri–Rao 2·n·r²·(in+out) + 2·r²·(in+out), dense 4·out·in·r + 3·out·in) | min(4·n·r²·(in+out) + 4·r²·(in+out), dense form + 2·n·in·out + 8·out·in·r) |
 | sparse, nnz = r·(in + out) | 2·n·nnz | 4·n·nnz (SpMM + SDDMM) |
 
-Factor shapes from ``rank``: kronecker — LoKr's (``inject.specs.factorization``, decompose
-factor -1): A (a_out, a_in), B (b_out, b_in) kept as rank-r factors when r < max(B) / 2, as
-LoKr does; phm — Compacter's n = 4 terms, A (4, 4, 4), B as rank-r factors (4, out/4, r) @
-(4, r, in/4); sparse — SHiRA's parameter parity with LoRA: nnz = r·(in + out), random mask.
+(this table is a summary of today's declarations, not a source). Factor shapes from ``rank``:
+kronecker — LoKr's (``kronecker_decl.factorization``, decompose factor -1): A (a_out, a_in), B
+(b_out, b_in) kept as rank-r factors when r < max(B) / 2, as LoKr does; phm — Compacter's n = 4
+terms, A (4, 4, 4), B as rank-r factors (4, out/4, r) @ (4, r, in/4); sparse — SHiRA's
+parameter parity with LoRA: nnz = r·(in + out), random mask.
 
 Bytes (the least traffic: every operand read once, every result written once): forward
 e·(n·in + in·out + n·out) + the adapter's parameters; backward e·(n·out + in·out + 2·n·in) + the
 parameters read and their gradients written (+ lowrank's saved u, n·r fp32, written forward and
-read backward). e = bytes per activation element. Nothing here counts what a kernel re-reads.
+read backward: a case's declared ``saved_floats``). e = bytes per activation element. Nothing
+here counts what a kernel re-reads.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .declaration import CaseFamily, DeclaredTable
 
 MODES = ("forward", "backward", "full")
 
@@ -125,68 +132,45 @@ def shape_of(key: str) -> ProjectionShape:
 
 # ------------------------------------------------------------------------------ case families
 
-@dataclass(frozen=True)
-class CaseFamily:
-    name: str           # bench name
-    family: str         # registry family
-    function: str       # pypeft_fast's public function
-    reference_name: str
-    formula: str        # the row of the FLOP table (module docstring)
-    options: dict = field(default_factory=dict)
+def _cases(decls) -> dict[str, CaseFamily]:
+    return {c.name: c for d in decls for c in d.cases}
 
 
-CASE_FAMILIES: dict[str, CaseFamily] = {c.name: c for c in (
-    CaseFamily("lowrank", "lowrank", "lowrank_linear", "peft", "lowrank", {"dropout": 0.0}),
-    CaseFamily("lowrank-dropout", "lowrank", "lowrank_linear", "peft", "lowrank", {"dropout": 0.05}),
-    CaseFamily("dora", "lowrank", "lowrank_linear", "peft", "dora", {"magnitude": True}),
-    CaseFamily("kronecker", "kronecker", "kronecker_linear", "peft", "kronecker"),
-    CaseFamily("phm", "phm", "phm_linear", "materialise", "phm"),
-    CaseFamily("hadamard", "hadamard", "hadamard_linear", "peft", "hadamard"),
-    # LoHa's two forms forced (the plain "hadamard" case runs the cost model's per-shape plan)
-    CaseFamily("hadamard-factored", "hadamard", "hadamard_linear", "peft", "hadamard", {"method": "factored"}),
-    CaseFamily("hadamard-dense", "hadamard", "hadamard_linear", "peft", "hadamard", {"method": "dense"}),
-    CaseFamily("sparse", "sparse", "sparse_linear", "peft", "sparse"),
-)}
-PHM_TERMS = 4
+CASE_FAMILIES = DeclaredTable(_cases)
+"""bench name → :class:`CaseFamily`, live from every family's declaration (``registry.declare``,
+``families/<name>_decl.py``: setup factory, FLOP and parameter formulas, options)."""
 LORA_SCALING = 2.0   # alpha = 2r, peft's common setting
 DELTA_SCALING = 0.5
 
 
 def unavailable(name: str) -> str | None:
     """None when this pypeft_fast can run case family ``name``, else why not (shown as the skip
-    reason: families land in the registry one at a time)."""
-    import pypeft_fast as pf
+    reason)."""
     from pypeft_fast import registry
 
     if name not in CASE_FAMILIES:
         return f"unknown case family {name!r}; known: {sorted(CASE_FAMILIES)}"
     c = CASE_FAMILIES[name]
     if c.family not in registry.FAMILIES:
-        return f"family {c.family!r} is not in pypeft_fast.registry.FAMILIES yet"
-    if not hasattr(pf, c.function):
-        return f"pypeft_fast.{c.function} does not exist yet"
-    if "method" in c.options and "method" not in inspect.signature(getattr(pf, c.function)).parameters:
-        return f"pypeft_fast.{c.function} takes no method= yet"
-    if c.options.get("magnitude") and "magnitude" not in inspect.signature(getattr(pf, c.function)).parameters:
-        return f"pypeft_fast.{c.function} takes no magnitude= (DoRA) yet"
-    if name not in _FACTORIES:
-        return f"no setup factory for {name!r} in pypeft_fast/workloads.py yet"
+        return f"family {c.family!r} is not in pypeft_fast.registry.FAMILIES"
+    function = registry.DECLARATIONS[c.family].function
+    takes = inspect.signature(function).parameters
+    missing = [opt for opt in c.options if opt not in takes]
+    if missing:
+        return f"pypeft_fast.{c.function} takes no {', '.join(o + '=' for o in missing)}"
     return None
 
 
-def kron_factors(shape: ProjectionShape, rank: int) -> tuple[tuple[int, int], tuple[int, int], int | None]:
-    """LoKr's factor shapes: A (a_out, a_in), B (b_out, b_in), and B's rank (None: dense), as
-    peft LoKr with decompose_factor -1: w2 factored when r < max(w2) / 2."""
-    from .inject.specs import factorization
-
-    (ao, bo), (ai, bi) = factorization(shape.out_features), factorization(shape.in_features)
-    k = rank if rank < max(bo, bi) / 2 else None
-    return (ao, ai), (bo, bi), k
+_MOVED = {"kron_factors": "kronecker_decl", "sparse_nnz": "sparse_decl", "PHM_TERMS": "phm_decl"}
+"""Per-family helpers that used to live here, now in their family's declaration module."""
 
 
-def sparse_nnz(shape: ProjectionShape, rank: int) -> int:
-    """SHiRA's parameter parity with LoRA rank r: nnz = r·(in + out), at most the whole matrix."""
-    return min(rank * (shape.in_features + shape.out_features), shape.in_features * shape.out_features)
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".families.{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------ FLOPs and bytes
@@ -202,70 +186,17 @@ def _mode(mode: str) -> str:
     return mode
 
 
-def _kron_macs(name: str, shape: ProjectionShape, rank: int) -> int:
-    from .families.kronecker import macs_per_row
-
-    if name == "kronecker":
-        (ao, ai), (bo, bi), k = kron_factors(shape, rank)
-        h = 1
-    else:
-        h, ao, ai = PHM_TERMS, PHM_TERMS, PHM_TERMS
-        bo, bi, k = shape.out_features // h, shape.in_features // h, rank
-    dense, factored = macs_per_row((h, ao, ai), (bo, bi), k or 1)
-    return dense if k is None else min(dense, factored)
-
-
 def adapter_flops(name: str, shape: ProjectionShape, rank: int, tokens: int, mode: str = "full") -> float:
-    """FLOPs the delta adds to the frozen layer (the table in the module docstring)."""
+    """FLOPs the delta adds to the frozen layer (the table in the module docstring; the case's
+    declared ``flops`` formula)."""
     mode = _mode(mode)
-    n, i, o, r = tokens, shape.in_features, shape.out_features, rank
-    fam = CASE_FAMILIES[name].formula
-    if fam == "lowrank":
-        fwd, bwd = 2.0 * n * r * (i + o), 4.0 * n * r * (i + o)
-    elif fam == "dora":
-        norm = 2.0 * o * i * r + 2.0 * r * r * i + 2.0 * o * r * r
-        fwd, bwd = 2.0 * n * r * (i + o) + norm + 2.0 * n * o, 4.0 * n * r * (i + o) + 2.0 * n * o
-    elif fam in ("kronecker", "phm"):
-        fwd = 2.0 * n * _kron_macs(name, shape, rank)
-        bwd = 2.5 * fwd
-    elif fam == "hadamard":
-        # The cheaper form per direction. Khatri–Rao: ΔW = (W1a ⊙ᵣ W2a)(W1b ⊙ᵣ W2b) has rank r²
-        # (forming the factors: r²·(in + out) products); forward 2·n·r²·(in+out), backward t, dx,
-        # both factor gradients 4·n·r²·(in+out) + the chain rule to the four factors
-        # 4·r²·(in+out). Dense (ΔW formed as a transient per op): forming M1, M2 2·out·in·2r and
-        # W' = W + s·M1⊙M2 3·out·in, the frozen GEMM then runs on W'; backward forms it again,
-        # G = gyᵀ·x (2·n·in·out) and the four rank-r products (4·out·in·2r).
-        r2 = r * r
-        kr_f, kr_b = 2.0 * n * r2 * (i + o) + 2.0 * r2 * (i + o), 4.0 * n * r2 * (i + o) + 4.0 * r2 * (i + o)
-        form = 4.0 * o * i * r + 3.0 * o * i
-        fwd, bwd = min(kr_f, form), min(kr_b, form + 2.0 * n * i * o + 8.0 * o * i * r)
-    elif fam == "sparse":
-        nnz = sparse_nnz(shape, rank)
-        fwd, bwd = 2.0 * n * nnz, 4.0 * n * nnz
-    else:
-        raise ValueError(f"no FLOP formula for {name!r}")
+    fwd, bwd = CASE_FAMILIES[name].flops(shape, rank, tokens)
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
 def adapter_params(name: str, shape: ProjectionShape, rank: int) -> int:
     """Trainable delta elements (the parameters of the case family at this shape and rank)."""
-    i, o, r = shape.in_features, shape.out_features, rank
-    fam = CASE_FAMILIES[name].formula
-    if fam == "lowrank":
-        return r * (i + o)
-    if fam == "dora":
-        return r * (i + o) + o
-    if fam == "kronecker":
-        (ao, ai), (bo, bi), k = kron_factors(shape, rank)
-        return ao * ai + (bo * bi if k is None else k * (bo + bi))
-    if fam == "phm":
-        h = PHM_TERMS
-        return h ** 3 + h * rank * (o // h + i // h)
-    if fam == "hadamard":
-        return 2 * r * (i + o)
-    if fam == "sparse":
-        return sparse_nnz(shape, rank)
-    raise ValueError(f"no parameter count for {name!r}")
+    return CASE_FAMILIES[name].params(shape, rank)
 
 
 def bytes_moved(name: str | None, shape: ProjectionShape, rank: int, tokens: int, mode: str = "full",
@@ -279,9 +210,9 @@ def bytes_moved(name: str | None, shape: ProjectionShape, rank: int, tokens: int
         p = adapter_params(name, shape, rank) * adapter_bytes
         fwd += p
         bwd += 2 * p
-        if CASE_FAMILIES[name].formula in ("lowrank", "dora"):
-            fwd += 4 * n * rank
-            bwd += 4 * n * rank
+        saved = 4 * n * CASE_FAMILIES[name].saved_floats(rank)  # e.g. lowrank's u, fp32
+        fwd += saved
+        bwd += saved
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
@@ -360,168 +291,11 @@ REFERENCE_RNG_SEED = 1234
 draws its mask from torch's generator; ``Workload.expected`` replays it from this seed)."""
 
 
-def _torch_rng_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+def torch_rng_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask peft's dropout draws on ``x`` from torch's generator seeded with
+    REFERENCE_RNG_SEED (a setup's ``mask("peft", x)``)."""
     torch.manual_seed(REFERENCE_RNG_SEED)
     return F.dropout(torch.ones_like(x), p, training=True) != 0
-
-
-def _lowrank(w, g, c):
-    i, o, r = w["in"], w["out"], w["rank"]
-    p = c.options.get("dropout", 0.0)
-    params = {"A": g(r, i, scale=i ** -0.5, adapter=True), "B": g(o, r, scale=0.1, adapter=True)}
-    fixed = {"dropout": p, "seed": torch.tensor(20261201, dtype=torch.int64), "scaling": LORA_SCALING}
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.lowrank_linear(x, W, None, P["A"], P["B"], f["scaling"], f["dropout"], f["seed"], backend)
-
-    def reference(x, W, P, f):  # peft LoraLayer: base + lora_B(lora_A(dropout(x))) * scaling
-        xa = x.to(P["A"].dtype)
-        xd = F.dropout(xa, f["dropout"], training=True) if f["dropout"] else xa
-        return (F.linear(x, W) + F.linear(F.linear(xd, P["A"]), P["B"]) * f["scaling"]).to(x.dtype)
-
-    def mask(impl, x):
-        from .philox import keep_mask
-        if impl == "peft":
-            return _torch_rng_mask(x, p)
-        return keep_mask(fixed["seed"], x.numel(), p).view(x.shape).to(x.device)
-
-    return params, fixed, ours, reference, lambda P, f: (P["B"] @ P["A"]) * f["scaling"], mask if p else None
-
-
-def _dora(w, g, c):
-    i, o, r = w["in"], w["out"], w["rank"]
-    params = {"A": g(r, i, scale=i ** -0.5, adapter=True), "B": g(o, r, scale=r ** -0.5, adapter=True),
-              "m": g(o, adapter=True)}
-    with torch.no_grad():  # magnitudes in [0.5, 1.5): nonzero, about the row norms of W + s·B·A
-        params["m"].abs_().clamp_(max=1.0).add_(0.5)
-    fixed = {"scaling": LORA_SCALING}
-
-    def delta(P, f):  # the effective ΔW = diag(m / ‖W + s·B·A‖, detached)·(W + s·B·A) − W
-        W = f["weight"].to(P["A"].dtype)
-        merged = W + f["scaling"] * (P["B"] @ P["A"])
-        c = P["m"] / torch.linalg.vector_norm(merged, dim=1).detach()
-        return c[:, None] * merged - W
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.lowrank_linear(x, W, None, P["A"], P["B"], f["scaling"], 0.0, None, backend,
-                                 magnitude=P["m"])
-
-    def reference(x, W, P, f):  # peft DoraLinearLayer (dropout 0): the norm of W + s·B·A formed
-        base = F.linear(x, W)
-        xa, Wa = x.to(P["A"].dtype), W.to(P["A"].dtype)
-        norm = torch.linalg.vector_norm(Wa + f["scaling"] * (P["B"] @ P["A"]), dim=1).detach()
-        c = (P["m"] / norm).view(1, -1)
-        lora = F.linear(F.linear(xa, P["A"]), P["B"])
-        return (base + (c - 1) * base + c * lora * f["scaling"]).to(x.dtype)
-
-    return params, fixed, ours, reference, delta, None
-
-
-def _kronecker(w, g, c):
-    shape = w["shape"]
-    (ao, ai), (bo, bi), k = kron_factors(shape, w["rank"])
-    params = {"A": g(ao, ai, scale=0.1, adapter=True)}
-    if k is None:
-        params["B"] = g(bo, bi, scale=bi ** -0.5, adapter=True)
-    else:
-        params["B_left"] = g(bo, k, scale=0.1, adapter=True)
-        params["B_right"] = g(k, bi, scale=bi ** -0.5, adapter=True)
-    fixed = {"scaling": DELTA_SCALING}
-
-    def factors(P):
-        return P["A"], (P["B"] if "B" in P else (P["B_left"], P["B_right"]))
-
-    def delta(P, f):
-        A, B = factors(P)
-        B = B[0] @ B[1] if isinstance(B, tuple) else B
-        return torch.kron(A, B) * f["scaling"]
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.kronecker_linear(x, W, None, *factors(P), f["scaling"], backend)
-
-    def reference(x, W, P, f):  # peft LoKr: base + F.linear(x, kron(w1, w2_a @ w2_b) * scale)
-        return (F.linear(x, W) + F.linear(x.to(P["A"].dtype), delta(P, f))).to(x.dtype)
-
-    return params, fixed, ours, reference, delta, None
-
-
-def _phm(w, g, c):
-    h, i, o, r = PHM_TERMS, w["in"], w["out"], w["rank"]
-    params = {"A": g(h, h, h, scale=0.5, adapter=True),
-              "S": g(h, o // h, r, scale=0.1, adapter=True),
-              "T": g(h, r, i // h, scale=(i // h) ** -0.5, adapter=True)}
-    fixed = {"scaling": DELTA_SCALING}
-
-    def delta(P, f):
-        B = P["S"] @ P["T"]
-        return sum(torch.kron(P["A"][j], B[j]) for j in range(h)) * f["scaling"]
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.phm_linear(x, W, None, P["A"], (P["S"], P["T"]), f["scaling"], backend)
-
-    def reference(x, W, P, f):  # materialise Σ kron(Aᵢ, Sᵢ·Tᵢ), then F.linear
-        return (F.linear(x, W) + F.linear(x.to(P["A"].dtype), delta(P, f))).to(x.dtype)
-
-    return params, fixed, ours, reference, delta, None
-
-
-def _sparse(w, g, c):
-    shape, i, o = w["shape"], w["in"], w["out"]
-    nnz = sparse_nnz(shape, w["rank"])
-    gen = torch.Generator(w["device"]).manual_seed(w["seed"] + 17)
-    flat = torch.randperm(i * o, generator=gen, device=w["device"])[:nnz]
-    indices = torch.stack([flat // i, flat % i])
-    params = {"values": g(nnz, scale=0.01, adapter=True)}
-    fixed = {"indices": indices, "scaling": 1.0}
-
-    def delta(P, f):
-        v = P["values"]
-        dw = torch.zeros(o, i, dtype=v.dtype, device=v.device)
-        return dw.index_put((f["indices"][0], f["indices"][1]), v) * f["scaling"]
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.sparse_linear(x, W, None, P["values"], f["indices"], f["scaling"], backend)
-
-    def reference(x, W, P, f):  # peft SHiRA: W + the sparse ΔW made dense, then F.linear
-        dw = torch.sparse_coo_tensor(f["indices"], P["values"] * f["scaling"], (o, i), check_invariants=False).to_dense()
-        return F.linear(x, W + dw.to(W.dtype))
-
-    return params, fixed, ours, reference, delta, None
-
-
-def _hadamard(w, g, c):
-    i, o, r = w["in"], w["out"], w["rank"]
-    params = {"W1a": g(o, r, scale=r ** -0.5, adapter=True), "W1b": g(r, i, scale=i ** -0.5, adapter=True),
-              "W2a": g(o, r, scale=r ** -0.5, adapter=True), "W2b": g(r, i, scale=1.0, adapter=True)}
-    fixed = {"scaling": LORA_SCALING}
-
-    def delta(P, f):
-        return (P["W1a"] @ P["W1b"]) * (P["W2a"] @ P["W2b"]) * f["scaling"]
-
-    method = c.options.get("method", "auto")
-
-    def ours(x, W, P, f, backend):
-        import pypeft_fast as pf
-        return pf.hadamard_linear(x, W, None, P["W1a"], P["W1b"], P["W2a"], P["W2b"], f["scaling"], backend,
-                                  method=method)
-
-    def reference(x, W, P, f):  # peft LoHa: base + F.linear(x, (w1a·w1b) ⊙ (w2a·w2b) · scale)
-        return (F.linear(x, W) + F.linear(x.to(P["W1a"].dtype), delta(P, f))).to(x.dtype)
-
-    return params, fixed, ours, reference, delta, None
-
-
-# name -> factory(workload facts, generator, CaseFamily) -> (params, fixed, ours, reference,
-# delta, mask).
-_FACTORIES: dict[str, Callable] = {
-    "lowrank": _lowrank, "lowrank-dropout": _lowrank, "dora": _dora, "kronecker": _kronecker, "phm": _phm,
-    "hadamard": _hadamard, "hadamard-factored": _hadamard, "hadamard-dense": _hadamard, "sparse": _sparse,
-}
 
 
 def make_case(name: str, shape: ProjectionShape | str, rank: int, tokens: int,
@@ -550,7 +324,7 @@ def make_case(name: str, shape: ProjectionShape | str, rank: int, tokens: int,
     x = g(tokens, shape.in_features).requires_grad_(True)
     weight = g(shape.out_features, shape.in_features, scale=shape.in_features ** -0.5)
     gy = g(tokens, shape.out_features)
-    params, fixed, ours, reference, delta, mask = _FACTORIES[name](facts, g, c)
+    params, fixed, ours, reference, delta, mask = c.setup(facts, g, c)
     fixed["weight"] = weight
     return Workload(name, shape, rank, tokens, x, weight, gy, params, fixed, c.reference_name,
                     ours, reference, delta, mask)
@@ -564,5 +338,6 @@ __all__ = [
     "MODES", "CPU_TOKENS", "GPU_TOKENS", "TINY_TOKENS", "ProjectionShape", "SHAPES", "TINY_SHAPES",
     "shape_of", "CaseFamily", "CASE_FAMILIES", "unavailable", "kron_factors", "sparse_nnz",
     "frozen_flops", "adapter_flops", "adapter_params", "bytes_moved", "adapter_flop_share",
-    "Workload", "make_case", "elem_bytes", "REFERENCE_RNG_SEED",
+    "Workload", "make_case", "elem_bytes", "REFERENCE_RNG_SEED", "torch_rng_mask", "PHM_TERMS",
+    "LORA_SCALING", "DELTA_SCALING",
 ]

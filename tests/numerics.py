@@ -132,3 +132,21 @@ def rand(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
     """Fresh float64 normal values (never zeros) from a private generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def declared_cases() -> dict[str, tuple[str, Callable[[], Case]]]:
+    """``{variant: (registry family, case builder)}`` for every declared family
+    (``registry.DECLARATIONS``): the ``CASES`` its own test module ``tests/test_<family>.py``
+    exports — the family's test slice. The generic tests (autocast, the shared Function, CUDA)
+    iterate these, so a new family's cases reach them without an edit there."""
+    import importlib
+
+    out: dict[str, tuple[str, Callable[[], Case]]] = {}
+    for family in registry.DECLARATIONS:
+        try:
+            module = importlib.import_module(f"test_{family}")
+        except ModuleNotFoundError:  # declared in process (a test's toy family): no test module
+            continue
+        for variant, build in getattr(module, "CASES", {}).items():
+            out[variant] = (family, build)
+    return out

@@ -5,13 +5,10 @@ import torch
 
 import pypeft_fast as pf
 from pypeft_fast import registry
-from test_kronecker import kron_case
-from test_lowrank import lowrank_case
-from test_phm import phm_case
-from test_sparse import sparse_case
+from numerics import declared_cases
 
-CASES = {"lowrank": lambda: lowrank_case(dropout=0.2), "kronecker": lambda: kron_case(b_rank=2),
-         "phm": lambda: phm_case(n=2, rank=2), "sparse": sparse_case}
+_DECLARED = declared_cases()  # every declared family's own CASES (tests/test_<family>.py)
+CASES = {variant: build for variant, (_, build) in _DECLARED.items()}
 
 
 def _call(case, backend="torch", **override):
@@ -24,7 +21,8 @@ def _call(case, backend="torch", **override):
 def test_non_contiguous_x_gives_the_same_result_and_gradient(family):
     case = CASES[family]()
     x = case.frozen["x"].float()
-    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # same values, other strides
+    d = x.dim() - 2 if x.dim() > 2 else 1  # the first and last leading dims (a size-1 dim between)
+    x_nc = x.transpose(0, d).contiguous().transpose(0, d).requires_grad_(True)  # same values, other strides
     assert not x_nc.is_contiguous()
     x_c = x.clone().requires_grad_(True)
     y_c, y_nc = _call(case, x=x_c), _call(case, x=x_nc)
@@ -50,8 +48,8 @@ def test_only_requested_gradients_are_computed(family):
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_auto_on_cpu_is_a_registered_backend_with_the_same_result(family):
-    name, _ = registry.resolve(family, "auto", torch.device("cpu"))
-    assert name in pf.FAMILIES[family].backends
+    name, _ = registry.resolve(_DECLARED[family][0], "auto", torch.device("cpu"))
+    assert name in pf.FAMILIES[_DECLARED[family][0]].backends
     case = CASES[family]()
     torch.testing.assert_close(_call(case, backend="auto"), _call(case, backend="torch"), rtol=2e-5, atol=2e-5)
 

@@ -1,14 +1,13 @@
 """CUDA tests (``-m cuda``; skipped without a GPU): every family × (triton, cuda) × dtype on CUDA
 tensors against float64, and the dropout mask bit for bit against the CPU definition.
 
-The cases are the family tests' own builders (``tests/test_<family>.py``: ragged shapes, every
-factor random), run through ``numerics.check_case(..., device="cuda")``: the op on the GPU, the
+The cases are the family tests' own (``tests/test_<family>.py``: ``CASES``, ragged shapes, every
+factor random; numerics.declared_cases), run through ``numerics.check_case(..., device="cuda")``: the op on the GPU, the
 float64 reference and the plain-PyTorch baseline of the tolerance rule on the CPU. Run on a lent
 GPU by ``scripts/gpu_check.sh`` (with TRITON_INTERPRET=0, so Triton compiles for the device).
 A backend that cannot serve a case (a DoRA variant on a backend without variants) is skipped
 with its reason; a backend that is not built is skipped with the registry's reason.
 """
-import importlib
 import os
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from pypeft_fast import registry
 from pypeft_fast.philox import keep_mask
-from numerics import DTYPE_CASES, check_case
+from numerics import DTYPE_CASES, check_case, declared_cases
 
 # PYPEFT_FAST_GPU_TESTS_DEVICE=cpu (scripts/gpu_check.sh --dry-run) runs this file's code paths
 # on CPU tensors with the backends a CPU has (triton under its interpreter, cpp), so the file
@@ -28,44 +27,28 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                  reason="needs a CUDA GPU")]
 
-# (registry family, test module, case builder, builder keywords): one entry per variant.
-CASES = {
-    "lowrank": ("lowrank", "test_lowrank", "lowrank_case", {}),
-    "lowrank-dropout": ("lowrank", "test_lowrank", "lowrank_case", {"dropout": 0.1}),
-    "lowrank-rank16-dropout": ("lowrank", "test_lowrank", "lowrank_case",
-                               {"lead": (3, 1, 7), "n_in": 64, "n_out": 130, "r": 16, "dropout": 0.5}),
-    "dora": ("lowrank", "test_dora", "dora_case", {}),
-    "dora-dropout": ("lowrank", "test_dora", "dora_case", {"dropout": 0.2}),
-    "kronecker": ("kronecker", "test_kronecker", "kron_case", {}),
-    "kronecker-lowrank-B": ("kronecker", "test_kronecker", "kron_case", {"b_rank": 2}),
-    "phm": ("phm", "test_phm", "phm_case", {}),
-    "phm-rank-k": ("phm", "test_phm", "phm_case", {"rank": 1}),
-    "hadamard": ("hadamard", "test_hadamard", "hada_case", {}),
-    "sparse": ("sparse", "test_sparse", "sparse_case", {}),
-}
+# variant -> (registry family, case builder): every declared family's own CASES
+# (tests/test_<family>.py), read through numerics.declared_cases.
+CASES = declared_cases()
 
 
 def _builder(variant):
-    family, module, name, kw = CASES[variant]
+    family, build = CASES[variant]
     if family not in registry.FAMILIES:
         pytest.skip(f"family {family!r} is not registered in this build")
-    try:
-        build = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"{module}.{name} is not available: {e}")
-    return family, build, kw
+    return family, build
 
 
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("variant", list(CASES))
 def test_family_on_cuda_matches_float64(variant, backend, dtype_case):
-    family, build, kw = _builder(variant)
+    family, build = _builder(variant)
     why = registry.why_unavailable(family, backend, torch.device(DEVICE))
     if why is not None:
         pytest.skip(why)
     try:
-        check_case(build(**kw), backend, dtype_case, device=DEVICE)
+        check_case(build(), backend, dtype_case, device=DEVICE)
     except RuntimeError as e:
         if "cannot serve" in str(e):  # the op's own "this backend does not serve this" error
             pytest.skip(str(e))

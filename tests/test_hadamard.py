@@ -34,6 +34,13 @@ def hada_case(out_f=35, in_f=129, r1=3, r2=5, lead=(2, 37), seed=3, bias=True, s
     return Case(op, ref, frozen, params, grads)
 
 
+# The family's cases for the generic tests (autocast, the shared Function, CUDA): variant ->
+# builder, read by numerics.declared_cases for every declared family.
+CASES = {
+    "hadamard": lambda: hada_case(),
+}
+
+
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("method", list(PLANS))
 @pytest.mark.parametrize("backend", cpu_backends("hadamard"))

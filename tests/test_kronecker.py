@@ -39,6 +39,15 @@ def kron_case(a=(5, 3), b=(7, 43), lead=(2, 37), a_rank=None, b_rank=None, seed=
     return Case(op, ref, frozen, params, grads)
 
 
+# The family's cases for the generic tests (autocast, the shared Function, CUDA): variant ->
+# builder, read by numerics.declared_cases for every declared family.
+CASES = {
+    "kronecker": lambda: kron_case(),
+    "kronecker-lowrank-B": lambda: kron_case(b_rank=2),
+    "kronecker-lowrank-factors": lambda: kron_case(a_rank=2, b_rank=3),
+}
+
+
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("backend", cpu_backends("kronecker"))
 def test_kronecker_matches_float64(backend, dtype_case):

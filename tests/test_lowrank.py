@@ -31,6 +31,24 @@ def lowrank_case(lead=(2, 37), n_in=129, n_out=67, r=3, dropout=0.0, seed=7, bia
     return Case(op, ref, frozen, params, grads)
 
 
+# The family's cases for the generic tests (autocast, the shared Function, CUDA): variant ->
+# builder, read by numerics.declared_cases for every declared family. DoRA's builder is
+# test_dora's (imported when called: that module needs peft for its patch tests).
+def _dora_case(**kw):
+    from test_dora import dora_case
+
+    return dora_case(**kw)
+
+
+CASES = {
+    "lowrank": lambda: lowrank_case(),
+    "lowrank-dropout": lambda: lowrank_case(dropout=0.1),
+    "lowrank-rank16-dropout": lambda: lowrank_case(lead=(3, 1, 7), n_in=64, n_out=130, r=16, dropout=0.5),
+    "dora": lambda: _dora_case(),
+    "dora-dropout": lambda: _dora_case(dropout=0.2),
+}
+
+
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("backend", cpu_backends("lowrank"))
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -35,6 +35,15 @@ def phm_case(n=2, a=(3, 5), b=(23, 26), lead=(2, 37), rank=None, seed=5, bias=Tr
     return Case(op, ref, frozen, params, ("x",) + tuple(params) + (("bias",) if bias else ()))
 
 
+# The family's cases for the generic tests (autocast, the shared Function, CUDA): variant ->
+# builder, read by numerics.declared_cases for every declared family.
+CASES = {
+    "phm": lambda: phm_case(),
+    "phm-rank-k": lambda: phm_case(rank=1),   # Compacter's rank-1 fast weights
+    "phm-rank-2": lambda: phm_case(rank=2),
+}
+
+
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("backend", cpu_backends("phm"))
 @pytest.mark.parametrize("n", [2, 4])

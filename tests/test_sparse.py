@@ -31,6 +31,13 @@ def sparse_case(density=0.05, n_out=67, n_in=129, lead=(2, 37), seed=9, bias=Tru
     return Case(op, ref, frozen, params, ("x", "values") + (("bias",) if bias else ()), {"indices": indices})
 
 
+# The family's cases for the generic tests (autocast, the shared Function, CUDA): variant ->
+# builder, read by numerics.declared_cases for every declared family.
+CASES = {
+    "sparse": lambda: sparse_case(),
+}
+
+
 @pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
 @pytest.mark.parametrize("backend", cpu_backends("sparse"))
 def test_sparse_matches_float64(backend, dtype_case):

@@ -1,7 +1,8 @@
 """Inject pypeft_fast's delta families into any transformers (or plain torch) model.
 
 * :mod:`.config`  — ``DeltaConfig``: targets and per-family options.
-* :mod:`.specs`   — the per-family table (shapes, init, which op to call); adding a family = one spec.
+* :mod:`.specs`   — the live table of the families' specs (shapes, init, which op to call), each
+  declared in its family's slice (``families/<name>_decl.py``); helpers: :mod:`.spec_tools`.
 * :mod:`.masks`   — sparse mask strategies (random, largest |W|, block).
 * :mod:`.modules` — the ``DeltaLinear`` wrapper and ``inject``.
 * :mod:`.merge`   — ``merge`` / ``unmerge`` (ΔW folded into the frozen weights and back).

@@ -1,6 +1,7 @@
 """``DeltaConfig``: which layers to wrap, with which family, with which options.
 
-Options belong to families (the table ``specs.SPECS`` lists each family's options and defaults).
+Options belong to families (each family's inject spec, ``families/<name>_decl.py``, lists its
+options and defaults; ``specs.SPECS`` is the live table of them).
 Leaving an option ``None`` takes the family's default; setting an option of another family is a
 ``ValueError`` (nothing is silently ignored). After construction every option of the chosen family
 holds its resolved value, so ``to_dict()`` writes exactly what the adapter computes with.
@@ -127,9 +128,7 @@ class DeltaConfig:
         if unknown:
             raise ValueError(f"DeltaConfig.from_dict: unknown keys {unknown}; expected a subset of "
                              f"{sorted(known)}")
-        d = {k: (tuple(v) if k in ("factor_shape", "block_size") and v is not None else v)
-             for k, v in d.items()}
-        return cls(**d)
+        return cls(**d)  # a family's check_options turns its list-valued options back into tuples
 
 
 _DTYPES = {"float32", "float64", "bfloat16", "float16"}

@@ -17,21 +17,35 @@ PEFT_METHODS = {
     "loha": ("LoHaConfig", {"r": "r", "alpha": "alpha"}, {}),
     "shira": ("ShiraConfig", {"r": "r"}, {}),
 }
-# injected family -> the peft method computing the same ΔW (the comparison's baseline)
-PEFT_COUNTERPART = {"lowrank": "lora", "kronecker": "lokr", "sparse": "shira", "hadamard": "loha"}
+
 # cli option -> DeltaConfig fields it may mean, in order
 _INJECT_FIELDS = {"r": ("r", "rank"), "alpha": ("alpha",), "dropout": ("dropout",),
                   "density": ("density",), "n": ("n",)}
 
 
 def families() -> tuple[str, ...]:
+    """The injectable families (every declaration with an inject spec)."""
     from ..inject.specs import SPECS
 
     return tuple(SPECS)
 
 
+def peft_counterparts() -> dict[str, str]:
+    """injected family -> the peft method computing the same ΔW (the comparison's baseline), as
+    each family declares it (``families/<name>_decl.py``: ``peft_counterpart``)."""
+    from ..registry import DECLARATIONS
+
+    return {n: d.peft_counterpart for n, d in DECLARATIONS.items() if d.peft_counterpart}
+
+
+def __getattr__(name):
+    if name == "PEFT_COUNTERPART":  # the old table's name, now read from the declarations
+        return peft_counterparts()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def all_methods() -> tuple[str, ...]:
-    return (*PEFT_METHODS, *sorted(set(families()) | {"hadamard"}))
+    return (*PEFT_METHODS, *sorted(families()))
 
 
 def _given(options: dict) -> dict:
@@ -79,7 +93,7 @@ def check_method(method: str, options: dict) -> None:
     """Fail early (before a model is built) on an unknown method or an option it lacks."""
     if method in PEFT_METHODS:
         peft_config(method, "all-linear", options)
-    elif method in families() or method == "hadamard":
+    elif method in families():
         delta_config(method, "all-linear", options)
     else:
         raise ProfileError(f"unknown method {method!r}; choose from {', '.join(all_methods())}")
@@ -101,10 +115,11 @@ def variants(base, method: str, targets, options: dict, compare: bool, patch: bo
     fast = pf.inject(copy.deepcopy(base) if compare else base, delta_config(method, targets, options))
     out = [(f"pf.inject {method}", fast)]
     if compare:
-        counterpart = PEFT_COUNTERPART.get(method)
+        counterparts = peft_counterparts()
+        counterpart = counterparts.get(method)
         if counterpart is None:
             raise ProfileError(f"--compare: {method} has no peft counterpart to compare with "
-                               f"(counterparts: {', '.join(f'{k}↔{v}' for k, v in PEFT_COUNTERPART.items())})")
+                               f"(counterparts: {', '.join(f'{k}↔{v}' for k, v in counterparts.items())})")
         peft_opts = {k: v for k, v in _given(options).items() if k in PEFT_METHODS[counterpart][1]}
         out.insert(0, (f"peft {counterpart}", get_peft_model(base, peft_config(counterpart, targets, peft_opts))))
     return out
