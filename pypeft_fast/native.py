@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops, registry
-from .families._accumulate import addmm_into
+from .families._layer import DeltaKernels
 from .families.kronecker import macs_per_row
+from .families.lowrank import TorchLowRank
+from .families.sparse import TorchSparse
 from .families.lowrank_dora import TorchDoRA, factored_norm
 from .philox import keep_rows
 from .validate import compute_dtype
@@ -50,36 +52,24 @@ WITH_CUDA: bool = bool(BUILD_INFO.get("with_cuda"))
 ops = torch.ops.pypeft_fast
 
 
-class NativeSparse:
+class NativeSparse(TorchSparse):
     """Sparse family: y += x·(sΔW)ᵀ and dx += gy·(sΔW) by the native SpMM (accumulating into the
-    frozen GEMM's output, no n×out temporary), dv by the native SDDMM."""
+    frozen GEMM's output, no n×out temporary), dv by the native SDDMM; the rest is
+    :class:`TorchSparse`'s."""
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
-        (values,) = params
-        csr_perm, row_ptr, csr_col, *_ = aux
-        cd = compute_dtype(x2d, values)
-        y = F.linear(x2d, weight, bias)
-        v = values.to(cd)[csr_perm] * hp.scaling
-        ops.sparse_spmm_csr_t_acc(y, row_ptr, csr_col, v, x2d)
-        return y, ()
+    def operand(t, cd):
+        return t  # the native ops read x and gy in their own dtype
 
     @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        (values,) = params
-        csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row = aux
-        cd = compute_dtype(x2d, values)
-        dx = dv = None
-        if needs_dx:
-            dx = gy2d @ weight
-            v = values.to(cd)[csc_perm] * hp.scaling
-            ops.sparse_spmm_csr_t_acc(dx, col_ptr, csc_row, v, gy2d)
-        if needs_dparams[0]:
-            a, b = (gy2d, x2d) if x2d.dtype == cd or cd != torch.float64 else (gy2d.to(cd), x2d.to(cd))
-            g_csr = ops.sparse_sddmm_csr(row_ptr, csr_col, a, b)
-            dv = torch.empty_like(g_csr).index_copy_(0, csr_perm, g_csr).mul_(hp.scaling)
-            dv = dv.to(values.dtype)
-        return dx, (dv,)
+    def spmm_t_acc(out, ptr, idx, v, n_cols, z):
+        ops.sparse_spmm_csr_t_acc(out, ptr, idx, v, z)
+        return out
+
+    @staticmethod
+    def sddmm(row_ptr, col, gy, x2d, cd):
+        a, b = (gy, x2d) if x2d.dtype == cd or cd != torch.float64 else (gy.to(cd), x2d.to(cd))
+        return ops.sparse_sddmm_csr(row_ptr, col, a, b)
 
 
 class NativeDoRA(TorchDoRA):
@@ -234,11 +224,14 @@ def _(t, x, A, seed, p):
     return A.new_empty(A.shape)
 
 
-class NativeLowRank:
+class NativeLowRank(TorchLowRank):
     """Low-rank family with dropout: the mask is generated inside the kernels that read x
     (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
-    ``dA = tᵀ·drop(x)``). DoRA runs :class:`NativeDoRA`. Declined (``supports``): LoRA without
-    dropout (nothing to fuse) and parallel adapters (activation, gate)."""
+    ``dA = tᵀ·drop(x)``); the rest of the delta and the frozen layer are
+    :class:`TorchLowRank`'s. DoRA runs :class:`NativeDoRA`. Declined (``supports``): LoRA
+    without dropout (nothing to fuse) and parallel adapters (activation, gate)."""
+
+    VARIANTS = {"dora": NativeDoRA}
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -253,42 +246,18 @@ class NativeLowRank:
         return None
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
-        if hp.magnitude:
-            return NativeDoRA.forward(x2d, weight, bias, params, aux, hp)
-        A, B = params
-        cd = compute_dtype(x2d, A, B)
-        u = ops.lowrank_dropout_down(x2d, A.to(cd), aux[0], hp.dropout)
-        y = F.linear(x2d, weight, bias)
-        y = addmm_into(y, u, B.to(cd).t(), alpha=hp.scaling)
-        return y, (u,)
+    def down(x2d, Ac, aux, hp):
+        return ops.lowrank_dropout_down(x2d, Ac, aux[0], hp.dropout)
 
     @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        if hp.magnitude:
-            return NativeDoRA.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
-                                       needs_dparams)
-        A, B = params
-        (u,) = extras
-        need_dA, need_dB = needs_dparams
-        cd = compute_dtype(x2d, A, B)
-        gyc = gy2d.to(cd)
-        dx = dA = dB = None
-        if needs_dx:
-            dx = gy2d @ weight
-        if needs_dx or need_dA:
-            t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
-            if dx is None:  # dA alone (see lowrank_dropout_dA)
-                dA = torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, A.to(cd), aux[0], hp.dropout)
-            else:
-                dA = ops.lowrank_dropout_bwd(t, x2d, A.to(cd), aux[0], hp.dropout, dx, bool(need_dA))
-            dA = dA.to(A.dtype) if need_dA else None
-        if need_dB:
-            dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)
-        return dx, (dA, dB)
+    def dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA):
+        if dx is None:  # dA alone (see lowrank_dropout_dA)
+            return None, torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, Ac, aux[0], hp.dropout)
+        dA = ops.lowrank_dropout_bwd(t, x2d, Ac, aux[0], hp.dropout, dx, need_dA)
+        return dx, dA if need_dA else None
 
 
-class NativeKronecker:
+class NativeKronecker(DeltaKernels):
     """Kronecker and PHM families: y += s·Σₕ (Aₕ ⊗ Bₕ)·x a token at a time by the native
     structured apply (each token's small products in cache, ΔW never formed), accumulated into
     the frozen GEMM's output; one native pass for dx, dA and dB.
@@ -338,20 +307,18 @@ class NativeKronecker:
                     "bytes of shared memory")
         return None
 
-    @classmethod
-    def forward(cls, x2d, weight, bias, params, aux, hp):
+    @staticmethod
+    def delta_forward(y, pre, x2d, params, aux, hp):
         A3, B3 = params
         cd = compute_dtype(x2d, A3, B3)
-        y = F.linear(x2d, weight, bias)
         ops.kronecker_apply_acc(y, x2d, A3.to(cd), B3.to(cd), hp.scaling)
         return y, ()
 
-    @classmethod
-    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+    @staticmethod
+    def delta_backward(dx, gy2d, x2d, params, aux, extras, hp, needs_dparams):
         A3, B3 = params
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A3, B3)
-        dx = gy2d @ weight if needs_dx else None
         dA, dB = ops.kronecker_apply_bwd(gy2d, x2d, A3.to(cd), B3.to(cd), hp.scaling, dx,
                                         bool(need_dA), bool(need_dB))
         return dx, (dA.to(A3.dtype) if need_dA else None, dB.to(B3.dtype) if need_dB else None)

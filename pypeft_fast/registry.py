@@ -19,6 +19,8 @@ A :class:`Kernels` object computes, on 2-D views (``x2d: (n, in)``, ``gy2d: (n, 
 sparse layout), ``extras`` what forward chose to keep for backward (factor-sized only), ``hp`` a
 frozen dataclass of Python scalars. The bias gradient is computed once, in the autograd Function.
 In backward, ``weight`` is a shape-only stand-in (stride 0, no data) when ``needs_dx`` is False.
+Most kernels implement only the delta: :class:`pypeft_fast.families._layer.DeltaKernels` writes
+the frozen GEMMs and the bias once and calls their ``delta_forward`` / ``delta_backward``.
 
 Routing. A :class:`Kernels` object may also say, per call, what it does not serve::
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import registry
 from ..function import delta_linear
@@ -37,6 +36,7 @@ from ..validate import (
     compute_dtype, fail,
 )
 from ._accumulate import add_into, addmm_into
+from ._layer import DeltaKernels
 from .lowrank_adapter import ACTIVATIONS, TorchParallelAdapter
 from .lowrank_dora import TorchDoRA
 
@@ -71,55 +71,81 @@ def _dropped(x2d, aux, hp, dtype):
     return dropout_rows(x2d, aux[0], hp.dropout, dtype=dtype)
 
 
-class TorchLowRank:
+class TorchLowRank(DeltaKernels):
     """The pure-PyTorch kernels: three GEMMs forward (one fused add), four backward; the DoRA
-    and parallel-adapter variants run their own torch kernels."""
+    and parallel-adapter variants run their own kernels (``VARIANTS``).
+
+    The delta around the frozen layer (:class:`DeltaKernels`): ``u = drop(x)·Aᵀ`` before the
+    frozen GEMM, ``y += s·u·Bᵀ``; backward ``t = s·gy·B``, ``dB = s·gyᵀ·u`` and, through
+    :meth:`dropout_grads`, ``dx += drop'(t·A)``, ``dA = tᵀ·drop(x)``. A backend with its own
+    dropout kernels overrides :meth:`down` and :meth:`dropout_grads` only."""
+
+    VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        if hp.variant is not None:
+            return cls.VARIANTS[hp.variant].forward(x2d, weight, bias, params, aux, hp)
+        return super().forward(x2d, weight, bias, params, aux, hp)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if hp.variant is not None:
+            return cls.VARIANTS[hp.variant].backward(gy2d, x2d, weight, params, aux, extras, hp,
+                                                     needs_dx, needs_dparams)
+        return super().backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
-        if hp.variant is not None:
-            return _VARIANTS[hp.variant].forward(x2d, weight, bias, params, aux, hp)
+    def down(x2d, Ac, aux, hp):
+        """``u = drop(x)·Aᵀ`` (n, r) in Ac's dtype."""
+        return _dropped(x2d, aux, hp, Ac.dtype) @ Ac.t()
+
+    @staticmethod
+    def dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA):
+        """``(dx + drop'(t·A) or None, tᵀ·drop(x) or None)``: the forward's mask rebuilt once
+        for both uses."""
+        keep = keep_rows(aux[0], *x2d.shape, hp.dropout, device=x2d.device) if hp.dropout else None
+        if dx is not None:
+            if keep is None:
+                dx = addmm_into(dx, t, Ac)
+            else:
+                dx = add_into(dx, apply_keep(t @ Ac, keep, hp.dropout, inplace=True))
+        dA = None
+        if need_dA:
+            xd = x2d.to(Ac.dtype) if keep is None else apply_keep(x2d.to(Ac.dtype), keep, hp.dropout)
+            dA = t.t() @ xd
+        return dx, dA
+
+    @classmethod
+    def delta_prepare(cls, x2d, params, aux, hp):
         A, B = params
-        cd = compute_dtype(x2d, A, B)
-        u = _dropped(x2d, aux, hp, cd) @ A.to(cd).t()
-        y = F.linear(x2d, weight, bias)
-        y = addmm_into(y, u, B.to(cd).t(), alpha=hp.scaling)
-        return y, (u,)
+        return cls.down(x2d, A.to(compute_dtype(x2d, A, B)), aux, hp)
 
     @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        if hp.variant is not None:
-            return _VARIANTS[hp.variant].backward(gy2d, x2d, weight, params, aux, extras, hp,
-                                                  needs_dx, needs_dparams)
+    def delta_forward(y, u, x2d, params, aux, hp):
+        B = params[1]
+        return addmm_into(y, u, B.to(u.dtype).t(), alpha=hp.scaling), (u,)
+
+    @classmethod
+    def delta_backward(cls, dx, gy2d, x2d, params, aux, extras, hp, needs_dparams):
         A, B = params
         (u,) = extras
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A, B)
         gyc = gy2d.to(cd)
-        dx = dA = dB = None
-        keep = None
-        if needs_dx or need_dA:
+        dA = dB = None
+        if dx is not None or need_dA:
             t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
-            if hp.dropout:  # the forward's mask, rebuilt once for both uses
-                keep = keep_rows(aux[0], *x2d.shape, hp.dropout, device=x2d.device)
-        if needs_dx:
-            dx = gy2d @ weight
-            if keep is None:
-                dx = addmm_into(dx, t, A.to(cd))
-            else:
-                dx = add_into(dx, apply_keep(t @ A.to(cd), keep, hp.dropout, inplace=True))
-        if need_dA:
-            xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, hp.dropout)
-            dA = (t.t() @ xd).to(A.dtype)
+            dx, dA = cls.dropout_grads(dx, t, x2d, A.to(cd), aux, hp, bool(need_dA))
+            dA = None if dA is None else dA.to(A.dtype)
         if need_dB:
             dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)
         return dx, (dA, dB)
 
 
-_VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
-
 registry.register_family(FAMILY, delta_weight)
 registry.register_kernels(FAMILY, "torch", TorchLowRank)
+
 
 def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, backend="auto",
                    *, name=None, magnitude=None, lora_bias=None, activation=None, gate=None):

@@ -24,6 +24,7 @@ from ..validate import (
     check_base, check_same_device, check_scaling, compute_dtype, fail, shape_str,
 )
 from ._accumulate import add_into
+from ._layer import DeltaKernels
 
 FAMILY = "sparse"
 
@@ -189,32 +190,46 @@ def _(row_ptr, col, a, b):
     return a.new_empty((col.shape[0],))
 
 
-class TorchSparse:
-    """SpMM forward, SpMM + SDDMM backward, through torch's sparse CSR kernels."""
+class TorchSparse(DeltaKernels):
+    """SpMM forward, SpMM + SDDMM backward, through torch's sparse CSR kernels, accumulated into
+    the frozen layer's results (:class:`DeltaKernels`). A backend with its own SpMM / SDDMM
+    overrides :meth:`operand`, :meth:`spmm_t_acc` and :meth:`sddmm` only."""
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
+    def operand(t, cd):
+        """x or gy as the SpMM and SDDMM read it (cast once): torch's kernels take one dtype."""
+        return t.to(cd)
+
+    @staticmethod
+    def spmm_t_acc(out, ptr, idx, v, n_cols, z):
+        """``out + z·Sᵀ`` for S (rows, n_cols) in CSR (ptr, idx, v) and z (n, n_cols)."""
+        return add_into(out, torch.ops.pypeft_fast.torch_spmm_csr_t(ptr, idx, v, n_cols, z))
+
+    @staticmethod
+    def sddmm(row_ptr, col, gy, x2d, cd):
+        """``Σₙ gy[n, row_k]·x[n, col_k]`` for the CSR entries k (gy as :meth:`operand` gave it)."""
+        return torch.ops.pypeft_fast.torch_sddmm_csr(row_ptr, col, gy, x2d.to(cd))
+
+    @classmethod
+    def delta_forward(cls, y, pre, x2d, params, aux, hp):
         (values,) = params
         csr_perm, row_ptr, csr_col, *_ = aux
         cd = compute_dtype(x2d, values)
-        y = torch.nn.functional.linear(x2d, weight, bias)
         v = values.to(cd)[csr_perm] * hp.scaling
-        delta = torch.ops.pypeft_fast.torch_spmm_csr_t(row_ptr, csr_col, v, hp.in_features, x2d.to(cd))
-        return add_into(y, delta), ()
+        return cls.spmm_t_acc(y, row_ptr, csr_col, v, hp.in_features, cls.operand(x2d, cd)), ()
 
-    @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+    @classmethod
+    def delta_backward(cls, dx, gy2d, x2d, params, aux, extras, hp, needs_dparams):
         (values,) = params
         csr_perm, row_ptr, csr_col, csc_perm, col_ptr, csc_row = aux
         cd = compute_dtype(x2d, values)
-        gyc = gy2d.to(cd)
-        dx = dv = None
-        if needs_dx:
+        gy = cls.operand(gy2d, cd)
+        dv = None
+        if dx is not None:
             v = values.to(cd)[csc_perm] * hp.scaling
-            delta = torch.ops.pypeft_fast.torch_spmm_csr_t(col_ptr, csc_row, v, hp.out_features, gyc)
-            dx = add_into(gy2d @ weight, delta)
+            dx = cls.spmm_t_acc(dx, col_ptr, csc_row, v, hp.out_features, gy)
         if needs_dparams[0]:
-            g_csr = torch.ops.pypeft_fast.torch_sddmm_csr(row_ptr, csr_col, gyc, x2d.to(cd))
+            g_csr = cls.sddmm(row_ptr, csr_col, gy, x2d, cd)
             dv = torch.empty_like(g_csr).index_copy_(0, csr_perm, g_csr).mul_(hp.scaling)
             dv = dv.to(values.dtype)
         return dx, (dv,)
