@@ -67,8 +67,6 @@ at::Tensor lowrank_dropout_bwd_cuda(const at::Tensor& t, const at::Tensor& x, co
 
 }  // namespace pypeft_fast
 
-}  // namespace pypeft_fast
-
 TORCH_LIBRARY_IMPL(pypeft_fast, CUDA, m) {
   m.impl("lowrank_dropout_down", &pypeft_fast::lowrank_dropout_down_cuda);
   m.impl("lowrank_dropout_bwd", &pypeft_fast::lowrank_dropout_bwd_cuda);
