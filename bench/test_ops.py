@@ -104,10 +104,9 @@ def _calls(family, w, dtype):
         v = w.params["values"].detach().to(dtype)
         v_csr, v_csc = v[L.csr_perm].contiguous(), v[L.csc_perm].contiguous()
         y, dx = torch.zeros_like(gy), torch.zeros_like(x)
-        i_f, o_f = w.shape.in_features, w.shape.out_features
-        return {"spmm_fwd": {"torch": lambda: y.add_(nat.torch_spmm_csr_t(L.row_ptr, L.csr_col, v_csr, i_f, x)),
+        return {"spmm_fwd": {"torch": lambda: (nat.torch_spmm_csr_t_acc(y, L.row_ptr, L.csr_col, v_csr, x), y)[1],
                              "native": lambda: (nat.sparse_spmm_csr_t_acc(y, L.row_ptr, L.csr_col, v_csr, x), y)[1]},
-                "spmm_bwd": {"torch": lambda: dx.add_(nat.torch_spmm_csr_t(L.col_ptr, L.csc_row, v_csc, o_f, gy)),
+                "spmm_bwd": {"torch": lambda: (nat.torch_spmm_csr_t_acc(dx, L.col_ptr, L.csc_row, v_csc, gy), dx)[1],
                              "native": lambda: (nat.sparse_spmm_csr_t_acc(dx, L.col_ptr, L.csc_row, v_csc, gy), dx)[1]},
                 "sddmm": {"torch": lambda: nat.torch_sddmm_csr(L.row_ptr, L.csr_col, gy, x),
                           "native": lambda: nat.sparse_sddmm_csr(L.row_ptr, L.csr_col, gy, x)}}
