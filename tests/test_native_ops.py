@@ -534,3 +534,25 @@ def test_auto_uses_the_native_sparse_and_kronecker_kernels_only_on_avx512():
         name, _ = registry.resolve(family, "auto", torch.device("cpu"))
         assert (name == "cpp") == (family in expected), (family, name)
         assert registry.resolve(family, "cpp", torch.device("cpu"))[0] == "cpp"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dora_grad_prologue_column_sums_do_not_drift_over_many_rows(threads):
+    """Σᵢ gyᵢ and Σᵢ gyᵢ ⊙ yᵢ over 8 K rows: a running float32 sum drifts by ≈ n·ε (it failed
+    the tolerance rule for DoRA's magnitude gradient at 4096 tokens, bench/test_kernels.py's
+    bert-base/query case); the prologue's two-level sums stay within 2× torch's column sums'
+    error. Positive inputs make the drift systematic."""
+    g = torch.Generator().manual_seed(11)
+    n, out = 8192 + 37, 19
+    gy = torch.rand(n, out, generator=g) + 0.5
+    y = torch.rand(n, out, generator=g) + 0.5
+    c = torch.rand(out, generator=g) + 0.5
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scaled, colsum, coldot = ops.dora_grad_prologue(gy, c, y)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(scaled, c * gy)
+    assert_within("colsum", colsum, gy.double().sum(0), gy.sum(0), torch.float32)
+    assert_within("coldot", coldot, (gy.double() * y.double()).sum(0), (gy * y).sum(0), torch.float32)

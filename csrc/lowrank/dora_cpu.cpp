@@ -26,6 +26,7 @@ namespace pypeft_fast {
 namespace {
 
 constexpr int64_t kEpilogueBlockElements = 1 << 16;  // rows × out of one cached u·Bᵀ block
+constexpr int64_t kSumBlockRows = 64;  // see dora_grad_prologue_cpu
 
 int64_t epilogue_rows(int64_t out) {
   return std::max<int64_t>(1, kEpilogueBlockElements / std::max<int64_t>(out, 1));
@@ -133,19 +134,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
           TORCH_INTERNAL_ASSERT(tid < nthreads);
           acc_t* cs = parts.data_ptr<acc_t>() + tid * (has_y ? 2 : 1) * out;
           acc_t* cd = cs + out;
-          for (int64_t i = i0; i < i1; ++i) {
-            const y_t* gr = gyp + i * g0;
-            acc_t* go = gp + i * out;
-            for (int64_t j = 0; j < out; ++j) {
-              const acc_t v = static_cast<acc_t>(gr[j * g1]);
-              go[j] = cp[j] * v;
-              cs[j] += v;
+          // Two-level sums: kSumBlockRows rows into a block partial, block partials into the
+          // thread's — the rounding error grows with n / kSumBlockRows + kSumBlockRows, not n
+          // (a plain running sum over 4096 rows exceeds the tolerance rule; torch's own column
+          // sums are cascaded likewise).
+          std::vector<acc_t> block((has_y ? 2 : 1) * out);
+          acc_t* bs = block.data();
+          acc_t* bd = bs + out;
+          for (int64_t b0 = i0; b0 < i1; b0 += kSumBlockRows) {
+            const int64_t b1 = std::min(i1, b0 + kSumBlockRows);
+            std::fill(block.begin(), block.end(), acc_t(0));
+            for (int64_t i = b0; i < b1; ++i) {
+              const y_t* gr = gyp + i * g0;
+              acc_t* go = gp + i * out;
+              for (int64_t j = 0; j < out; ++j) {
+                const acc_t v = static_cast<acc_t>(gr[j * g1]);
+                go[j] = cp[j] * v;
+                bs[j] += v;
+              }
+              if (has_y) {
+                const y_t* yr = yp + i * s0;
+                for (int64_t j = 0; j < out; ++j)
+                  bd[j] += static_cast<acc_t>(gr[j * g1]) * static_cast<acc_t>(yr[j * s1]);
+              }
             }
-            if (has_y) {
-              const y_t* yr = yp + i * s0;
-              for (int64_t j = 0; j < out; ++j)
-                cd[j] += static_cast<acc_t>(gr[j * g1]) * static_cast<acc_t>(yr[j * s1]);
-            }
+            for (int64_t j = 0; j < out; ++j) cs[j] += bs[j];
+            if (has_y)
+              for (int64_t j = 0; j < out; ++j) cd[j] += bd[j];
           }
         });
       });
