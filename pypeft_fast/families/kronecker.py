@@ -20,10 +20,14 @@ Backward (gY = gy viewed (n·a_out, b_out)):
     V   = gY @ (s·B_cols)             (n·a_out, h·b_in)
     dX  = A_rowsᵀ @ Vₙ                (n, a_in, b_in)              (A_rows here without s)
     dA_rows = Σₙ Vₙ @ Xₙᵀ             (a_out·h, a_in)
-    dB_cols = gYᵀ @ U                 (b_out, h·b_in)              (U recomputed, not saved)
+    dB_colsᵀ = Uᵀ @ gY                (h·b_in, b_out)              (U recomputed, not saved)
 
 Saved: x and the factors only. FLOPs per row of x: forward 2·h·a_out·b_in·(a_in + b_out);
 backward about twice that.
+
+B as rank-k factors (S, T) has two forms, chosen by ``factored_kernels``: A folded into T, a
+rank a_out·h·k LoRA while that rank keeps x @ Rᵀ bound by reading x (``TorchKroneckerFoldedA``,
+Compacter's PHM), else the chain X·Tᵀ → A → S (``TorchKroneckerFactoredB``, LoKr's w2_a/w2_b).
 """
 from __future__ import annotations
 
@@ -52,12 +56,10 @@ def stacked_factors(A3, B3, dtype, scaling):
     return A_rows, B_cols
 
 
-def _apply_A(A_rows, x2d, a_in, b_in, dtype):
+def _apply_A(A_rows, X3, out=None):
     """U = A_rows @ Xₙ for every row n: (n, a_out·h, b_in). ``bmm`` on an expanded (stride-0)
     A: torch.matmul's 2-D @ 3-D path would first copy A n times."""
-    n = x2d.shape[0]
-    X3 = x2d.to(dtype).reshape(n, a_in, b_in)
-    return torch.bmm(A_rows.expand(n, *A_rows.shape), X3)
+    return torch.bmm(A_rows.expand(X3.shape[0], *A_rows.shape), X3, out=out)
 
 
 def torch_kronecker_acc(y, x2d, A3, B3, scaling):
@@ -68,21 +70,24 @@ def torch_kronecker_acc(y, x2d, A3, B3, scaling):
     n = x2d.shape[0]
     cd = compute_dtype(x2d, A3, B3)
     A_rows, B_cols = stacked_factors(A3, B3, cd, scaling)
-    U = _apply_A(A_rows, x2d, a_in, b_in, cd)
+    U = _apply_A(A_rows, x2d.to(cd).reshape(n, a_in, b_in))
     y = addmm_into(y.view(n * a_out, b_out), U.view(n * a_out, h * b_in), B_cols.t())
     return y.view(n, a_out * b_out)
 
 
 def torch_kronecker_bwd(gy2d, x2d, A3, B3, scaling, dx, need_dA, need_dB):
     """(dx + gy·(s·Σₕ Aₕ ⊗ Bₕ) if dx is given, dA, dB): the torch twin of the native
-    ``kronecker_apply_bwd`` (dx updated in place where the dtypes allow)."""
+    ``kronecker_apply_bwd`` (dx updated in place where the dtypes allow). U is recomputed into
+    V's memory once V is used: one fresh n-sized temporary fewer (each costs its page faults
+    as well as its pass, bench/NOTES.md)."""
     h, a_out, a_in = A3.shape
     _, b_out, b_in = B3.shape
     n = x2d.shape[0]
     cd = compute_dtype(x2d, A3, B3)
     A_rows, B_cols = stacked_factors(A3, B3, cd, 1.0)
+    X3 = x2d.to(cd).reshape(n, a_in, b_in)
     gY = gy2d.to(cd).reshape(n * a_out, b_out)
-    dA = dB = None
+    dA = dB = V = None
     if dx is not None or need_dA:
         V = (gY @ (B_cols * scaling)).view(n, a_out * h, b_in)
     if dx is not None:
@@ -92,13 +97,12 @@ def torch_kronecker_bwd(gy2d, x2d, A3, B3, scaling, dx, need_dA, need_dB):
         else:
             dx = add_into(dx, torch.bmm(At, V).view(n, a_in * b_in))
     if need_dA:
-        X3 = x2d.to(cd).reshape(n, a_in, b_in)
         dA_rows = torch.bmm(V, X3.transpose(1, 2)).sum(0)  # Σₙ Vₙ·Xₙᵀ
         dA = dA_rows.view(a_out, h, a_in).transpose(0, 1).to(A3.dtype)
     if need_dB:
-        U = _apply_A(A_rows * scaling, x2d, a_in, b_in, cd)
-        dB_cols = gY.t() @ U.view(n * a_out, h * b_in)
-        dB = dB_cols.view(b_out, h, b_in).transpose(0, 1).to(B3.dtype)
+        U = _apply_A(A_rows * scaling, X3, out=V)  # V is no longer needed
+        dB_rows = U.view(n * a_out, h * b_in).t() @ gY  # (h·b_in, b_out): Uᵀ·gY, the fast side
+        dB = dB_rows.view(h, b_in, b_out).transpose(1, 2).to(B3.dtype)
     return dx, dA, dB
 
 
@@ -120,46 +124,131 @@ class TorchKroneckerFactoredB:
     """B given as rank-k factors Bₕ = Sₕ·Tₕ (Compacter's fast weights, LoKr's w2_a/w2_b), kept
     factored: params (A (h, a_out, a_in), S (h, b_out, k), T (h, k, b_in)).
 
-    With T_cols[l, (h,c)] = T[h,c,l] and S_cols[m, (h,c)] = S[h,m,c]::
+    With T_rows[(h,c), l] = T[h,c,l] (a view of T) and S_cols[m, (h,c)] = s·S[h,m,c]::
 
-        Z  = X (n·a_in, b_in) @ T_cols              (n, a_in, h, k)       one GEMM
-        M[n,i,h,c] = Σⱼ A[h,i,j] Z[n,j,h,c]         (n, a_out, h, k)      small
-        Y += s · M (n·a_out, h·k) @ S_colsᵀ         one GEMM into y
+        Z  = X (n·a_in, b_in) @ T_rowsᵀ             (n, a_in, h, k)       one GEMM
+        M[n,i,h,c] = Σⱼ A[h,i,j] Z[n,j,h,c]         (n, a_out, h, k)      bmm on an expanded A (h = 1)
+        Y += M (n·a_out, h·k) @ S_colsᵀ             one GEMM into y
 
-    Backward (G = s·gY @ S_cols): dS_cols = s·gYᵀ·M, dZ = Σᵢ A[h,i,j] G[n,i,h,c],
-    dA = Σₙ,c G·Z, dX += dZ @ T_colsᵀ (one GEMM into dx), dT_cols = Xᵀ·dZ. Z and M are
-    recomputed (n·(a_in + a_out)·h·k elements, small). Cost per row: k·h·(in + a_out·a_in + out)
-    multiply-adds instead of h·a_out·b_in·(a_in + b_out) with B formed densely.
+    Backward (G = gY @ S_cols, s folded into the factor, never a pass over an n-sized tensor):
+    dS_colsᵀ = Mᵀ·gY, dZ = Σᵢ A[h,i,j] G[n,i,h,c], dA = Σₙ,c G·Z, dX += dZ @ T_rows (one GEMM into
+    dx), dT_rows = dZᵀ·X — the reductions over n written as ``Mᵀ·gY``, ``dZᵀ·X`` (the forms
+    ``gYᵀ·M``, ``Xᵀ·dZ`` ran up to 8× slower on the AVX2 CPU, bench/NOTES.md). Z and M are
+    recomputed. Cost per row: k·h·(in + a_out·a_in + out) multiply-adds instead of
+    h·a_out·b_in·(a_in + b_out) with B formed.
     """
 
     @staticmethod
-    def _cols(S3, T3, dtype):
+    def _rows_cols(S3, T3, dtype, scaling):
+        """S_cols (b_out, h·k) scaled by s and T_rows (h·k, b_in), in ``dtype``."""
         h, b_out, k = S3.shape
-        b_in = T3.shape[2]
-        S_cols = S3.to(dtype).transpose(0, 1).reshape(b_out, h * k)
-        T_cols = T3.to(dtype).permute(2, 0, 1).reshape(b_in, h * k)
-        return S_cols, T_cols
+        S_cols = (S3.to(dtype) * scaling).transpose(0, 1).reshape(b_out, h * k)
+        return S_cols, T3.to(dtype).reshape(h * k, T3.shape[2])
 
     @staticmethod
-    def _ZM(x2d, A3, T_cols, k, dtype):
-        h, a_out, a_in = A3.shape
-        n = x2d.shape[0]
-        Z = (x2d.to(dtype).reshape(n * a_in, -1) @ T_cols).view(n, a_in, h, k)
-        M = torch.einsum("hij,njhc->nihc", A3.to(dtype), Z)
-        return Z, M.reshape(n * a_out, h * k)
+    def _small_A(A3, Z, n, transpose=False):
+        """M[n,i,h,c] = Σⱼ A[h,i,j]·Z[n,j,h,c] for Z (n·a_in, h·k) (with Aᵀ: from (n·a_out, h·k));
+        returns (n·rows, h·k). h = 1: ``bmm`` on A expanded over n (no copies); else einsum."""
+        h = A3.shape[0]
+        A3 = A3.transpose(1, 2) if transpose else A3
+        _, rows, inner = A3.shape
+        hk = Z.shape[1]
+        if h == 1:
+            return torch.bmm(A3[0].expand(n, rows, inner), Z.view(n, inner, hk)).view(n * rows, hk)
+        M = torch.einsum("hij,njhc->nihc", A3, Z.view(n, inner, h, hk // h))
+        return M.reshape(n * rows, hk)
+
+    @classmethod
+    def _ZM(cls, x2d, A3, T_rows, dtype):
+        """Z (n·a_in, h·k) and M (n·a_out, h·k)."""
+        n, a_in = x2d.shape[0], A3.shape[2]
+        Z = x2d.to(dtype).reshape(n * a_in, -1) @ T_rows.t()
+        return Z, cls._small_A(A3.to(dtype), Z, n)
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
         A3, S3, T3 = params
-        h, a_out, a_in = A3.shape
-        b_out, k = S3.shape[1], S3.shape[2]
+        a_out, b_out = A3.shape[1], S3.shape[1]
         n = x2d.shape[0]
         cd = compute_dtype(x2d, *params)
-        S_cols, T_cols = cls._cols(S3, T3, cd)
-        _, M = cls._ZM(x2d, A3, T_cols, k, cd)
+        S_cols, T_rows = cls._rows_cols(S3, T3, cd, 1.0)
+        _, M = cls._ZM(x2d, A3, T_rows, cd)
         y = F.linear(x2d, weight, bias)
         y = addmm_into(y.view(n * a_out, b_out), M, S_cols.t(), alpha=hp.scaling)
         return y.view(n, a_out * b_out), ()
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        A3, S3, T3 = params
+        h, a_out, a_in = A3.shape
+        b_out, k, b_in = S3.shape[1], S3.shape[2], T3.shape[2]
+        n = x2d.shape[0]
+        need_dA, need_dS, need_dT = needs_dparams
+        cd = compute_dtype(x2d, *params)
+        S_cols, T_rows = cls._rows_cols(S3, T3, cd, hp.scaling)
+        gY = gy2d.to(cd).reshape(n * a_out, b_out)
+        Z, M = cls._ZM(x2d, A3, T_rows, cd)
+        G = gY @ S_cols  # (n·a_out, h·k), s inside S_cols
+        dx = dA = dS = dT = None
+        if need_dS:
+            dS_rows = (M.t() @ gY).mul_(hp.scaling)  # (h·k, b_out), factor-sized
+            dS = dS_rows.view(h, k, b_out).transpose(1, 2).to(S3.dtype)
+        if need_dA:
+            if h == 1:  # Σₙ Gₙ·Zₙᵀ: one bmm, then a sum over n
+                dA = torch.bmm(G.view(n, a_out, k), Z.view(n, a_in, k).transpose(1, 2)).sum(0)
+                dA = dA.unsqueeze(0).to(A3.dtype)
+            else:
+                dA = torch.einsum("nihc,njhc->hij", G.view(n, a_out, h, k),
+                                  Z.view(n, a_in, h, k)).to(A3.dtype)
+        if needs_dx or need_dT:
+            dZ = cls._small_A(A3.to(cd), G, n, transpose=True)  # (n·a_in, h·k)
+            if needs_dx:
+                dx = gy2d @ weight
+                dx = addmm_into(dx.view(n * a_in, b_in), dZ, T_rows).view(n, a_in * b_in)
+            if need_dT:
+                dT_rows = dZ.t() @ x2d.to(cd).reshape(n * a_in, b_in)  # (h·k, b_in)
+                dT = dT_rows.view(h, k, b_in).to(T3.dtype)
+        return dx, (dA, dS, dT)
+
+
+class TorchKroneckerFoldedA:
+    """B as rank-k factors with A folded into T: ΔW = s·Σₕ Aₕ ⊗ (Sₕ·Tₕ) is the rank-r (r = a_out·h·k)
+    product L·R with
+
+        R[(i,h,c), (j,l)] = A[h,i,j]·T[h,c,l]       (r, in): factor-sized, formed per call
+        L = I_a_out ⊗ [s·S₁ … s·S_h]                 kept structured (S_cols, b_out × h·k)
+
+    so the apply is a LoRA of rank r whose up-projection is the Kronecker-structured S::
+
+        u  = x @ Rᵀ                                  (n, r) = (n·a_out, h·k)   one GEMM (reads x)
+        Y += u (n·a_out, h·k) @ S_colsᵀ              one GEMM into y
+
+    Backward (G = gY @ S_cols, (n·a_out, h·k) = (n, r)): dx += G @ R, dR = Gᵀ·x, dS_colsᵀ = uᵀ·gY
+    (u recomputed), and dA, dT from dR by a factor-sized einsum — LoRA's passes (x, gy twice each,
+    dx once), no n-batched small products. Chosen over :class:`TorchKroneckerFactoredB` while
+    r ≤ ``FOLD_MAX_RANK`` (``folds_A``): there x @ Rᵀ is bound by reading x, like the factored
+    path's first GEMM, and the n-batched A product and its copies are gone (Compacter's PHM,
+    n = 4, rank 1: r = 16). Cost per row: h·k·a_out·(in + b_out) multiply-adds.
+    """
+
+    @staticmethod
+    def _R(A3, T3, dtype):
+        h, a_out, a_in = A3.shape
+        k, b_in = T3.shape[1], T3.shape[2]
+        R = torch.einsum("hij,hcl->ihcjl", A3.to(dtype), T3.to(dtype))
+        return R.reshape(a_out * h * k, a_in * b_in)
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        A3, S3, T3 = params
+        a_out, b_out = A3.shape[1], S3.shape[1]
+        n = x2d.shape[0]
+        cd = compute_dtype(x2d, *params)
+        S_cols, _ = TorchKroneckerFactoredB._rows_cols(S3, T3, cd, 1.0)
+        u = x2d.to(cd) @ cls._R(A3, T3, cd).t()
+        y = F.linear(x2d, weight, bias)
+        y = addmm_into(y.view(n * a_out, b_out), u.view(n * a_out, -1), S_cols.t(), alpha=hp.scaling)
+        return y.view(n, -1), ()
 
     @classmethod
     def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
@@ -170,24 +259,42 @@ class TorchKroneckerFactoredB:
         n = x2d.shape[0]
         need_dA, need_dS, need_dT = needs_dparams
         cd = compute_dtype(x2d, *params)
-        S_cols, T_cols = cls._cols(S3, T3, cd)
+        S_cols, _ = TorchKroneckerFactoredB._rows_cols(S3, T3, cd, hp.scaling)
+        R = cls._R(A3, T3, cd)
+        xc = x2d.to(cd)
         gY = gy2d.to(cd).reshape(n * a_out, b_out)
-        Z, M = cls._ZM(x2d, A3, T_cols, k, cd)
-        G = (gY @ S_cols).mul_(hp.scaling).view(n, a_out, h, k)
+        G = (gY @ S_cols).view(n, a_out * h * k)  # s inside S_cols
         dx = dA = dS = dT = None
         if need_dS:
-            dS = (gY.t() @ M).mul_(hp.scaling).view(b_out, h, k).transpose(0, 1).to(S3.dtype)
-        if need_dA:
-            dA = torch.einsum("nihc,njhc->hij", G, Z).to(A3.dtype)
-        if needs_dx or need_dT:
-            dZ = torch.einsum("hij,nihc->njhc", A3.to(cd), G).reshape(n * a_in, h * k)
-            if needs_dx:
-                dx = gy2d @ weight
-                dx = addmm_into(dx.view(n * a_in, b_in), dZ, T_cols.t()).view(n, a_in * b_in)
+            u = (xc @ R.t()).view(n * a_out, h * k)
+            dS_rows = (u.t() @ gY).mul_(hp.scaling)  # (h·k, b_out), factor-sized
+            dS = dS_rows.view(h, k, b_out).transpose(1, 2).to(S3.dtype)
+        if need_dA or need_dT:
+            dR = (G.t() @ xc).view(a_out, h, k, a_in, b_in)
+            if need_dA:
+                dA = torch.einsum("ihcjl,hcl->hij", dR, T3.to(cd)).to(A3.dtype)
             if need_dT:
-                dT_cols = x2d.to(cd).reshape(n * a_in, b_in).t() @ dZ
-                dT = dT_cols.view(b_in, h, k).permute(1, 2, 0).to(T3.dtype)
+                dT = torch.einsum("ihcjl,hij->hcl", dR, A3.to(cd)).to(T3.dtype)
+        if needs_dx:
+            dx = addmm_into(gy2d @ weight, G, R)
         return dx, (dA, dS, dT)
+
+
+# x @ Rᵀ with R (r, in) stays bound by reading x up to about this rank: 2 cores × 2 FMA × 8 lanes
+# per cycle against ≈ 10 GB/s is ≈ 30 multiply-adds per float read (bench/NOTES.md, issue 14).
+FOLD_MAX_RANK = 32
+
+
+def folds_A(A3_shape, k) -> bool:
+    """Rank-k B runs :class:`TorchKroneckerFoldedA` (A folded into T, a rank a_out·h·k LoRA)
+    rather than :class:`TorchKroneckerFactoredB`."""
+    h, a_out, _ = A3_shape
+    return a_out * h * k <= FOLD_MAX_RANK
+
+
+def factored_kernels(A3_shape, k):
+    """The torch kernels for B as rank-k factors (S, T) at this A shape."""
+    return TorchKroneckerFoldedA if folds_A(A3_shape, k) else TorchKroneckerFactoredB
 
 
 def macs_per_row(A3_shape, b_shape, k) -> tuple[int, int]:
@@ -213,14 +320,19 @@ class TorchKroneckerKernels:
     prefers_factored = staticmethod(factored_is_cheaper)
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
-        impl = TorchKroneckerFactoredB if len(params) == 3 else TorchKronecker
-        return impl.forward(x2d, weight, bias, params, aux, hp)
+    def _impl(params):
+        if len(params) == 3:
+            return factored_kernels(params[0].shape, params[1].shape[2])
+        return TorchKronecker
 
-    @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
-        impl = TorchKroneckerFactoredB if len(params) == 3 else TorchKronecker
-        return impl.backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        return cls._impl(params).forward(x2d, weight, bias, params, aux, hp)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        return cls._impl(params).backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx,
+                                          needs_dparams)
 
 
 def apply_kronecker(family, where, x, weight, bias, A3, B, scaling, backend):
