@@ -198,8 +198,8 @@ class TorchKroneckerFactoredB:
                 dA = torch.bmm(G.view(n, a_out, k), Z.view(n, a_in, k).transpose(1, 2)).sum(0)
                 dA = dA.unsqueeze(0).to(A3.dtype)
             else:
-                dA = torch.einsum("nihc,njhc->hij", G.view(n, a_out, h, k),
-                                  Z.view(n, a_in, h, k)).to(A3.dtype)
+                dA = torch.einsum("nihc,njhc->hij", G.view(n, a_out, h, k).double(),
+                                  Z.view(n, a_in, h, k).double()).to(A3.dtype)
         if needs_dx or need_dT:
             dZ = cls._small_A(A3.to(cd), G, n, transpose=True)  # (n·a_in, h·k)
             if needs_dx:
