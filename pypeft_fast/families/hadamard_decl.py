@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import registry, workloads
 from ..declaration import CaseFamily, FamilyDeclaration
-from ..inject.spec_tools import finite, kaiming, pos_int
+from ..inject.spec_tools import finite, kaiming, pos_int, scaling_alpha_over_r
 from .hadamard import delta_weight, hadamard_linear
 
 
@@ -25,9 +25,7 @@ class HadamardSpec:
         pos_int(cfg, "r")
         finite(cfg, "alpha")
 
-    @staticmethod
-    def scaling(cfg):
-        return cfg.alpha / cfg.r
+    scaling = staticmethod(scaling_alpha_over_r)
 
     @staticmethod
     def shapes(cfg, out_f, in_f, where):

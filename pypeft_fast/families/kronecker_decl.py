@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import registry, workloads
 from ..declaration import CaseFamily, FamilyDeclaration
-from ..inject.spec_tools import fail, finite, int_pair, kaiming, pair_or, pos_int
+from ..inject.spec_tools import fail, finite, int_pair, kaiming, pair_or, pos_int, scaling_option
 from .kronecker import delta_weight, kronecker_linear, macs_per_row
 
 
@@ -57,9 +57,7 @@ class KroneckerSpec:
         pos_int(cfg, "rank", allow_none=True)
         finite(cfg, "scaling")
 
-    @staticmethod
-    def scaling(cfg):
-        return float(cfg.scaling)
+    scaling = staticmethod(scaling_option)
 
     @staticmethod
     def factor_shapes(cfg, out_f, in_f, where):

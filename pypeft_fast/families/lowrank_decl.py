@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import registry, workloads
 from ..declaration import CaseFamily, FamilyDeclaration
-from ..inject.spec_tools import fail, finite, kaiming, pos_int
+from ..inject.spec_tools import fail, finite, kaiming, pos_int, scaling_alpha_over_r
 from .lowrank import delta_weight, lowrank_linear
 from .lowrank_adapter import ACTIVATIONS
 from .lowrank_dora import weight_row_stats
@@ -47,9 +47,7 @@ class LowRankSpec:
         if cfg.magnitude and (cfg.activation is not None or cfg.gate):
             fail("DeltaConfig", "magnitude=True (DoRA) cannot be combined with activation= or gate=")
 
-    @staticmethod
-    def scaling(cfg):
-        return cfg.alpha / cfg.r
+    scaling = staticmethod(scaling_alpha_over_r)
 
     @staticmethod
     def shapes(cfg, out_f, in_f, where):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .. import registry, workloads
 from ..declaration import CaseFamily, FamilyDeclaration
-from ..inject.spec_tools import fail, finite, kaiming, pair_or, pos_int
+from ..inject.spec_tools import fail, finite, kaiming, pair_or, pos_int, scaling_option
 from .kronecker_decl import sum_of_kronecker_flops
 from .phm import delta_weight, phm_linear
 
@@ -34,9 +34,7 @@ class PHMSpec:
         pos_int(cfg, "rank", allow_none=True)
         finite(cfg, "scaling")
 
-    @staticmethod
-    def scaling(cfg):
-        return float(cfg.scaling)
+    scaling = staticmethod(scaling_option)
 
     @staticmethod
     def shapes(cfg, out_f, in_f, where):

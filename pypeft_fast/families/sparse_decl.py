@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..declaration import CaseFamily, FamilyDeclaration
 from ..inject.masks import STRATEGIES, mask_nnz, sparse_mask
-from ..inject.spec_tools import fail, finite, int_pair
+from ..inject.spec_tools import fail, finite, int_pair, scaling_option
 from .sparse import delta_weight, sparse_linear
 
 
@@ -45,9 +45,7 @@ class SparseSpec:
             fail("DeltaConfig", f"seed must be an integer, got {cfg.seed!r}")
         finite(cfg, "scaling")
 
-    @staticmethod
-    def scaling(cfg):
-        return float(cfg.scaling)
+    scaling = staticmethod(scaling_option)
 
     @staticmethod
     def shapes(cfg, out_f, in_f, where):

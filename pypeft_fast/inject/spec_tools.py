@@ -49,3 +49,13 @@ def pair_or(m, name):
     if name in p:
         return p[name]
     return (p[name + "_left"], p[name + "_right"])
+
+
+def scaling_option(cfg) -> float:
+    """A spec's ``scaling(cfg)`` for the families configured by ``scaling`` itself."""
+    return float(cfg.scaling)
+
+
+def scaling_alpha_over_r(cfg) -> float:
+    """A spec's ``scaling(cfg)`` for the families configured peft-style by ``alpha`` and ``r``."""
+    return cfg.alpha / cfg.r
