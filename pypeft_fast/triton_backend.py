@@ -136,8 +136,8 @@ class TritonDoRA(TorchDoRA):
             need_dA, need_dB)
         dm = dbB = None
         if need_dm:
-            dm = _magnitude_grad(gy2d.to(cd), x2d, None, u, B.to(cd), s, b_B, mc, norm, None, kept, None,
-                                 0.0, cd, colsum, coldot).to(m.dtype)
+            dm = _magnitude_grad(gy2d.to(cd), x2d, None, u, B.to(cd), s, b_B, mc, norm, None, kept,
+                                 cd, colsum, coldot).to(m.dtype)
         if b_B is not None and needs_dparams[3]:
             dbB = (colsum * c * s).to(b_B.dtype)
         grads = (dA.to(A.dtype) if need_dA else None, dB.to(B.dtype) if need_dB else None, dm)

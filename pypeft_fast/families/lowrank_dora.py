@@ -136,8 +136,8 @@ def _scaled_epilogue(xw, u, B, s, c, shift):
 class TorchDoRA:
     """The pure-PyTorch DoRA kernels (module docstring). params = (A, B, m[, b_B]).
 
-    A backend reuses them with its own dropout mask ops (``dropped`` / ``keep``: the same Philox
-    mask) by subclassing."""
+    A backend reuses them with its own dropout mask ops (``dropped``, ``keep``, ``masked``,
+    ``dropped_t_x``: the same Philox mask) by subclassing."""
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -254,18 +254,18 @@ class TorchDoRA:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
             xd = cls.dropped(x2d, seed, p) if (p and len(kept) == 1) else None  # "recompute"
-            keep = None
-            dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd,
-                                 colsum, coldot)
+            dm = _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, cd, colsum,
+                                 coldot)
             dm = dm.to(m.dtype)
         grads = (dA, dB, dm) + ((dbB,) if b_B is not None else ())
         return dx, grads
 
 
-def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd, colsum, coldot):
+def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, cd, colsum, coldot):
     """dm = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖ (module docstring), z from what forward kept: (W, y, b) — the
-    output —, (W, x̃·Wᵀ) or (W,) to recompute. ``xd``: the dropped x in the accumulation dtype
-    if backward built it for dA, else None."""
+    output —, (W, x̃·Wᵀ) or (W,) to recompute; ``colsum``/``coldot`` are the prologue's Σᵢ gyᵢ and
+    Σᵢ gyᵢ ⊙ (the kept y or x̃·Wᵀ). ``xd``: drop(x) in x's dtype when recomputing at p > 0, else
+    None."""
     weight = kept[0]
     if len(kept) == 3:                                     # the saved output y (and b), p = 0
         b = kept[2]
@@ -282,13 +282,9 @@ def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, keep, p, cd,
             dm[j] = (gyc[:, j] * zj).sum(0) / norm[j]
         return dm
     if len(kept) == 2:                                     # the saved x̃·Wᵀ (p > 0, "saved")
-        acc = coldot if coldot is not None else (gyc * kept[1].to(cd)).sum(0)
+        acc = coldot                                       # Σᵢ gyᵢ ⊙ (x̃·Wᵀ)ᵢ, from the prologue
     else:                                                  # recompute x·Wᵀ or x̃·Wᵀ
-        if xd is not None and xd.dtype == x2d.dtype:
-            xin = xd
-        else:
-            xin = x2d if keep is None else apply_keep(x2d, keep, p)
-        acc = (gyc * F.linear(xin, weight).to(cd)).sum(0)
+        acc = (gyc * F.linear(x2d if xd is None else xd, weight).to(cd)).sum(0)
     acc = acc + s * (P * Bc).sum(1)
     if b_B is not None:
         acc.add_(colsum * (s * b_B.to(cd)))
