@@ -177,6 +177,18 @@ CASES = {
 }
 
 
+class ConvNet(nn.Module):
+    """A conv layer beside a Linear: the conv is reported and runs peft's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_patched_matches_peft(case):
     kind, make_cfg, dtype = CASES[case]
@@ -467,15 +479,6 @@ def test_unsupported_layers_are_reported_and_run_peft():
     assert not any(is_patched(m) for m in ia3.modules())
     with pytest.raises(ValueError, match="ia3"):
         pf.patch(ia3, strict=True)
-
-    class ConvNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3)
-            self.lin = nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.lin(self.conv(x).mean((2, 3)))
 
     net = get_peft_model(ConvNet(), LoraConfig(r=2, target_modules=["conv", "lin"]))
     rep = pf.patch(net)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -16,7 +15,7 @@ from peft import LoHaConfig, PeftModel, get_peft_model  # noqa: E402
 import pypeft_fast as pf  # noqa: E402
 from pypeft_fast.patch import is_patched  # noqa: E402
 from test_patch import (  # noqa: E402  (the patch tests' tiny models and comparison rule)
-    LLAMA_TARGETS, MODELS, _train, batch_for, check_training_matches_peft, compare_to_peft, max_err,
+    LLAMA_TARGETS, MODELS, ConvNet, _train, batch_for, check_training_matches_peft, compare_to_peft, max_err,
     outputs,
 )
 
@@ -94,15 +93,6 @@ def test_loha_dropouts_run_peft_in_training_and_are_served_in_eval():
 
 
 def test_loha_conv_layers_are_reported_and_run_peft():
-    class ConvNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3)
-            self.lin = nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.lin(self.conv(x).mean((2, 3)))
-
     for effective in (False, True):
         torch.manual_seed(0)
         net = get_peft_model(ConvNet(), LoHaConfig(r=2, target_modules=["conv", "lin"], init_weights=False,
