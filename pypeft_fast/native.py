@@ -344,15 +344,20 @@ registry.register_availability("cuda", _cuda_probe)
 
 def cpp_auto_families(capability: str) -> frozenset[str]:
     """Families for which ``auto`` picks the cpp kernels on a CPU whose torch capability
-    (``torch.backends.cpu.get_cpu_capability()``) is ``capability``.
+    (``torch.backends.cpu.get_cpu_capability()``) is ``capability``: where bench/NOTES.md
+    measured them faster than the torch path.
 
-    The sparse and Kronecker/PHM kernels were measured faster than the torch path on an
-    AVX-512 Xeon only; on an AVX2-only AMD EPYC (bench/NOTES.md, micro-benchmarks) the native
-    Kronecker op ran 20-80x slower than the torch path (its 8-row x 2-vector register tiles of
-    512-bit lanes spill when each splits into two 256-bit registers) and sparse at 0.7-0.97x.
-    There ``auto`` keeps them on torch and says so once; ``backend="cpp"`` still runs them."""
-    if capability.upper().startswith("AVX512"):
+    AVX-512 (a Xeon): all four. AVX2 (an AMD EPYC): lowrank, and sparse since its kernels run
+    32-byte vectors there (csrc/common/cpu_width.h: 2.7-3x the torch path's layer time; with the
+    64-byte vectors they had before, 0.5x); the native Kronecker op ran 20-80x slower than the
+    torch path (its register tiles of 512-bit lanes spill in 256-bit registers). Elsewhere
+    (baseline x86-64, other architectures: not measured) lowrank only. Where ``auto`` keeps a
+    family on torch it says so once; ``backend="cpp"`` still runs the kernels."""
+    cap = capability.upper()
+    if cap.startswith("AVX512"):
         return frozenset({"lowrank", "sparse", "kronecker", "phm"})
+    if cap.startswith("AVX2"):
+        return frozenset({"lowrank", "sparse"})
     return frozenset({"lowrank"})
 
 
@@ -361,7 +366,7 @@ _CPP_AUTO = cpp_auto_families(CPU_CAPABILITY)
 for _family in ("sparse", "kronecker", "phm"):
     if _family not in _CPP_AUTO:
         log.info("pypeft_fast %s: auto keeps the torch path on this %s CPU (the cpp kernels were "
-                 "measured faster only with AVX-512; backend='cpp' still runs them)", _family, CPU_CAPABILITY)
+                 "not measured faster here; backend='cpp' still runs them)", _family, CPU_CAPABILITY)
 
 # auto=True only where bench/ measured the cpp kernels faster than the torch path on CPU
 # (bench/NOTES.md "csrc (C++/CUDA)"; 2-core Xeon AVX-512, fp32, n = 1024, llama-1024 shapes):

@@ -3,7 +3,8 @@
 // Both work on blocks of NB tokens transposed into a thread-local buffer xT (C, NB) in the
 // accumulation dtype, so that one CSR entry is one NB-wide vector FMA (csr_row_apply with
 // Vec = Lanes<acc_t, NB>) instead of NB scalar gathers. The hot loops are plain functions
-// compiled per ISA (PPF_CPU_CLONES); the loads/stores around them convert dtypes.
+// compiled per ISA (PPF_CPU_CLONES) and instantiated per vector width VB (64 or 32 bytes,
+// common/cpu_width.h: the launchers run the CPU's); the loads/stores around them convert dtypes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,7 @@
 
 #include <vector>
 
+#include "../common/cpu_width.h"
 #include "../common/lanes.h"
 #include "../ops.h"
 #include "sparse_body.h"
@@ -20,11 +22,13 @@
 namespace pypeft_fast {
 namespace {
 
-// Tokens per block: one 64-byte vector for SpMM, four for SDDMM (a lane sum per entry is
-// amortised over more tokens).
-template <typename acc_t> struct Blocking;
-template <> struct Blocking<float> { static constexpr int kSpmm = 16, kSddmm = 64; };
-template <> struct Blocking<double> { static constexpr int kSpmm = 8, kSddmm = 32; };
+// At vector width VB bytes: W values per vector; tokens per block: one vector for SpMM, four
+// for SDDMM (a lane sum per entry is amortised over more tokens).
+template <typename acc_t, int VB>
+struct Blocking {
+  static constexpr int W = VB / static_cast<int>(sizeof(acc_t));
+  static constexpr int kSpmm = W, kSddmm = 4 * W;
+};
 // SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
 constexpr int64_t kSddmmRowChunk = 32;
 
@@ -36,9 +40,8 @@ struct LoadLanes {  // x(c) = xT[c, 0:NB]
 
 // SDDMM sink: folds an entry's NB-token product to one vector of W lanes and parks it; flush()
 // reduces W parked vectors at a time with transpose_sum and adds them to partial[k] as a vector.
-template <typename acc_t, int NB>
+template <typename acc_t, int NB, int W>
 struct FoldSink {
-  static constexpr int W = 64 / sizeof(acc_t);  // one 64-byte vector
   using VW = Lanes<acc_t, W>;
   acc_t* parked;  // (entries, W), no alignment assumed (memcpy loads/stores)
   int64_t k0;
@@ -66,12 +69,12 @@ PPF_INLINE void spmm_block(const int64_t* ptr, const int64_t* col, const acc_t* 
 }
 
 // Rows [r0, r1) of one token block; gT holds rows r0.. (gT[(r - r0) * NB + t]).
-template <typename acc_t, int NB>
+template <typename acc_t, int NB, int W>
 PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, int64_t r1,
                             const acc_t* gT, const acc_t* xT, acc_t* partial, acc_t* parked) {
   using V = Lanes<acc_t, NB>;
   const LoadLanes<acc_t, NB> load{xT};
-  FoldSink<acc_t, NB> sink{parked, ptr[r0]};
+  FoldSink<acc_t, NB, W> sink{parked, ptr[r0]};
   for (int64_t r = r0; r < r1; ++r) {
     if (ptr[r] == ptr[r + 1]) continue;
     csr_row_sddmm<V>(ptr, col, r, V::load(gT + (r - r0) * NB), load, sink);
@@ -81,52 +84,47 @@ PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, 
 
 }  // namespace
 
-// The ISA-cloned hot loops (one symbol per accumulation dtype; see PPF_CPU_CLONES).
-PPF_CPU_CLONES void spmm_block_f32(const int64_t* ptr, const int64_t* col, const float* val,
-                                   int64_t R, const float* xT, float* yT) {
-  spmm_block<float, Blocking<float>::kSpmm>(ptr, col, val, R, xT, yT);
-}
-PPF_CPU_CLONES void spmm_block_f64(const int64_t* ptr, const int64_t* col, const double* val,
-                                   int64_t R, const double* xT, double* yT) {
-  spmm_block<double, Blocking<double>::kSpmm>(ptr, col, val, R, xT, yT);
-}
-PPF_CPU_CLONES void sddmm_block_f32(const int64_t* ptr, const int64_t* col, int64_t r0,
-                                    int64_t r1, const float* gT, const float* xT, float* partial,
-                                    float* parked) {
-  sddmm_block<float, Blocking<float>::kSddmm>(ptr, col, r0, r1, gT, xT, partial, parked);
-}
-PPF_CPU_CLONES void sddmm_block_f64(const int64_t* ptr, const int64_t* col, int64_t r0,
-                                    int64_t r1, const double* gT, const double* xT,
-                                    double* partial, double* parked) {
-  sddmm_block<double, Blocking<double>::kSddmm>(ptr, col, r0, r1, gT, xT, partial, parked);
-}
+// The ISA-cloned hot loops: one symbol per accumulation dtype and vector width (see
+// PPF_CPU_CLONES), and an overload per width that calls it.
+#define PPF_SPARSE_BLOCKS(acc_t, suffix, VB)                                                      \
+  PPF_CPU_CLONES void spmm_block_##suffix##_##VB(const int64_t* ptr, const int64_t* col,           \
+                                                 const acc_t* val, int64_t R, const acc_t* xT,     \
+                                                 acc_t* yT) {                                      \
+    spmm_block<acc_t, Blocking<acc_t, VB>::kSpmm>(ptr, col, val, R, xT, yT);                      \
+  }                                                                                               \
+  PPF_CPU_CLONES void sddmm_block_##suffix##_##VB(const int64_t* ptr, const int64_t* col,          \
+                                                  int64_t r0, int64_t r1, const acc_t* gT,         \
+                                                  const acc_t* xT, acc_t* partial,                 \
+                                                  acc_t* parked) {                                 \
+    sddmm_block<acc_t, Blocking<acc_t, VB>::kSddmm, Blocking<acc_t, VB>::W>(ptr, col, r0, r1, gT, \
+                                                                            xT, partial, parked);  \
+  }                                                                                               \
+  namespace {                                                                                     \
+  inline void spmm_block_isa(Width<VB>, const int64_t* p, const int64_t* c, const acc_t* v,        \
+                             int64_t R, const acc_t* xT, acc_t* yT) {                              \
+    spmm_block_##suffix##_##VB(p, c, v, R, xT, yT);                                               \
+  }                                                                                               \
+  inline void sddmm_block_isa(Width<VB>, const int64_t* p, const int64_t* c, int64_t r0,           \
+                              int64_t r1, const acc_t* gT, const acc_t* xT, acc_t* o,              \
+                              acc_t* parked) {                                                     \
+    sddmm_block_##suffix##_##VB(p, c, r0, r1, gT, xT, o, parked);                                 \
+  }                                                                                               \
+  }  // namespace
 
-namespace {
-
-inline void spmm_block_isa(const int64_t* p, const int64_t* c, const float* v, int64_t R,
-                           const float* xT, float* yT) { spmm_block_f32(p, c, v, R, xT, yT); }
-inline void spmm_block_isa(const int64_t* p, const int64_t* c, const double* v, int64_t R,
-                           const double* xT, double* yT) { spmm_block_f64(p, c, v, R, xT, yT); }
-inline void sddmm_block_isa(const int64_t* p, const int64_t* c, int64_t r0, int64_t r1,
-                            const float* gT, const float* xT, float* o, float* parked) {
-  sddmm_block_f32(p, c, r0, r1, gT, xT, o, parked);
-}
-inline void sddmm_block_isa(const int64_t* p, const int64_t* c, int64_t r0, int64_t r1,
-                            const double* gT, const double* xT, double* o, double* parked) {
-  sddmm_block_f64(p, c, r0, r1, gT, xT, o, parked);
-}
-
-}  // namespace
+PPF_SPARSE_BLOCKS(float, f32, 64)
+PPF_SPARSE_BLOCKS(float, f32, 32)
+PPF_SPARSE_BLOCKS(double, f64, 64)
+PPF_SPARSE_BLOCKS(double, f64, 32)
+#undef PPF_SPARSE_BLOCKS
 
 // Tiled transposes between token-major activations and the token-blocked buffers, compiled per
-// ISA: W x W tiles (W = one 64-byte vector of acc_t) loaded as W rows, transposed in registers
-// (transpose_square), stored as W columns. Edges fall back to scalar loops.
+// ISA and width: W x W tiles (W = one VB-byte vector of acc_t) loaded as W rows, transposed in
+// registers (transpose_square), stored as W columns. Edges fall back to scalar loops.
 namespace {
 
-template <typename x_t, typename acc_t>
+template <typename x_t, typename acc_t, int W>
 PPF_INLINE void load_t_impl(const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,
                             int64_t c1, acc_t* xT, int64_t NB) {
-  constexpr int W = 64 / sizeof(acc_t);
   using VW = Lanes<acc_t, W>;
   const x_t* base = x + n0 * s0;
   const int64_t tfull = s1 == 1 ? nb / W * W : 0;
@@ -155,10 +153,9 @@ PPF_INLINE void load_t_impl(const x_t* x, int64_t s0, int64_t s1, int64_t n0, in
 }
 
 // out[n0 + t, r] = out[n0 + t, r] + yT[r, t] (summed in acc_t, rounded once), t < nb, r < R.
-template <typename o_t, typename acc_t>
+template <typename o_t, typename acc_t, int W>
 PPF_INLINE void store_t_acc_impl(o_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t R,
                                  const acc_t* yT, int64_t NB) {
-  constexpr int W = 64 / sizeof(acc_t);
   using VW = Lanes<acc_t, W>;
   o_t* base = out + n0 * s0;
   const int64_t tfull = s1 == 1 ? nb / W * W : 0;
@@ -188,25 +185,32 @@ PPF_INLINE void store_t_acc_impl(o_t* out, int64_t s0, int64_t s1, int64_t n0, i
 
 }  // namespace
 
+#define PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, VB)                                              \
+  PPF_CPU_CLONES void load_t_##suffix##_##VB(const x_t* x, int64_t s0, int64_t s1, int64_t n0,     \
+                                             int64_t nb, int64_t c0, int64_t c1, acc_t* xT,        \
+                                             int64_t NB) {                                         \
+    load_t_impl<x_t, acc_t, Blocking<acc_t, VB>::W>(x, s0, s1, n0, nb, c0, c1, xT, NB);            \
+  }                                                                                               \
+  PPF_CPU_CLONES void store_t_acc_##suffix##_##VB(x_t* out, int64_t s0, int64_t s1, int64_t n0,    \
+                                                  int64_t nb, int64_t R, const acc_t* yT,          \
+                                                  int64_t NB) {                                    \
+    store_t_acc_impl<x_t, acc_t, Blocking<acc_t, VB>::W>(out, s0, s1, n0, nb, R, yT, NB);          \
+  }                                                                                               \
+  namespace {                                                                                     \
+  inline void load_t(Width<VB>, const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb,      \
+                     int64_t c0, int64_t c1, acc_t* xT, int64_t NB) {                              \
+    load_t_##suffix##_##VB(x, s0, s1, n0, nb, c0, c1, xT, NB);                                    \
+  }                                                                                               \
+  inline void store_t_acc(Width<VB>, x_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb,     \
+                          int64_t R, const acc_t* yT, int64_t NB) {                                \
+    store_t_acc_##suffix##_##VB(out, s0, s1, n0, nb, R, yT, NB);                                  \
+  }                                                                                               \
+  }  // namespace
 #define PPF_TRANSPOSERS(x_t, acc_t, suffix)                                                      \
-  PPF_CPU_CLONES void load_t_##suffix(const x_t* x, int64_t s0, int64_t s1, int64_t n0,          \
-                                      int64_t nb, int64_t c0, int64_t c1, acc_t* xT, int64_t NB) { \
-    load_t_impl<x_t, acc_t>(x, s0, s1, n0, nb, c0, c1, xT, NB);                                  \
-  }                                                                                              \
-  PPF_CPU_CLONES void store_t_acc_##suffix(x_t* out, int64_t s0, int64_t s1, int64_t n0,         \
-                                           int64_t nb, int64_t R, const acc_t* yT, int64_t NB) { \
-    store_t_acc_impl<x_t, acc_t>(out, s0, s1, n0, nb, R, yT, NB);                                \
-  }                                                                                              \
-  inline void load_t(const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,   \
-                     int64_t c1, acc_t* xT, int64_t NB) {                                        \
-    load_t_##suffix(x, s0, s1, n0, nb, c0, c1, xT, NB);                                          \
-  }                                                                                              \
-  inline void store_t_acc(x_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t R,   \
-                          const acc_t* yT, int64_t NB) {                                         \
-    store_t_acc_##suffix(out, s0, s1, n0, nb, R, yT, NB);                                        \
-  }
+  PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, 64)                                                     \
+  PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, 32)
 
-// One instantiation per (storage dtype, accumulation dtype) pair the ops use.
+// One instantiation per (storage dtype, accumulation dtype) pair the ops use, at both widths.
 PPF_TRANSPOSERS(float, float, f32)
 PPF_TRANSPOSERS(c10::BFloat16, float, bf16)
 PPF_TRANSPOSERS(c10::Half, float, f16)
@@ -215,6 +219,7 @@ PPF_TRANSPOSERS(float, double, f32_f64)
 PPF_TRANSPOSERS(c10::BFloat16, double, bf16_f64)
 PPF_TRANSPOSERS(c10::Half, double, f16_f64)
 PPF_TRANSPOSERS(double, float, f64_f32)
+#undef PPF_TRANSPOSERS_AT
 #undef PPF_TRANSPOSERS
 
 namespace {
@@ -251,7 +256,6 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, cons
   const at::Tensor row_ptr = row_ptr_.contiguous(), col = col_.contiguous(), val = val_.contiguous();
   AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "sparse_spmm_csr_t_acc", [&] {
     using acc_t = scalar_t;
-    constexpr int NB = Blocking<acc_t>::kSpmm;
     const acc_t* v = val.data_ptr<acc_t>();
     const int64_t* p = row_ptr.data_ptr<int64_t>();
     const int64_t* c = col.data_ptr<int64_t>();
@@ -263,15 +267,18 @@ void sparse_spmm_csr_t_acc_cpu(at::Tensor& out, const at::Tensor& row_ptr_, cons
         using o_t = x_t;  // out has x's dtype (checked)
         o_t* op_ = out.data_ptr<o_t>();
         const int64_t os0 = out.stride(0), os1 = out.stride(1);
-        const int64_t blocks = (n + NB - 1) / NB;
-        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> xT(C * NB), yT(R * NB);
-          for (int64_t b = b0; b < b1; ++b) {
-            const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, n - n0);
-            load_t(xp, xs0, xs1, n0, nb, 0, C, xT.data(), NB);
-            spmm_block_isa(p, c, v, R, xT.data(), yT.data());
-            store_t_acc(op_, os0, os1, n0, nb, R, yT.data(), NB);
-          }
+        with_cpu_width([&](auto width) {
+          constexpr int NB = Blocking<acc_t, decltype(width)::value>::kSpmm;
+          const int64_t blocks = (n + NB - 1) / NB;
+          at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+            std::vector<acc_t> xT(C * NB), yT(R * NB);
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, n - n0);
+              load_t(width, xp, xs0, xs1, n0, nb, 0, C, xT.data(), NB);
+              spmm_block_isa(width, p, c, v, R, xT.data(), yT.data());
+              store_t_acc(width, op_, os0, os1, n0, nb, R, yT.data(), NB);
+            }
+          });
         });
       }
     });
@@ -304,8 +311,6 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
   const int64_t* c = col.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparse_sddmm_csr", [&] {
     using acc_t = scalar_t;
-    constexpr int NB = Blocking<acc_t>::kSddmm;
-    const int64_t blocks = (n + NB - 1) / NB;
     const int nthreads = at::get_num_threads();
     // One partial sum per thread (deterministic for a given thread count), reduced at the end.
     std::vector<acc_t> partial(static_cast<size_t>(nthreads) * nnz, acc_t(0));
@@ -315,22 +320,28 @@ at::Tensor sparse_sddmm_csr_cpu(const at::Tensor& row_ptr_, const at::Tensor& co
       {
         using b_t = a_t;  // same dtype (checked)
         const b_t* bp = b.data_ptr<b_t>();
-        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> gT(R * NB), xT(C * NB), parked;
-          const int tid = at::get_thread_num();
-          TORCH_INTERNAL_ASSERT(tid < nthreads);
-          acc_t* mine = partial.data() + static_cast<size_t>(tid) * nnz;
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t n0 = blk * NB, nb = std::min<int64_t>(NB, n - n0);
-            load_t(bp, b.stride(0), b.stride(1), n0, nb, 0, C, xT.data(), NB);
-            load_t(ap, a.stride(0), a.stride(1), n0, nb, 0, R, gT.data(), NB);
-            for (int64_t r0 = 0; r0 < R; r0 += kSddmmRowChunk) {
-              const int64_t r1 = std::min<int64_t>(R, r0 + kSddmmRowChunk);
-              const size_t need = static_cast<size_t>(p[r1] - p[r0]) * (64 / sizeof(acc_t));
-              if (parked.size() < need) parked.resize(need);
-              sddmm_block_isa(p, c, r0, r1, gT.data() + r0 * NB, xT.data(), mine, parked.data());
+        with_cpu_width([&](auto width) {
+          using Blk = Blocking<acc_t, decltype(width)::value>;
+          constexpr int NB = Blk::kSddmm;
+          const int64_t blocks = (n + NB - 1) / NB;
+          at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+            std::vector<acc_t> gT(R * NB), xT(C * NB), parked;
+            const int tid = at::get_thread_num();
+            TORCH_INTERNAL_ASSERT(tid < nthreads);
+            acc_t* mine = partial.data() + static_cast<size_t>(tid) * nnz;
+            for (int64_t blk = b0; blk < b1; ++blk) {
+              const int64_t n0 = blk * NB, nb = std::min<int64_t>(NB, n - n0);
+              load_t(width, bp, b.stride(0), b.stride(1), n0, nb, 0, C, xT.data(), NB);
+              load_t(width, ap, a.stride(0), a.stride(1), n0, nb, 0, R, gT.data(), NB);
+              for (int64_t r0 = 0; r0 < R; r0 += kSddmmRowChunk) {
+                const int64_t r1 = std::min<int64_t>(R, r0 + kSddmmRowChunk);
+                const size_t need = static_cast<size_t>(p[r1] - p[r0]) * Blk::W;
+                if (parked.size() < need) parked.resize(need);
+                sddmm_block_isa(width, p, c, r0, r1, gT.data() + r0 * NB, xT.data(), mine,
+                                parked.data());
+              }
             }
-          }
+          });
         });
       }
     });
