@@ -103,7 +103,7 @@ class TritonDoRA(TorchDoRA):
     """DoRA at dropout 0 (``families/lowrank_dora.py``): the forward is ``lowrank_fwd`` with
     c = m / ‖W + s·B·A‖ in its epilogue (``col_scale``; the shift b + c·s·b_B as its bias), the
     backward ``lowrank_bwd`` on c ⊙ gy (dx = (c⊙gy)·W + s·(c⊙gy)·B·A, dA, dB = s·(c⊙gy)ᵀ·u
-    in its one kernel); the row norm's A·Wᵀ and dm's column sums are torch ops. Dropout > 0
+    in its one kernel); the row norm's W·Aᵀ and dm's column sums are torch ops. Dropout > 0
     (peft's base(drop(x)) terms) is declined (``supports``): auto runs the torch kernels."""
 
     @staticmethod
