@@ -73,6 +73,14 @@ def cpu_width(request, monkeypatch):
     return int(request.param)
 
 
+@pytest.fixture(params=["16", "32", "64"])
+def philox_isa(request, monkeypatch):
+    """The Philox rounds' variants — portable (16), AVX2 (32), AVX-512 (64) — each capped by what
+    the CPU has (csrc/common/cpu_width.h): every one the CPU can run must be bit-exact."""
+    monkeypatch.setenv("PYPEFT_FAST_CPU_VECTOR_BYTES", request.param)
+    return int(request.param)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
@@ -161,10 +169,10 @@ def test_spmm_is_bit_identical_across_cpu_widths_and_sddmm_agrees_to_rounding(mo
     torch.testing.assert_close(got["32"][1], got["64"][1], rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_width_override_must_be_32_or_64(monkeypatch):
+def test_cpu_width_override_must_be_16_32_or_64(monkeypatch):
     layout, vals, _ = _sparse_case(9, 7, 5, 0.5, seed=1)
     monkeypatch.setenv("PYPEFT_FAST_CPU_VECTOR_BYTES", "48")
-    with pytest.raises(RuntimeError, match=r"PYPEFT_FAST_CPU_VECTOR_BYTES must be 32 or 64, got '48'"):
+    with pytest.raises(RuntimeError, match=r"PYPEFT_FAST_CPU_VECTOR_BYTES must be 16, 32 or 64, got '48'"):
         ops.sparse_spmm_csr_t(layout.row_ptr, layout.csr_col, vals[layout.csr_perm].float(), 7,
                               torch.randn(9, 7))
 
@@ -243,7 +251,7 @@ def test_philox_matches_the_python_definition_on_many_counters():
 @pytest.mark.parametrize("seed", [0, 1, 987654321, 2**63 - 1, 0x7F3A_0000_0000_0001])
 @pytest.mark.parametrize("start,numel", [(0, 1), (0, 1000), (3, 777), (13, 5), (2**33 + 5, 131)])
 @pytest.mark.parametrize("p", [0.05, 0.37, 0.5])
-def test_keep_mask_is_bit_exact(seed, start, numel, p):
+def test_keep_mask_is_bit_exact(seed, start, numel, p, philox_isa):
     s = torch.tensor(seed, dtype=torch.int64)
     assert torch.equal(ops.philox_keep_mask(s, numel, p, start), philox.keep_mask(s, numel, p, start=start))
 
@@ -253,7 +261,7 @@ def test_keep_mask_is_bit_exact(seed, start, numel, p):
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, None), (torch.float64, None),
                                                (torch.bfloat16, None), (torch.bfloat16, torch.float32),
                                                (torch.float16, torch.float32)])
-def test_dropout_is_bit_exact_to_the_torch_path(device, shape, x_dtype, out_dtype):
+def test_dropout_is_bit_exact_to_the_torch_path(device, shape, x_dtype, out_dtype, philox_isa):
     seed = torch.tensor(20261121, dtype=torch.int64)
     x = rand(*shape, seed=3).to(device=device, dtype=x_dtype)
     got = ops.philox_dropout(x, seed, 0.1, out_dtype)
@@ -273,7 +281,7 @@ def test_dropout_keep_rate():
 @pytest.mark.parametrize("n,k,r", [(97, 37, 5), (1, 8, 1), (300, 1031, 16), (33, 7, 3)])
 @pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                          (torch.bfloat16, torch.float32)])
-def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc):
+def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc, philox_isa):
     p, seed = 0.3, torch.tensor(77 + n, dtype=torch.int64)
     x = rand(n, k, seed=1).to(device=device, dtype=x_dtype)
     A = rand(r, k, seed=2).to(device=device, dtype=acc)
@@ -338,9 +346,12 @@ def test_lowrank_ops_name_the_bad_argument_and_shapes():
 # ---------------------------------------------------------------- Kronecker / PHM structured apply
 
 # (n, h, (ao, ai), (bo, bi)): LoKr-like (h = 1) and PHM-like (h > 1), ragged and vector-aligned
-# factor sides (the kernel pads bi, bo and ai to whole vectors), one token, a one-element factor.
+# factor sides (the kernel pads bi, bo and ai to whole vectors: 16 / 8 floats at 64 / 32 bytes),
+# sides that are whole 32-byte but not 64-byte vectors (24, 40), row counts ao·h that leave every
+# tail tile of the 8- and 6-row register tiles, one token, a one-element factor.
 KRON_SHAPES = [(37, 1, (3, 5), (7, 9)), (70, 1, (32, 16), (32, 32)), (9, 3, (2, 5), (17, 33)),
-               (1, 2, (4, 3), (16, 48)), (45, 4, (4, 4), (5, 3)), (5, 1, (1, 1), (6, 4))]
+               (1, 2, (4, 3), (16, 48)), (45, 4, (4, 4), (5, 3)), (5, 1, (1, 1), (6, 4)),
+               (41, 1, (13, 24), (8, 40)), (19, 2, (11, 7), (24, 19))]
 
 
 def _kron_dense(A, B, s):
@@ -351,7 +362,7 @@ def _kron_dense(A, B, s):
 @pytest.mark.parametrize("n,h,a,b", KRON_SHAPES)
 @pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                          (torch.bfloat16, torch.float32)])
-def test_kronecker_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
+def test_kronecker_apply_matches_dense(device, n, h, a, b, x_dtype, acc, cpu_width):
     s = 0.7
     x = rand(n, a[1] * b[1], seed=1).to(device=device, dtype=x_dtype)
     A = rand(h, *a, seed=2).to(device=device, dtype=acc)
@@ -389,7 +400,25 @@ def test_kronecker_apply_matches_dense(device, n, h, a, b, x_dtype, acc):
     assert dB3.numel() == 0
 
 
-def test_kronecker_apply_accepts_strided_activations():
+def test_kronecker_forward_and_dx_are_bit_identical_across_cpu_widths(monkeypatch):
+    """Each output element of y and dx is one dot product summed in the same order at either
+    width (the width changes the padding with zeros and which elements share a register tile);
+    dA and dB sum over tokens in token tiles whose size follows the padding: equal to rounding."""
+    n, h, (ao, ai), (bo, bi) = 67, 2, (5, 13), (11, 27)
+    x, gy = rand(n, ai * bi, seed=41).float(), rand(n, ao * bo, seed=42).float()
+    A, B = rand(h, ao, ai, seed=43).float(), rand(h, bo, bi, seed=44).float()
+    got = {}
+    for width in ("32", "64"):
+        monkeypatch.setenv("PYPEFT_FAST_CPU_VECTOR_BYTES", width)
+        y, dx = torch.zeros(n, ao * bo), torch.zeros(n, ai * bi)
+        ops.kronecker_apply_acc(y, x, A, B, 0.3)
+        got[width] = (y, dx) + tuple(ops.kronecker_apply_bwd(gy, x, A, B, 0.3, dx, True, True))
+    assert torch.equal(got["32"][0], got["64"][0]) and torch.equal(got["32"][1], got["64"][1])
+    for i, name in ((2, "dA"), (3, "dB")):
+        torch.testing.assert_close(got["32"][i], got["64"][i], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_kronecker_apply_accepts_strided_activations(cpu_width):
     x = rand(40, 64, seed=1).float().t().contiguous().t()  # column-major: converted per block
     A, B = rand(1, 4, 8, seed=2).float(), rand(1, 8, 8, seed=3).float()
     y = torch.zeros(40, 32)

@@ -7,13 +7,16 @@
 // 64-byte vectors spills on AVX2: its 16 x 16 transposing tiles need 32 registers of 256 bits
 // (bench/NOTES.md "sparse on AVX2": 2-3x slower than the same loop with 32-byte vectors).
 //
-// PYPEFT_FAST_CPU_VECTOR_BYTES=32|64 forces a width (the tests run both on any machine: every
-// width is correct everywhere, only its speed depends on the ISA; reductions over tokens sum in
-// a width-dependent order, so results agree to rounding, not bit for bit, across widths).
+// PYPEFT_FAST_CPU_VECTOR_BYTES=16|32|64 forces a width (the tests run every one on any machine:
+// each Lanes width is correct everywhere, only its speed depends on the ISA; reductions over
+// tokens sum in a width-dependent order, so results agree to rounding, not bit for bit, across
+// widths). The same setting caps the hand-written intrinsics variants (the Philox rounds:
+// AVX-512, AVX2, portable), which must stay bit-identical: 16 selects the portable code.
 #pragma once
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -23,26 +26,44 @@ namespace pypeft_fast {
 template <int VB>
 using Width = std::integral_constant<int, VB>;
 
-inline bool cpu_has_avx512() {
+// The widest vector the CPU's ISA has, in bytes: 64 (AVX-512 F/BW/VL/DQ), 32 (AVX2 + FMA), 16.
+inline int cpu_native_vector_bytes() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
+  static const int bytes = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return 64;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 32 : 16;
+  }();
+  return bytes;
 #else
-  return false;
+  return 16;
 #endif
 }
 
-// 64 or 32 (header comment); the environment override is read on every call (a getenv, next to
-// kernels of milliseconds) so that a test can switch it.
-inline int cpu_vector_bytes() {
+// The forced width, 0 when none; read on every call (a getenv, next to kernels of milliseconds)
+// so that a test can switch it.
+inline int forced_vector_bytes() {
   const char* forced = std::getenv("PYPEFT_FAST_CPU_VECTOR_BYTES");
-  if (forced != nullptr && forced[0] != '\0') {
-    TORCH_CHECK(std::strcmp(forced, "32") == 0 || std::strcmp(forced, "64") == 0,
-                "PYPEFT_FAST_CPU_VECTOR_BYTES must be 32 or 64, got '", forced, "'");
-    return forced[0] == '6' ? 64 : 32;
-  }
-  return cpu_has_avx512() ? 64 : 32;
+  if (forced == nullptr || forced[0] == '\0') return 0;
+  const bool ok = std::strcmp(forced, "16") == 0 || std::strcmp(forced, "32") == 0 ||
+                  std::strcmp(forced, "64") == 0;
+  TORCH_CHECK(ok, "PYPEFT_FAST_CPU_VECTOR_BYTES must be 16, 32 or 64, got '", forced, "'");
+  return std::atoi(forced);
+}
+
+// The Lanes loops' width: 64 with AVX-512, else 32 (no loop is instantiated for 16 bytes: a
+// baseline x86-64 runs the 32-byte loops as pairs of 16-byte registers).
+inline int cpu_vector_bytes() {
+  const int forced = forced_vector_bytes();
+  return (forced ? forced : cpu_native_vector_bytes()) == 64 ? 64 : 32;
+}
+
+// The widest intrinsics variant to run: the CPU's, capped by the forced width.
+inline int cpu_isa_vector_bytes() {
+  const int forced = forced_vector_bytes();
+  return forced ? std::min(forced, cpu_native_vector_bytes()) : cpu_native_vector_bytes();
 }
 
 // f(Width<64>{}) or f(Width<32>{}): the launcher's body instantiated for both widths, run with

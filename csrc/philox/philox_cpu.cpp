@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../common/checks.h"
+#include "../common/cpu_width.h"
 #include "../ops.h"
 #include "philox.h"
 #include "philox_checks.h"
@@ -74,9 +75,52 @@ __attribute__((target("avx512f"))) void philox_lanes_avx512(uint64_t g, PhiloxKe
   _mm512_storeu_si512(w[2], c2);
   _mm512_storeu_si512(w[3], c3);
 }
-bool has_avx512() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
-  return yes;
+
+// The same rounds on 8-counter AVX2 vectors (vpmuludq on ymm), two halves interleaved so that
+// one half's multiplies overlap the other's: for CPUs without AVX-512.
+__attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t g, PhiloxKey key,
+                                                       uint32_t w[4][kPhiloxLanes]) {
+  static_assert(kPhiloxLanes == 16, "two 8-lane halves");
+  alignas(32) uint32_t lo[kPhiloxLanes], hi[kPhiloxLanes];
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    const uint64_t gl = g + static_cast<uint64_t>(l);
+    lo[l] = static_cast<uint32_t>(gl);
+    hi[l] = static_cast<uint32_t>(gl >> 32);
+  }
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    c0[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * h));
+    c1[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * h));
+    c2[h] = _mm256_setzero_si256();
+    c3[h] = _mm256_setzero_si256();
+  }
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m256i kk0 = _mm256_set1_epi32(static_cast<int>(k0)), kk1 = _mm256_set1_epi32(static_cast<int>(k1));
+    PPF_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const __m256i p0e = _mm256_mul_epu32(c0[h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
+      const __m256i p1e = _mm256_mul_epu32(c2[h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
+      const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), kk0);
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), kk1);
+      c1[h] = lo1;
+      c3[h] = lo0;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[0] + 8 * h), c0[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[1] + 8 * h), c1[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[2] + 8 * h), c2[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[3] + 8 * h), c3[h]);
+  }
 }
 #endif
 
@@ -85,14 +129,16 @@ template <typename T>
 PPF_INLINE void dropout_mult(uint64_t g0, int64_t ngroups, PhiloxKey key, uint32_t threshold, T scale,
                              T* out) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const bool avx512 = has_avx512();
+  const int isa_bytes = cpu_isa_vector_bytes();
 #endif
   for (int64_t done = 0; done < ngroups; done += kPhiloxLanes) {
     uint32_t w[4][kPhiloxLanes];
     const uint64_t g = g0 + static_cast<uint64_t>(done);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    if (avx512)
+    if (isa_bytes == 64)
       philox_lanes_avx512(g, key, w);
+    else if (isa_bytes == 32)
+      philox_lanes_avx2(g, key, w);
     else
 #endif
       philox_lanes(g, key, w);
