@@ -9,7 +9,9 @@
 //   dX += Arᵀ·V,  dA_rows += V·Xᵀ,  dB_cols += Gᵀ·U (U recomputed; s applied once at the end)
 // Every column dimension (bi, bo, ai) is padded with zeros to a multiple of the vector width, so
 // a tile is always whole vectors. The hot loops are compiled per ISA (PPF_CPU_CLONES) on float /
-// double; other activation dtypes are converted a block of tokens at a time around them.
+// double and instantiated per vector width VB (64 or 32 bytes, common/cpu_width.h: the launchers
+// run the CPU's, which also sets the padding and the register tile); other activation dtypes are
+// converted a block of tokens at a time around them.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/cpu_width.h"
 #include "../common/lanes.h"
 #include "../ops.h"
 #include "kronecker_body.h"
@@ -38,65 +41,94 @@ struct KronPad {
 
 namespace {
 
-template <typename T>
-constexpr int kW = 64 / static_cast<int>(sizeof(T));  // one 64-byte vector: 16 float, 8 double
+// The vector geometry of T at width VB bytes: W lanes per vector, and the register tile of the
+// products, ROWS rows × NV vectors. A tile keeps ROWS·NV accumulators, NV loaded vectors of B and
+// a broadcast element of A in registers: 8 × 2 at 64 bytes (19 of AVX-512's 32 zmm); 4 × 2 at 32
+// (11 of AVX2's 16 ymm: 8 × 2 needs 19 and spills, 1.5-2x slower; 6 × 2, 15 registers, measured
+// 0-13 % slower, 4 × 3 and 8 × 1 slower still: bench/NOTES.md "Kronecker on AVX2").
+template <typename T, int VB>
+struct KronVec {
+  static constexpr int W = VB / static_cast<int>(sizeof(T));  // 16 / 8 float, 8 / 4 double
+  static constexpr int ROWS = VB == 64 ? 8 : 4;
+  static constexpr int NV = 2;
+};
 
 int64_t pad_to(int64_t c, int64_t w) { return (c + w - 1) / w * w; }
 
-template <typename T>
+// The largest power of two below n (n ≥ 2): the first tail tile after full tiles of n rows.
+constexpr int pow2_below(int n) { return n <= 2 ? 1 : 2 * pow2_below((n + 1) / 2); }
+
+template <typename T, int W>
 struct LoadRowVec {  // b(k, v) = B[k, j0 + v·W : j0 + (v+1)·W]
   const T* b;
   int64_t ldb;
-  PPF_HD Lanes<T, kW<T>> operator()(int64_t k, int v) const {
-    return Lanes<T, kW<T>>::load(b + k * ldb + v * kW<T>);
+  PPF_HD Lanes<T, W> operator()(int64_t k, int v) const {
+    return Lanes<T, W>::load(b + k * ldb + v * W);
   }
 };
 
 // ACC: C += A·B (C loaded into the accumulators); else C = A·B (C only written).
-template <bool ACC, int ROWS, int NV, typename T>
+template <bool ACC, int ROWS, int NV, int W, typename T>
 PPF_INLINE void gemm_tile(int64_t K, const T* a, int64_t rsa, int64_t csa, const T* b, int64_t ldb,
                           T* c, int64_t ldc) {
-  using V = Lanes<T, kW<T>>;
+  using V = Lanes<T, W>;
   V acc[ROWS][NV];
   if constexpr (ACC) {
     PPF_UNROLL
     for (int r = 0; r < ROWS; ++r)
       PPF_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::load(c + r * ldc + v * kW<T>);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::load(c + r * ldc + v * W);
   }
-  small_gemm_tile<ROWS, NV, V>(a, rsa, csa, K, LoadRowVec<T>{b, ldb}, acc);
+  small_gemm_tile<ROWS, NV, V>(a, rsa, csa, K, LoadRowVec<T, W>{b, ldb}, acc);
   PPF_UNROLL
   for (int r = 0; r < ROWS; ++r)
     PPF_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * kW<T>);
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * W);
 }
 
-// Rows [0, M) of one column panel of NV vectors, in tiles of 8, 4, 2 and 1 rows.
-template <bool ACC, int NV, typename T>
+// Rows [i, M), M - i < 2·R, of a column panel: one tile of R rows if it fits, then R/2, ..., 1.
+template <bool ACC, int R, int NV, int W, typename T>
+PPF_INLINE void gemm_tail_rows(int64_t i, int64_t M, int64_t K, const T* a, int64_t rsa,
+                               int64_t csa, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if (i + R <= M) gemm_tile<ACC, R, NV, W>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc), i += R;
+  if constexpr (R > 1) gemm_tail_rows<ACC, R / 2, NV, W>(i, M, K, a, rsa, csa, b, ldb, c, ldc);
+}
+
+// Rows [0, M) of one column panel of NV vectors: tiles of ROWS rows, then one each of ROWS/2,
+// ..., 1 rows where they fit (ROWS = 8: 8, then 4, 2, 1).
+template <bool ACC, int ROWS, int NV, int W, typename T>
 PPF_INLINE void gemm_panel(int64_t M, int64_t K, const T* a, int64_t rsa, int64_t csa, const T* b,
                            int64_t ldb, T* c, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 8 <= M; i += 8) gemm_tile<ACC, 8, NV>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc);
-  if (i + 4 <= M) gemm_tile<ACC, 4, NV>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc), i += 4;
-  if (i + 2 <= M) gemm_tile<ACC, 2, NV>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc), i += 2;
-  if (i < M) gemm_tile<ACC, 1, NV>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc);
+  for (; i + ROWS <= M; i += ROWS)
+    gemm_tile<ACC, ROWS, NV, W>(K, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc);
+  if constexpr (ROWS > 1)
+    gemm_tail_rows<ACC, pow2_below(ROWS), NV, W>(i, M, K, a, rsa, csa, b, ldb, c, ldc);
 }
 
-// C (M × N) (+)= A (M × K; element (i, k) at a[i·rsa + k·csa]) · B (K × N, row stride ldb).
-// N is a multiple of the vector width: panels of 2 vectors (8 × 2 tiles: 16 accumulators), then
-// one of 1 vector.
-template <bool ACC, typename T>
+// C (M × N) (+)= A (M × K; element (i, k) at a[i·rsa + k·csa]) · B (K × N, row stride ldb), at
+// width VB. N is a multiple of the vector width: panels of NV vectors (ROWS × NV tiles), then
+// panels of 1 vector.
+template <bool ACC, int VB, typename T>
 PPF_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t rsa, int64_t csa,
                      const T* b, int64_t ldb, T* c, int64_t ldc) {
-  constexpr int W = kW<T>;
+  using KV = KronVec<T, VB>;
+  constexpr int W = KV::W, ROWS = KV::ROWS, NV = KV::NV;
   int64_t j = 0;
-  for (; j + 2 * W <= N; j += 2 * W) gemm_panel<ACC, 2>(M, K, a, rsa, csa, b + j, ldb, c + j, ldc);
-  if (j < N) gemm_panel<ACC, 1>(M, K, a, rsa, csa, b + j, ldb, c + j, ldc);
+  for (; j + NV * W <= N; j += NV * W)
+    gemm_panel<ACC, ROWS, NV, W>(M, K, a, rsa, csa, b + j, ldb, c + j, ldc);
+  for (; j < N; j += W) gemm_panel<ACC, ROWS, 1, W>(M, K, a, rsa, csa, b + j, ldb, c + j, ldc);
 }
-template <typename T, typename... Args>
-PPF_INLINE void gemm_acc(Args... args) { gemm<true, T>(args...); }  // C += A·B
-template <typename T, typename... Args>
-PPF_INLINE void gemm_set(Args... args) { gemm<false, T>(args...); }  // C = A·B
+template <int VB, typename T>
+PPF_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* a, int64_t rsa, int64_t csa,
+                         const T* b, int64_t ldb, T* c, int64_t ldc) {  // C += A·B
+  gemm<true, VB>(M, N, K, a, rsa, csa, b, ldb, c, ldc);
+}
+template <int VB, typename T>
+PPF_INLINE void gemm_set(int64_t M, int64_t N, int64_t K, const T* a, int64_t rsa, int64_t csa,
+                         const T* b, int64_t ldb, T* c, int64_t ldc) {  // C = A·B
+  gemm<false, VB>(M, N, K, a, rsa, csa, b, ldb, c, ldc);
+}
 
 // c[0:n] += p[0:n] (a product computed alone, then added: the sum over tokens is two-level)
 template <typename T>
@@ -124,10 +156,9 @@ PPF_INLINE const T* x_operand(const KronPad& g, const T* xr, T* xb) {
 }
 
 // xt[l, j] = x[j, l] for x (rows × cols, contiguous) into xt (cols × ldt; ldt ≥ rows a multiple of
-// the vector width), by W × W register transposes (lanes.h); rows past `rows` read as zeros.
-template <typename T>
+// the vector width W), by W × W register transposes (lanes.h); rows past `rows` read as zeros.
+template <int W, typename T>
 PPF_INLINE void transpose_padded(const T* x, int64_t rows, int64_t cols, T* xt, int64_t ldt) {
-  constexpr int W = kW<T>;
   using V = Lanes<T, W>;
   for (int64_t l0 = 0; l0 < cols; l0 += W) {
     const int64_t nl = std::min<int64_t>(W, cols - l0);
@@ -151,12 +182,12 @@ PPF_INLINE void transpose_padded(const T* x, int64_t rows, int64_t cols, T* xt, 
 }
 
 // ub (T·ao·h × bip) = Ar·X_t for the T tokens at x (contiguous rows of ai·bi).
-template <typename T>
+template <int VB, typename T>
 PPF_INLINE void stacked_U(const KronPad& g, const T* Ar, const T* x, int64_t T_, T* ub, T* xb) {
   const int64_t per = g.m() * g.bip;
   for (int64_t t = 0; t < T_; ++t) {
     const T* X = x_operand(g, x + t * g.s.in(), xb);
-    gemm_set<T>(g.m(), g.bip, g.s.ai, Ar, g.s.ai, 1, X, g.bip, ub + t * per, g.bip);
+    gemm_set<VB>(g.m(), g.bip, g.s.ai, Ar, g.s.ai, 1, X, g.bip, ub + t * per, g.bip);
   }
 }
 
@@ -169,7 +200,7 @@ PPF_INLINE void add_unpadded(int64_t rows, int64_t cols, const T* cp, int64_t ld
 
 // Forward of `rows` tokens: y[t] += s·Σₕ Aₕ·X_t·Bₕᵀ; x, y contiguous acc-dtype rows.
 // work: kron_fwd_work() elements, zeroed by the caller (xb's padding stays zero).
-template <typename T>
+template <int VB, typename T>
 PPF_INLINE void kron_fwd_rows(const KronPad& g, const T* Ar, const T* Bt, const T* x, int64_t rows,
                               T* y, T* work) {
   const KronShape& s = g.s;
@@ -179,12 +210,12 @@ PPF_INLINE void kron_fwd_rows(const KronPad& g, const T* Ar, const T* Bt, const 
   T* yb = ub + TT * g.m() * g.bip;
   for (int64_t t0 = 0; t0 < rows; t0 += TT) {
     const int64_t nt = std::min(TT, rows - t0);
-    stacked_U(g, Ar, x + t0 * s.in(), nt, ub, xb);
+    stacked_U<VB>(g, Ar, x + t0 * s.in(), nt, ub, xb);
     T* Y = y + t0 * s.out();  // (nt·ao × bo): the nt tokens' Y stacked
     if (g.bop == s.bo) {
-      gemm_acc<T>(nt * s.ao, g.bop, g.hb(), ub, g.hb(), 1, Bt, g.bop, Y, g.bop);
+      gemm_acc<VB>(nt * s.ao, g.bop, g.hb(), ub, g.hb(), 1, Bt, g.bop, Y, g.bop);
     } else {
-      gemm_set<T>(nt * s.ao, g.bop, g.hb(), ub, g.hb(), 1, Bt, g.bop, yb, g.bop);
+      gemm_set<VB>(nt * s.ao, g.bop, g.hb(), ub, g.hb(), 1, Bt, g.bop, yb, g.bop);
       add_unpadded(nt * s.ao, s.bo, yb, g.bop, Y);
     }
   }
@@ -196,7 +227,7 @@ PPF_INLINE void kron_fwd_rows(const KronPad& g, const T* Ar, const T* Bt, const 
 // blocked GEMM's: a product of depth ≤ max(bi, kSumDepth) is formed alone, added into the token
 // tile's sum, which is added into the thread's.
 // gy, x, dx: contiguous acc-dtype rows; work: kron_bwd_work() elements, zeroed by the caller.
-template <typename T>
+template <int VB, typename T>
 PPF_INLINE void kron_bwd_rows(const KronPad& g, const T* Ar, const T* Bs, const T* gy, const T* x,
                               int64_t rows, T* dx, T* dA, T* dB, T* work) {
   const KronShape& s = g.s;
@@ -217,32 +248,32 @@ PPF_INLINE void kron_bwd_rows(const KronPad& g, const T* Ar, const T* Bs, const 
     const T* G = gy + t0 * s.out();  // (nt·ao × bo)
     const T* X0 = x + t0 * s.in();
     if (dx != nullptr || dA != nullptr) {  // V = G·Bs for the nt tokens: (nt·ao × h·bip)
-      gemm_set<T>(nt * s.ao, g.hb(), s.bo, G, s.bo, 1, Bs, g.hb(), vb, g.hb());
+      gemm_set<VB>(nt * s.ao, g.hb(), s.bo, G, s.bo, 1, Bs, g.hb(), vb, g.hb());
     }
     for (int64_t t = 0; t < nt; ++t) {
       const T* V = vb + t * per;  // (ao·h × bip)
       if (dx != nullptr) {        // dX_t += Arᵀ·V_t
         T* dr = dx + (t0 + t) * s.in();
         if (g.bip == s.bi) {
-          gemm_acc<T>(s.ai, g.bip, g.m(), Ar, 1, s.ai, V, g.bip, dr, g.bip);
+          gemm_acc<VB>(s.ai, g.bip, g.m(), Ar, 1, s.ai, V, g.bip, dr, g.bip);
         } else {
-          gemm_set<T>(s.ai, g.bip, g.m(), Ar, 1, s.ai, V, g.bip, dxb, g.bip);
+          gemm_set<VB>(s.ai, g.bip, g.m(), Ar, 1, s.ai, V, g.bip, dxb, g.bip);
           add_unpadded(s.ai, s.bi, dxb, g.bip, dr);
         }
       }
       if (dA != nullptr) {  // dA_rows += V_t·X_tᵀ
         const T* xr = X0 + t * s.in();
-        transpose_padded(xr, s.ai, s.bi, xt, g.aip);
-        gemm_set<T>(g.m(), g.aip, s.bi, V, g.bip, 1, xt, g.aip, pb, g.aip);
+        transpose_padded<KronVec<T, VB>::W>(xr, s.ai, s.bi, xt, g.aip);
+        gemm_set<VB>(g.m(), g.aip, s.bi, V, g.bip, 1, xt, g.aip, pb, g.aip);
         add_to(g.m() * g.aip, pb, ta);
       }
     }
     if (dA != nullptr) add_to(g.m() * g.aip, ta, dA);
     if (dB != nullptr) {  // U = Ar·X for the nt tokens, dB_cols += Gᵀ·U, kc tokens per product
-      stacked_U(g, Ar, X0, nt, ub, xb);
+      stacked_U<VB>(g, Ar, X0, nt, ub, xb);
       for (int64_t c0 = 0; c0 < nt; c0 += kc) {
         const int64_t nc = std::min(kc, nt - c0);
-        gemm_set<T>(s.bo, g.hb(), nc * s.ao, G + c0 * s.out(), 1, s.bo, ub + c0 * per, g.hb(), pb,
+        gemm_set<VB>(s.bo, g.hb(), nc * s.ao, G + c0 * s.out(), 1, s.bo, ub + c0 * per, g.hb(), pb,
                     g.hb());
         add_to(s.bo * g.hb(), pb, tb);
       }
@@ -261,50 +292,43 @@ int64_t kron_bwd_work(const KronPad& g) {
 
 }  // namespace
 
-// The ISA-cloned entry points, one per accumulation dtype (see PPF_CPU_CLONES).
-PPF_CPU_CLONES void kron_fwd_rows_f32(const KronPad& g, const float* Ar, const float* Bt,
-                                      const float* x, int64_t rows, float* y, float* work) {
-  kron_fwd_rows<float>(g, Ar, Bt, x, rows, y, work);
-}
-PPF_CPU_CLONES void kron_fwd_rows_f64(const KronPad& g, const double* Ar, const double* Bt,
-                                      const double* x, int64_t rows, double* y, double* work) {
-  kron_fwd_rows<double>(g, Ar, Bt, x, rows, y, work);
-}
-PPF_CPU_CLONES void kron_bwd_rows_f32(const KronPad& g, const float* Ar, const float* Bs,
-                                      const float* gy, const float* x, int64_t rows, float* dx,
-                                      float* dA, float* dB, float* work) {
-  kron_bwd_rows<float>(g, Ar, Bs, gy, x, rows, dx, dA, dB, work);
-}
-PPF_CPU_CLONES void kron_bwd_rows_f64(const KronPad& g, const double* Ar, const double* Bs,
-                                      const double* gy, const double* x, int64_t rows, double* dx,
-                                      double* dA, double* dB, double* work) {
-  kron_bwd_rows<double>(g, Ar, Bs, gy, x, rows, dx, dA, dB, work);
-}
+// The ISA-cloned entry points: one symbol per accumulation dtype and vector width (see
+// PPF_CPU_CLONES), and an overload per width that calls it.
+#define PPF_KRON_ROWS(T, suffix, VB)                                                               \
+  PPF_CPU_CLONES void kron_fwd_rows_##suffix##_##VB(const KronPad& g, const T* Ar, const T* Bt,    \
+                                                    const T* x, int64_t rows, T* y, T* work) {     \
+    kron_fwd_rows<VB, T>(g, Ar, Bt, x, rows, y, work);                                             \
+  }                                                                                                \
+  PPF_CPU_CLONES void kron_bwd_rows_##suffix##_##VB(const KronPad& g, const T* Ar, const T* Bs,    \
+                                                    const T* gy, const T* x, int64_t rows, T* dx,  \
+                                                    T* dA, T* dB, T* work) {                       \
+    kron_bwd_rows<VB, T>(g, Ar, Bs, gy, x, rows, dx, dA, dB, work);                                \
+  }                                                                                                \
+  namespace {                                                                                      \
+  inline void fwd_rows_isa(Width<VB>, const KronPad& g, const T* Ar, const T* Bt, const T* x,      \
+                           int64_t rows, T* y, T* w) {                                             \
+    kron_fwd_rows_##suffix##_##VB(g, Ar, Bt, x, rows, y, w);                                       \
+  }                                                                                                \
+  inline void bwd_rows_isa(Width<VB>, const KronPad& g, const T* Ar, const T* Bs, const T* gy,     \
+                           const T* x, int64_t rows, T* dx, T* dA, T* dB, T* w) {                  \
+    kron_bwd_rows_##suffix##_##VB(g, Ar, Bs, gy, x, rows, dx, dA, dB, w);                          \
+  }                                                                                                \
+  }  // namespace
+
+PPF_KRON_ROWS(float, f32, 64)
+PPF_KRON_ROWS(float, f32, 32)
+PPF_KRON_ROWS(double, f64, 64)
+PPF_KRON_ROWS(double, f64, 32)
+#undef PPF_KRON_ROWS
 
 namespace {
 
-inline void fwd_rows_isa(const KronPad& g, const float* Ar, const float* Bt, const float* x,
-                         int64_t rows, float* y, float* w) {
-  kron_fwd_rows_f32(g, Ar, Bt, x, rows, y, w);
-}
-inline void fwd_rows_isa(const KronPad& g, const double* Ar, const double* Bt, const double* x,
-                         int64_t rows, double* y, double* w) {
-  kron_fwd_rows_f64(g, Ar, Bt, x, rows, y, w);
-}
-inline void bwd_rows_isa(const KronPad& g, const float* Ar, const float* Bs, const float* gy,
-                         const float* x, int64_t rows, float* dx, float* dA, float* dB, float* w) {
-  kron_bwd_rows_f32(g, Ar, Bs, gy, x, rows, dx, dA, dB, w);
-}
-inline void bwd_rows_isa(const KronPad& g, const double* Ar, const double* Bs, const double* gy,
-                         const double* x, int64_t rows, double* dx, double* dA, double* dB,
-                         double* w) {
-  kron_bwd_rows_f64(g, Ar, Bs, gy, x, rows, dx, dA, dB, w);
-}
-
 constexpr int64_t kTokenBlock = 32;  // tokens converted / handed to the hot loop at a time
 
+// The geometry at width VB: bi, bo, ai padded to whole vectors of the accumulation dtype.
+template <int VB>
 KronPad padded(const KronShape& s, at::ScalarType acc) {
-  const int64_t w = acc == at::kDouble ? kW<double> : kW<float>;
+  const int64_t w = acc == at::kDouble ? KronVec<double, VB>::W : KronVec<float, VB>::W;
   return KronPad{s, pad_to(s.bi, w), pad_to(s.bo, w), pad_to(s.ai, w)};
 }
 
@@ -346,25 +370,27 @@ void kronecker_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tenso
   if (s.empty(n)) return;
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
-  const KronPad g = padded(s, acc);
   const at::Tensor Ar = stacked_rows(A);
-  at::Tensor Bt = at::zeros({s.h, g.bip, g.bop}, A.options());
-  Bt.narrow(1, 0, s.bi).narrow(2, 0, s.bo).copy_(B.transpose(1, 2).mul(scaling));
-  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
-    using T = scalar_t;
-    const T* arp = Ar.data_ptr<T>();
-    const T* btp = Bt.data_ptr<T>();
-    const int64_t work_size = kron_fwd_work(g);
-    at::parallel_for(0, (n + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(work_size, T(0));
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * kTokenBlock, rows = std::min(kTokenBlock, n - r0);
-        at::Tensor xk, yk;
-        const T* xp = acc_rows<T>(x, r0, rows, acc, xk);
-        T* yp = acc_out_rows<T>(y, r0, rows, acc, yk);
-        fwd_rows_isa(g, arp, btp, xp, rows, yp, work.data());
-        add_back(y, r0, rows, yk);
-      }
+  with_cpu_width([&](auto width) {
+    const KronPad g = padded<decltype(width)::value>(s, acc);
+    at::Tensor Bt = at::zeros({s.h, g.bip, g.bop}, A.options());
+    Bt.narrow(1, 0, s.bi).narrow(2, 0, s.bo).copy_(B.transpose(1, 2).mul(scaling));
+    AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+      using T = scalar_t;
+      const T* arp = Ar.data_ptr<T>();
+      const T* btp = Bt.data_ptr<T>();
+      const int64_t work_size = kron_fwd_work(g);
+      at::parallel_for(0, (n + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<T> work(work_size, T(0));
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * kTokenBlock, rows = std::min(kTokenBlock, n - r0);
+          at::Tensor xk, yk;
+          const T* xp = acc_rows<T>(x, r0, rows, acc, xk);
+          T* yp = acc_out_rows<T>(y, r0, rows, acc, yk);
+          fwd_rows_isa(width, g, arp, btp, xp, rows, yp, work.data());
+          add_back(y, r0, rows, yk);
+        }
+      });
     });
   });
 }
@@ -382,44 +408,46 @@ std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cpu(const at::Tensor& gy,
   const int64_t n = x.size(0);
   const at::Tensor A = A_.detach(), B = B_.detach();
   const at::ScalarType acc = A.scalar_type();
-  const KronPad g = padded(s, acc);
   const int nthreads = at::get_num_threads();
-  at::Tensor dA_part = need_dA ? at::zeros({nthreads, g.m(), g.aip}, A.options()) : at::Tensor();
-  at::Tensor dB_part = need_dB ? at::zeros({nthreads, s.bo, g.hb()}, A.options()) : at::Tensor();
-  if (!s.empty(n) && (has_dx || need_dA || need_dB)) {
-    const at::Tensor Ar = stacked_rows(A);
-    at::Tensor Bs = at::zeros({s.bo, s.h, g.bip}, A.options());
-    Bs.narrow(2, 0, s.bi).copy_(B.permute({1, 0, 2}).mul(scaling));
-    at::Tensor dx = has_dx ? *dx_opt : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
-      using T = scalar_t;
-      const T* arp = Ar.data_ptr<T>();
-      const T* bsp = Bs.data_ptr<T>();
-      const int64_t work_size = kron_bwd_work(g);
-      at::parallel_for(0, (n + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
-        const int tid = at::get_thread_num();
-        TORCH_INTERNAL_ASSERT(tid < nthreads);
-        T* dAp = need_dA ? dA_part[tid].data_ptr<T>() : nullptr;
-        T* dBp = need_dB ? dB_part[tid].data_ptr<T>() : nullptr;
-        std::vector<T> work(work_size, T(0));
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r0 = b * kTokenBlock, rows = std::min(kTokenBlock, n - r0);
-          at::Tensor gk, xk, dk;
-          const T* gp = acc_rows<T>(gy, r0, rows, acc, gk);
-          const T* xp = acc_rows<T>(x, r0, rows, acc, xk);
-          T* dxp = has_dx ? acc_out_rows<T>(dx, r0, rows, acc, dk) : nullptr;
-          bwd_rows_isa(g, arp, bsp, gp, xp, rows, dxp, dAp, dBp, work.data());
-          if (has_dx) add_back(dx, r0, rows, dk);
-        }
+  at::Tensor dA = at::empty({0}, A.options()), dB = at::empty({0}, A.options());
+  with_cpu_width([&](auto width) {
+    const KronPad g = padded<decltype(width)::value>(s, acc);
+    at::Tensor dA_part = need_dA ? at::zeros({nthreads, g.m(), g.aip}, A.options()) : at::Tensor();
+    at::Tensor dB_part = need_dB ? at::zeros({nthreads, s.bo, g.hb()}, A.options()) : at::Tensor();
+    if (!s.empty(n) && (has_dx || need_dA || need_dB)) {
+      const at::Tensor Ar = stacked_rows(A);
+      at::Tensor Bs = at::zeros({s.bo, s.h, g.bip}, A.options());
+      Bs.narrow(2, 0, s.bi).copy_(B.permute({1, 0, 2}).mul(scaling));
+      at::Tensor dx = has_dx ? *dx_opt : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+        using T = scalar_t;
+        const T* arp = Ar.data_ptr<T>();
+        const T* bsp = Bs.data_ptr<T>();
+        const int64_t work_size = kron_bwd_work(g);
+        at::parallel_for(0, (n + kTokenBlock - 1) / kTokenBlock, 1, [&](int64_t b0, int64_t b1) {
+          const int tid = at::get_thread_num();
+          TORCH_INTERNAL_ASSERT(tid < nthreads);
+          T* dAp = need_dA ? dA_part[tid].data_ptr<T>() : nullptr;
+          T* dBp = need_dB ? dB_part[tid].data_ptr<T>() : nullptr;
+          std::vector<T> work(work_size, T(0));
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t r0 = b * kTokenBlock, rows = std::min(kTokenBlock, n - r0);
+            at::Tensor gk, xk, dk;
+            const T* gp = acc_rows<T>(gy, r0, rows, acc, gk);
+            const T* xp = acc_rows<T>(x, r0, rows, acc, xk);
+            T* dxp = has_dx ? acc_out_rows<T>(dx, r0, rows, acc, dk) : nullptr;
+            bwd_rows_isa(width, g, arp, bsp, gp, xp, rows, dxp, dAp, dBp, work.data());
+            if (has_dx) add_back(dx, r0, rows, dk);
+          }
+        });
       });
-    });
-  }
-  at::Tensor dA = need_dA ? dA_part.sum(0).narrow(1, 0, s.ai).reshape({s.ao, s.h, s.ai})
-                                .permute({1, 0, 2}).contiguous()
-                          : at::empty({0}, A.options());
-  at::Tensor dB = need_dB ? dB_part.sum(0).mul_(scaling).reshape({s.bo, s.h, g.bip})
-                                .narrow(2, 0, s.bi).permute({1, 0, 2}).contiguous()
-                          : at::empty({0}, A.options());
+    }
+    if (need_dA)
+      dA = dA_part.sum(0).narrow(1, 0, s.ai).reshape({s.ao, s.h, s.ai}).permute({1, 0, 2}).contiguous();
+    if (need_dB)
+      dB = dB_part.sum(0).mul_(scaling).reshape({s.bo, s.h, g.bip}).narrow(2, 0, s.bi)
+               .permute({1, 0, 2}).contiguous();
+  });
   return {dA, dB};
 }
 
