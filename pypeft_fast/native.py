@@ -26,6 +26,9 @@ from .families.lowrank_dora import TorchDoRA, factored_norm
 from .philox import keep_rows
 from .validate import compute_dtype
 
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_AVX512 = CPU_CAPABILITY.upper().startswith("AVX512")
+
 log = logging.getLogger("pypeft_fast")
 
 try:
@@ -105,8 +108,22 @@ class NativeDoRA(TorchDoRA):
 
     @classmethod
     def _sparse_ok(cls, x2d, p, c) -> bool:
-        return (x2d.device.type == "cpu" and p > 0.0 and os.environ.get("PYPEFT_FAST_DORA_DM") == "sparse"
+        """The dropped-set path: the default at p > 0 on CPU (``PYPEFT_FAST_DORA_DM`` unset or
+        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources)."""
+        return (x2d.device.type == "cpu" and p > 0.0
+                and os.environ.get("PYPEFT_FAST_DORA_DM", "sparse") in ("", "sparse")
                 and bool(((c - p).abs() >= cls.SPARSE_MIN_GAP).all()))
+
+    @staticmethod
+    def _dropped_times_wt(x2d, weight, dropped, cd):
+        """x_d·Wᵀ (n, out), contiguous, in ``cd``: the native SpMM over the dropped entries' CSR,
+        accumulated into zeros through its transposed view (the kernel then adds rows of
+        tokens, no transposing store)."""
+        rows, cols, row_ptr = dropped
+        w = weight if weight.dtype == cd else weight.to(cd)
+        q = torch.zeros(x2d.shape[0], weight.shape[0], dtype=cd, device=x2d.device)
+        ops.sparse_spmm_csr_t_acc(q.t(), row_ptr, cols, x2d[rows, cols].to(cd), w)
+        return q
 
     @staticmethod
     def _dropped_csr(x2d, seed, p):
@@ -130,8 +147,7 @@ class NativeDoRA(TorchDoRA):
         if not cls._sparse_ok(x2d, p, c):
             return super().forward(x2d, weight, bias, params, aux, hp)
         seed = aux[0]
-        rows, cols, row_ptr = cls._dropped_csr(x2d, seed, p)
-        q = ops.sparse_spmm_csr_t(row_ptr, cols, x2d[rows, cols].to(cd), x2d.shape[1], weight).t()
+        q = cls._dropped_times_wt(x2d, weight, cls._dropped_csr(x2d, seed, p), cd)
         u = ops.lowrank_dropout_down(x2d, Ac, seed, p)
         c1 = (c - p) / (1 - p)
         # y = c₁ ⊙ (x·Wᵀ − ((c−1)/(c−p)) ⊙ x_d·Wᵀ + s·u·(B ⊙ c/c₁)ᵀ) + b + c ⊙ s·b_B
@@ -159,7 +175,8 @@ class NativeDoRA(TorchDoRA):
         need_dA, need_dB, need_dm = needs_dparams[:3]
         g, colsum, coldot = cls.grad_prologue(gy2d, c, y)
         gyc = gy2d.to(cd)
-        rows, cols, row_ptr = cls._dropped_csr(x2d, seed, p)
+        dropped = cls._dropped_csr(x2d, seed, p)
+        rows, cols, row_ptr = dropped
         dx = dA = dB = dm = dbB = None
         if needs_dx or need_dA:
             t = (g @ Bc).mul_(s)                                      # (n, r)
@@ -175,11 +192,11 @@ class NativeDoRA(TorchDoRA):
         if b_B is not None and needs_dparams[3]:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
-            q = ops.sparse_spmm_csr_t(row_ptr, cols, x2d[rows, cols].to(cd), x2d.shape[1], weight)
+            q = cls._dropped_times_wt(x2d, weight, dropped, cd)
             lora = s * (P * Bc).sum(1)                                # Σᵢ gy ⊙ s·u·Bᵀ
             if b_B is not None:
                 lora = lora + s * b_B.to(cd) * colsum
-            acc = coldot - (q.t() * gyc).sum(0) - c * lora           # Σ gy ⊙ (y − x_d·Wᵀ − L)
+            acc = coldot - (q * gyc).sum(0) - c * lora               # Σ gy ⊙ (y − x_d·Wᵀ − L)
             if b is not None:
                 acc = acc - b * colsum
             dm = ((acc / (c - p) + lora) / norm).to(m.dtype)         # Σ gy ⊙ (x̃·Wᵀ + s·(u·Bᵀ + b_B))
@@ -267,12 +284,14 @@ class NativeKronecker(DeltaKernels):
     token and the torch path's one GEMM over all tokens wins — and B given as rank-k factors
     (S, T), which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense B would
     not be served natively, or its multiply-adds exceed ``DENSE_OVER_FACTORED`` × the factored
-    ones (the native dense products run about 2.5× as many multiply-adds per second as the
-    factored path's skinny GEMMs; bench/NOTES.md). On CUDA also a token's U = A·X tile
+    ones. Both limits were measured per CPU (bench/NOTES.md "Kronecker on AVX2"): on an AVX-512
+    Xeon the native dense products ran 2.5× as many multiply-adds per second as the factored
+    path's skinny GEMMs and beat the torch path up to 32 K B values; on an AVX2 EPYC (32-byte
+    vectors) about as many, and the crossover is ≈ 16 K. On CUDA also a token's U = A·X tile
     (ao·h·bi values) must fit the kernel's shared memory."""
 
-    MAX_B_ELEMENTS = 32768  # h·bo·bi; measured crossover between 32 K (native 1.5× faster) and 64 K
-    DENSE_OVER_FACTORED = 2.0
+    MAX_B_ELEMENTS = 32768 if _AVX512 else 16384  # h·bo·bi; the measured crossover
+    DENSE_OVER_FACTORED = 2.0 if _AVX512 else 1.0
     CUDA_SHARED_BYTES = 48 * 1024  # kMaxSharedBytes in csrc/kronecker/kronecker_cuda.cu (checked there too)
 
     @classmethod
@@ -347,21 +366,19 @@ def cpp_auto_families(capability: str) -> frozenset[str]:
     (``torch.backends.cpu.get_cpu_capability()``) is ``capability``: where bench/NOTES.md
     measured them faster than the torch path.
 
-    AVX-512 (a Xeon): all four. AVX2 (an AMD EPYC): lowrank, and sparse since its kernels run
-    32-byte vectors there (csrc/common/cpu_width.h: 2.7-3x the torch path's layer time; with the
-    64-byte vectors they had before, 0.5x); the native Kronecker op ran 20-80x slower than the
-    torch path (its register tiles of 512-bit lanes spill in 256-bit registers). Elsewhere
-    (baseline x86-64, other architectures: not measured) lowrank only. Where ``auto`` keeps a
-    family on torch it says so once; ``backend="cpp"`` still runs the kernels."""
+    AVX-512 (a Xeon) and AVX2 (an AMD EPYC): all four, since the sparse and Kronecker loops run
+    32-byte vectors on AVX2 (csrc/common/cpu_width.h; with the 64-byte vectors they had before,
+    sparse ran at 0.5× and Kronecker at 1/20–1/80 of the torch path there). Per call the
+    Kronecker kernels still decline what they would lose (``NativeKronecker.supports``: the
+    limits are per CPU). Elsewhere (baseline x86-64, other architectures: not measured) lowrank
+    only; there ``auto`` keeps the others on torch and says so once, and ``backend="cpp"``
+    still runs them."""
     cap = capability.upper()
-    if cap.startswith("AVX512"):
+    if cap.startswith("AVX512") or cap.startswith("AVX2"):
         return frozenset({"lowrank", "sparse", "kronecker", "phm"})
-    if cap.startswith("AVX2"):
-        return frozenset({"lowrank", "sparse"})
     return frozenset({"lowrank"})
 
 
-CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 _CPP_AUTO = cpp_auto_families(CPU_CAPABILITY)
 for _family in ("sparse", "kronecker", "phm"):
     if _family not in _CPP_AUTO:

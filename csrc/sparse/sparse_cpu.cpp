@@ -127,6 +127,15 @@ PPF_INLINE void load_t_impl(const x_t* x, int64_t s0, int64_t s1, int64_t n0, in
                             int64_t c1, acc_t* xT, int64_t NB) {
   using VW = Lanes<acc_t, W>;
   const x_t* base = x + n0 * s0;
+  if (s0 == 1) {  // x is a transposed view: each column's nb tokens are contiguous, a plain copy
+    for (int64_t cc = c0; cc < c1; ++cc) {
+      acc_t* dst = xT + (cc - c0) * NB;
+      const x_t* src = base + cc * s1;
+      for (int64_t t = 0; t < nb; ++t) dst[t] = static_cast<acc_t>(src[t]);
+      for (int64_t t = nb; t < NB; ++t) dst[t] = acc_t(0);
+    }
+    return;
+  }
   const int64_t tfull = s1 == 1 ? nb / W * W : 0;
   // token tile outer, columns inner: W source rows are streamed sequentially (prefetch-friendly)
   const int64_t cfull = tfull > 0 ? c0 + (c1 - c0) / W * W : c0;
@@ -158,6 +167,14 @@ PPF_INLINE void store_t_acc_impl(o_t* out, int64_t s0, int64_t s1, int64_t n0, i
                                  const acc_t* yT, int64_t NB) {
   using VW = Lanes<acc_t, W>;
   o_t* base = out + n0 * s0;
+  if (s0 == 1) {  // out is a transposed view: row r's nb tokens are contiguous, a plain add
+    for (int64_t rr = 0; rr < R; ++rr) {
+      o_t* dst = base + rr * s1;
+      const acc_t* yr = yT + rr * NB;
+      for (int64_t t = 0; t < nb; ++t) dst[t] = static_cast<o_t>(static_cast<acc_t>(dst[t]) + yr[t]);
+    }
+    return;
+  }
   const int64_t tfull = s1 == 1 ? nb / W * W : 0;
   int64_t r = 0;
   for (; r + W <= R && tfull > 0; r += W) {

@@ -33,11 +33,13 @@ frozen-size GEMM in backward (bench/NOTES.md "DoRA", measured side by side). Def
   copy) and dm = (Σᵢ gyᵢ ⊙ yᵢ − b·Σᵢ gyᵢ) / m, since y − b = c ⊙ z and c·‖V‖ = m. (A magnitude
   entry exactly 0 would make this 0/0: those entries are recomputed from x·W_jᵀ.)
 * p > 0 — ``"saved"``: x̃·Wᵀ, which peft's math computes in forward anyway, is kept (n × out):
-  2 frozen GEMMs over LoRA's, as peft, instead of 3.
+  2 frozen GEMMs over LoRA's, as peft, instead of 3. (The cpp backend on CPU — auto's choice —
+  runs ``native.NativeDoRA``'s dropped-set identity instead: no second frozen GEMM, the output
+  kept as at p = 0.)
 
 ``PYPEFT_FAST_DORA_DM=recompute`` recomputes x·Wᵀ / x̃·Wᵀ in backward instead (nothing n × out
-kept, one more frozen GEMM); ``=sparse`` (cpp, p > 0) runs ``native.NativeDoRA``'s dropped-set
-identity. Results agree to rounding.
+kept, one more frozen GEMM); ``=saved`` makes the cpp backend run the torch kernels' "saved"
+source at p > 0; ``=sparse`` is the cpp default. Results agree to rounding.
 """
 from __future__ import annotations
 
