@@ -21,6 +21,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "macros.h"
+
 namespace pypeft_fast {
 
 template <int VB>
@@ -65,6 +67,18 @@ inline int cpu_isa_vector_bytes() {
   const int forced = forced_vector_bytes();
   return forced ? std::min(forced, cpu_native_vector_bytes()) : cpu_native_vector_bytes();
 }
+
+#define PPF_EXPAND(...) __VA_ARGS__
+
+// One hot loop at one width: the ISA-cloned plain function `clone` PARAMS (PPF_CPU_CLONES needs a
+// non-template symbol) whose body is `impl ARGS`, and the overload `dispatch(Width<VB>, PARAMS)`
+// that a launcher's with_cpu_width body calls. `impl` comes parenthesised (its template
+// arguments hold commas), e.g. (spmm_block<float, 8>).
+#define PPF_WIDTH_CLONE(VB, clone, dispatch, PARAMS, ARGS, impl)             \
+  PPF_CPU_CLONES void clone PARAMS { impl ARGS; }                           \
+  namespace {                                                               \
+  inline void dispatch(Width<VB>, PPF_EXPAND PARAMS) { clone ARGS; }        \
+  }  // namespace
 
 // f(Width<64>{}) or f(Width<32>{}): the launcher's body instantiated for both widths, run with
 // the CPU's.

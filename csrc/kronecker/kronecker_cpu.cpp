@@ -295,25 +295,14 @@ int64_t kron_bwd_work(const KronPad& g) {
 // The ISA-cloned entry points: one symbol per accumulation dtype and vector width (see
 // PPF_CPU_CLONES), and an overload per width that calls it.
 #define PPF_KRON_ROWS(T, suffix, VB)                                                               \
-  PPF_CPU_CLONES void kron_fwd_rows_##suffix##_##VB(const KronPad& g, const T* Ar, const T* Bt,    \
-                                                    const T* x, int64_t rows, T* y, T* work) {     \
-    kron_fwd_rows<VB, T>(g, Ar, Bt, x, rows, y, work);                                             \
-  }                                                                                                \
-  PPF_CPU_CLONES void kron_bwd_rows_##suffix##_##VB(const KronPad& g, const T* Ar, const T* Bs,    \
-                                                    const T* gy, const T* x, int64_t rows, T* dx,  \
-                                                    T* dA, T* dB, T* work) {                       \
-    kron_bwd_rows<VB, T>(g, Ar, Bs, gy, x, rows, dx, dA, dB, work);                                \
-  }                                                                                                \
-  namespace {                                                                                      \
-  inline void fwd_rows_isa(Width<VB>, const KronPad& g, const T* Ar, const T* Bt, const T* x,      \
-                           int64_t rows, T* y, T* w) {                                             \
-    kron_fwd_rows_##suffix##_##VB(g, Ar, Bt, x, rows, y, w);                                       \
-  }                                                                                                \
-  inline void bwd_rows_isa(Width<VB>, const KronPad& g, const T* Ar, const T* Bs, const T* gy,     \
-                           const T* x, int64_t rows, T* dx, T* dA, T* dB, T* w) {                  \
-    kron_bwd_rows_##suffix##_##VB(g, Ar, Bs, gy, x, rows, dx, dA, dB, w);                          \
-  }                                                                                                \
-  }  // namespace
+  PPF_WIDTH_CLONE(VB, kron_fwd_rows_##suffix##_##VB, fwd_rows_isa,                                 \
+                  (const KronPad& g, const T* Ar, const T* Bt, const T* x, int64_t rows, T* y,     \
+                   T* work),                                                                       \
+                  (g, Ar, Bt, x, rows, y, work), (kron_fwd_rows<VB, T>))                           \
+  PPF_WIDTH_CLONE(VB, kron_bwd_rows_##suffix##_##VB, bwd_rows_isa,                                 \
+                  (const KronPad& g, const T* Ar, const T* Bs, const T* gy, const T* x,            \
+                   int64_t rows, T* dx, T* dA, T* dB, T* work),                                    \
+                  (g, Ar, Bs, gy, x, rows, dx, dA, dB, work), (kron_bwd_rows<VB, T>))
 
 PPF_KRON_ROWS(float, f32, 64)
 PPF_KRON_ROWS(float, f32, 32)

@@ -87,29 +87,15 @@ PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, 
 // The ISA-cloned hot loops: one symbol per accumulation dtype and vector width (see
 // PPF_CPU_CLONES), and an overload per width that calls it.
 #define PPF_SPARSE_BLOCKS(acc_t, suffix, VB)                                                      \
-  PPF_CPU_CLONES void spmm_block_##suffix##_##VB(const int64_t* ptr, const int64_t* col,           \
-                                                 const acc_t* val, int64_t R, const acc_t* xT,     \
-                                                 acc_t* yT) {                                      \
-    spmm_block<acc_t, Blocking<acc_t, VB>::kSpmm>(ptr, col, val, R, xT, yT);                      \
-  }                                                                                               \
-  PPF_CPU_CLONES void sddmm_block_##suffix##_##VB(const int64_t* ptr, const int64_t* col,          \
-                                                  int64_t r0, int64_t r1, const acc_t* gT,         \
-                                                  const acc_t* xT, acc_t* partial,                 \
-                                                  acc_t* parked) {                                 \
-    sddmm_block<acc_t, Blocking<acc_t, VB>::kSddmm, Blocking<acc_t, VB>::W>(ptr, col, r0, r1, gT, \
-                                                                            xT, partial, parked);  \
-  }                                                                                               \
-  namespace {                                                                                     \
-  inline void spmm_block_isa(Width<VB>, const int64_t* p, const int64_t* c, const acc_t* v,        \
-                             int64_t R, const acc_t* xT, acc_t* yT) {                              \
-    spmm_block_##suffix##_##VB(p, c, v, R, xT, yT);                                               \
-  }                                                                                               \
-  inline void sddmm_block_isa(Width<VB>, const int64_t* p, const int64_t* c, int64_t r0,           \
-                              int64_t r1, const acc_t* gT, const acc_t* xT, acc_t* o,              \
-                              acc_t* parked) {                                                     \
-    sddmm_block_##suffix##_##VB(p, c, r0, r1, gT, xT, o, parked);                                 \
-  }                                                                                               \
-  }  // namespace
+  PPF_WIDTH_CLONE(VB, spmm_block_##suffix##_##VB, spmm_block_isa,                                 \
+                  (const int64_t* ptr, const int64_t* col, const acc_t* val, int64_t R,            \
+                   const acc_t* xT, acc_t* yT),                                                    \
+                  (ptr, col, val, R, xT, yT), (spmm_block<acc_t, Blocking<acc_t, VB>::kSpmm>))     \
+  PPF_WIDTH_CLONE(VB, sddmm_block_##suffix##_##VB, sddmm_block_isa,                               \
+                  (const int64_t* ptr, const int64_t* col, int64_t r0, int64_t r1,                 \
+                   const acc_t* gT, const acc_t* xT, acc_t* partial, acc_t* parked),               \
+                  (ptr, col, r0, r1, gT, xT, partial, parked),                                     \
+                  (sddmm_block<acc_t, Blocking<acc_t, VB>::kSddmm, Blocking<acc_t, VB>::W>))
 
 PPF_SPARSE_BLOCKS(float, f32, 64)
 PPF_SPARSE_BLOCKS(float, f32, 32)
@@ -203,26 +189,16 @@ PPF_INLINE void store_t_acc_impl(o_t* out, int64_t s0, int64_t s1, int64_t n0, i
 }  // namespace
 
 #define PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, VB)                                              \
-  PPF_CPU_CLONES void load_t_##suffix##_##VB(const x_t* x, int64_t s0, int64_t s1, int64_t n0,     \
-                                             int64_t nb, int64_t c0, int64_t c1, acc_t* xT,        \
-                                             int64_t NB) {                                         \
-    load_t_impl<x_t, acc_t, Blocking<acc_t, VB>::W>(x, s0, s1, n0, nb, c0, c1, xT, NB);            \
-  }                                                                                               \
-  PPF_CPU_CLONES void store_t_acc_##suffix##_##VB(x_t* out, int64_t s0, int64_t s1, int64_t n0,    \
-                                                  int64_t nb, int64_t R, const acc_t* yT,          \
-                                                  int64_t NB) {                                    \
-    store_t_acc_impl<x_t, acc_t, Blocking<acc_t, VB>::W>(out, s0, s1, n0, nb, R, yT, NB);          \
-  }                                                                                               \
-  namespace {                                                                                     \
-  inline void load_t(Width<VB>, const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb,      \
-                     int64_t c0, int64_t c1, acc_t* xT, int64_t NB) {                              \
-    load_t_##suffix##_##VB(x, s0, s1, n0, nb, c0, c1, xT, NB);                                    \
-  }                                                                                               \
-  inline void store_t_acc(Width<VB>, x_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb,     \
-                          int64_t R, const acc_t* yT, int64_t NB) {                                \
-    store_t_acc_##suffix##_##VB(out, s0, s1, n0, nb, R, yT, NB);                                  \
-  }                                                                                               \
-  }  // namespace
+  PPF_WIDTH_CLONE(VB, load_t_##suffix##_##VB, load_t,                                              \
+                  (const x_t* x, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t c0,       \
+                   int64_t c1, acc_t* xT, int64_t NB),                                             \
+                  (x, s0, s1, n0, nb, c0, c1, xT, NB),                                             \
+                  (load_t_impl<x_t, acc_t, Blocking<acc_t, VB>::W>))                              \
+  PPF_WIDTH_CLONE(VB, store_t_acc_##suffix##_##VB, store_t_acc,                                    \
+                  (x_t* out, int64_t s0, int64_t s1, int64_t n0, int64_t nb, int64_t R,            \
+                   const acc_t* yT, int64_t NB),                                                   \
+                  (out, s0, s1, n0, nb, R, yT, NB),                                                \
+                  (store_t_acc_impl<x_t, acc_t, Blocking<acc_t, VB>::W>))
 #define PPF_TRANSPOSERS(x_t, acc_t, suffix)                                                      \
   PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, 64)                                                     \
   PPF_TRANSPOSERS_AT(x_t, acc_t, suffix, 32)
