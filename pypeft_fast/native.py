@@ -167,7 +167,9 @@ class NativeDoRA(TorchDoRA):
                                     needs_dparams)
         A, B, m = params[:3]
         b_B = params[3] if len(params) > 3 else None
-        _, y, b, _ = kept
+        # W as forward kept it: the ``weight`` argument is a shape-only stand-in when x needs
+        # no gradient (function.py), and dm reads W's data through x_d·Wᵀ
+        w_kept, y, b, _ = kept
         cd = u.dtype
         s, p, seed = hp.scaling, hp.dropout, aux[0]
         Ac, Bc, mc = A.to(cd), B.to(cd), m.to(cd)
@@ -192,7 +194,7 @@ class NativeDoRA(TorchDoRA):
         if b_B is not None and needs_dparams[3]:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
-            q = cls._dropped_times_wt(x2d, weight, dropped, cd)
+            q = cls._dropped_times_wt(x2d, w_kept, dropped, cd)
             lora = s * (P * Bc).sum(1)                                # Σᵢ gy ⊙ s·u·Bᵀ
             if b_B is not None:
                 lora = lora + s * b_B.to(cd) * colsum

@@ -18,18 +18,25 @@ pytest.importorskip("transformers")
 
 from pypeft_fast.inject.modules import delta_modules  # noqa: E402
 from training_models import (  # noqa: E402
-    N_ADAPTED, adapter_state, injected_lowrank, peft_lora, token_batch, train,
+    N_ADAPTED, adapter_state, injected_lowrank, peft_dora, peft_loha, peft_lora, token_batch, train,
 )
 
 DROPOUT = 0.25
+# kind: build(); DoRA at p > 0 on CPU (auto = cpp) is NativeDoRA's dropped-set identity, whose
+# CSR of the dropped entries is rebuilt from the seed in backward; LoHa has no dropout
+PATCHED = {"patched-lora": lambda: peft_lora(dropout=DROPOUT),
+           "patched-dora": lambda: peft_dora(dropout=DROPOUT),
+           "patched-loha": lambda: peft_loha()}
+INJECTED = {"injected-lowrank": lambda: injected_lowrank(dropout=DROPOUT),
+            "injected-dora": lambda: injected_lowrank(dropout=DROPOUT, magnitude=True)}
 
 
 def build(kind):
     """``(model in training mode, layer-call counter)``."""
-    if kind == "patched-lora":
-        model, report = peft_lora(dropout=DROPOUT)
+    if kind in PATCHED:
+        model, report = PATCHED[kind]()
         return model.train(), lambda: report.call_counts()
-    model = injected_lowrank(dropout=DROPOUT).train()
+    model = INJECTED[kind]().train()
     calls = [0]
     for _, m in delta_modules(model):
         m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -49,7 +56,7 @@ def gradients(model, ids, seed, autocast):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("kind", ["patched-lora", "injected-lowrank"])
+@pytest.mark.parametrize("kind", [*PATCHED, *INJECTED])
 def test_checkpointed_gradients_equal_the_plain_run(kind, use_reentrant, autocast):
     ids = token_batch(3, seed=8)
     plain, plain_calls = build(kind)
@@ -66,6 +73,8 @@ def test_checkpointed_gradients_equal_the_plain_run(kind, use_reentrant, autocas
     for k in g0:
         assert g0[k].abs().max() > 0, f"{k}: zero gradient"
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-9, msg=lambda m: f"{k}: {m}")
+    if kind.endswith("loha"):
+        return  # no dropout: nothing drawn from the generator
     # the masks are live: another seed gives other gradients
     _, g2 = gradients(plain, ids, seed=12, autocast=autocast)
     assert max((g2[k] - g0[k]).abs().max().item() for k in g0) > 1e-4

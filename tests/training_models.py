@@ -25,32 +25,72 @@ def tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float3
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def peft_lora(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, patch=True):
+def peft_lora(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, patch=True,
+              use_dora: bool = False):
     """A peft LoRA model (r = 4, all seven projections, both factors random: every adapter
     gradient is non-zero from step 0), patched by ``pf.patch(strict=True)`` unless ``patch`` is
-    False. Returns ``(model, report or None)``."""
+    False. ``use_dora``: peft's DoRA, the magnitudes moved off their init (c = m / ‖V‖ in
+    0.8-1.2, not 1: the (c − 1) terms are live). Returns ``(model, report or None)``."""
     from peft import LoraConfig, get_peft_model
-
-    import pypeft_fast as pf
 
     model = get_peft_model(tiny_llama(seed, dtype=dtype), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LLAMA_TARGETS,
-        init_lora_weights=False))
+        init_lora_weights=False, use_dora=use_dora))
+    if use_dora:
+        _scale_magnitudes(model, seed)
+    return _patched(model, patch)
+
+
+def peft_dora(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, patch=True):
+    """:func:`peft_lora` with ``use_dora=True``."""
+    return peft_lora(dropout, seed, dtype, patch, use_dora=True)
+
+
+def peft_loha(seed: int = 0, dtype: torch.dtype = torch.float32, patch=True):
+    """A peft LoHa model (r = 4, all seven projections, every factor random, halved: a
+    trained-delta size), patched unless ``patch`` is False. Returns ``(model, report or None)``."""
+    from peft import LoHaConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(seed, dtype=dtype), LoHaConfig(
+        r=4, alpha=8, target_modules=LLAMA_TARGETS, init_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "hada_w" in n:
+                p.mul_(0.5)
+    return _patched(model, patch)
+
+
+def _patched(model, patch):
+    import pypeft_fast as pf
+
     return model, (pf.patch(model, strict=True) if patch else None)
 
 
 @torch.no_grad()
-def injected_lowrank(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32):
+def _scale_magnitudes(model, seed):
+    g = torch.Generator().manual_seed(seed + 200)
+    for n, p in model.named_parameters():
+        if "lora_magnitude_vector" in n or n.endswith(".magnitude"):
+            p.mul_(0.8 + 0.4 * torch.rand(p.shape, generator=g).to(p.dtype))
+
+
+@torch.no_grad()
+def injected_lowrank(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     magnitude: bool = False):
     """``pf.inject`` lowrank (r = 4) on all seven projections; B (zero at injection) randomised
-    so that A gets a gradient from step 0."""
+    so that A gets a gradient from step 0. ``magnitude``: DoRA, the magnitudes moved off their
+    init as in :func:`peft_lora`."""
     import pypeft_fast as pf
     from pypeft_fast.inject.modules import delta_modules
 
     model = pf.inject(tiny_llama(seed, dtype=dtype), pf.DeltaConfig(
-        family="lowrank", r=4, alpha=8.0, dropout=dropout, target_modules=LLAMA_TARGETS))
+        family="lowrank", r=4, alpha=8.0, dropout=dropout, target_modules=LLAMA_TARGETS,
+        magnitude=magnitude))
     g = torch.Generator().manual_seed(seed + 100)
     for _, m in delta_modules(model):
         m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.1)
+    if magnitude:
+        _scale_magnitudes(model, seed)
     return model
 
 
