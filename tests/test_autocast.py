@@ -24,6 +24,8 @@ import pypeft_fast as pf
 from pypeft_fast.measure import SavedTensors
 from numerics import _leaves, _run, assert_within, cpu_backends, routed
 
+from test_dora import dora_case
+from test_hadamard import hada_case
 from test_kronecker import kron_case
 from test_lowrank import lowrank_case
 from test_phm import phm_case
@@ -46,6 +48,9 @@ def rounded(t: torch.Tensor) -> torch.Tensor:
 OP_CASES = {
     "lowrank": lambda: lowrank_case(),
     "lowrank-dropout": lambda: lowrank_case(dropout=0.1),
+    "lowrank-dora": lambda: dora_case(),
+    "lowrank-dora-dropout": lambda: dora_case(dropout=0.1),  # cpp: the dropped-set identity
+    "hadamard": lambda: hada_case(),
     "kronecker": lambda: kron_case(),
     "kronecker-lowrank-factors": lambda: kron_case(a_rank=2, b_rank=3),
     "phm": lambda: phm_case(),
@@ -135,7 +140,7 @@ def test_autocast_saves_what_the_bf16_op_saves(name, backend):
 # ------------------------------------------------------------------------ patched peft methods
 
 peft = pytest.importorskip("peft")
-from peft import LoKrConfig, LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
 
 from test_patch import assert_within as assert_within_model  # noqa: E402
 from test_patch import LLAMA_TARGETS, batch_for, outputs, peft_relative_error, tiny_llama  # noqa: E402
@@ -161,6 +166,9 @@ PEFT_CASES = {
     "lokr-lowrank-factors": lambda: LoKrConfig(r=2, alpha=3, target_modules=["up", "down"],
                                                decompose_both=True, decompose_factor=4, init_weights=False),
     "shira": lambda: ShiraConfig(r=2, target_modules=["up", "down"], init_weights=False),
+    "dora": lambda: LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["up", "down"],
+                               init_lora_weights=False),
+    "loha": lambda: LoHaConfig(r=2, alpha=4, target_modules=["up", "down"], init_weights=False),
 }
 
 
@@ -244,9 +252,10 @@ def test_patched_llama_lora_under_autocast_matches_peft():
     compare_patched_under_autocast(model, (batch, batch), run, expect_served=2 * len(LLAMA_TARGETS))
 
 
-def test_patched_lora_dropout_under_autocast_is_served_and_saves_less_than_peft():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_patched_lora_dropout_under_autocast_is_served_and_saves_less_than_peft(use_dora):
     torch.manual_seed(0)
-    model = get_peft_model(MLP(), LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1,
+    model = get_peft_model(MLP(), LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1, use_dora=use_dora,
                                              target_modules=["up", "down"], init_lora_weights=False))
     model.train()
     patched = copy.deepcopy(model)
@@ -274,6 +283,7 @@ INJECT_CASES = {
     "kronecker": dict(family="kronecker", scaling=0.7),
     "phm": dict(family="phm", n=4),
     "sparse": dict(family="sparse", density=0.05, seed=3),
+    "hadamard": dict(family="hadamard", r=2, alpha=4.0),
 }
 
 

@@ -40,7 +40,8 @@ class Handler:
     @staticmethod
     def forward(module, adapter, x, state):
         weight, bias = linear_view(module.base_layer)
-        return hadamard_linear(x, weight, bias, module.hada_w1_a[adapter], module.hada_w1_b[adapter],
-                               module.hada_w2_a[adapter], module.hada_w2_b[adapter],
-                               scaling=scalar(module.scaling[adapter]), backend=state.backend,
-                               name=state.entry.name)
+        y = hadamard_linear(x, weight, bias, module.hada_w1_a[adapter], module.hada_w1_b[adapter],
+                            module.hada_w2_a[adapter], module.hada_w2_b[adapter],
+                            scaling=scalar(module.scaling[adapter]), backend=state.backend,
+                            name=state.entry.name)
+        return y.to(x.dtype)  # peft's LoHa returns the input's dtype (under autocast too)
