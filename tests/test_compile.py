@@ -10,8 +10,16 @@ def calls():
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     idx = torch.randperm(35 * 24, generator=g)[:50]
     idx = torch.stack([idx // 24, idx % 24])
+    m = r(35).abs() + 0.5
+    m[[0, 4]] = 0.0  # DoRA: a magnitude entry exactly 0 takes the recomputed-z branch of dm
+    dora = lambda p: lambda x, W, P: pf.lowrank_linear(  # noqa: E731
+        x, W, None, *P[:2], 0.5, p, torch.tensor(7), magnitude=P[2])
     return {
         "lowrank": ((r(3, 24), r(35, 3)), lambda x, W, P: pf.lowrank_linear(x, W, None, *P, 0.5, 0.1, torch.tensor(7))),
+        "dora": ((r(3, 24), r(35, 3), m), dora(0.0)),
+        "dora-dropout": ((r(3, 24), r(35, 3), m + 1.0), dora(0.1)),
+        "hadamard": ((r(35, 2), r(2, 24), r(35, 2), r(2, 24)),
+                     lambda x, W, P: pf.hadamard_linear(x, W, None, *P, 0.5)),
         "kronecker": (((r(5, 2), r(2, 4)), r(7, 6)), lambda x, W, P: pf.kronecker_linear(x, W, None, *P, 0.5)),
         "phm": ((r(2, 5, 4), r(2, 7, 6)), lambda x, W, P: pf.phm_linear(x, W, None, *P, 0.5)),
         "sparse": ((r(50),), lambda x, W, P: pf.sparse_linear(x, W, None, P[0], idx, 0.5)),
@@ -22,7 +30,16 @@ def _flat(P):
     return [t for p in P for t in (p if isinstance(p, tuple) else (p,))]
 
 
-@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+# Known failure (reported, not fixed): NativeDoRA's dropped-set path at p > 0 (cpp, auto's
+# choice on CPU) is data-dependent: native.py _sparse_ok's bool(((c − p).abs() >= gap).all())
+# ("Could not guard on data-dependent expression", a graph break without fullgraph) and
+# _dropped_csr's nonzero (a dynamic-shape op). strict: the mark goes when the path compiles.
+DORA_DROPPED_SET_DOES_NOT_COMPILE = pytest.mark.xfail(
+    strict=True, reason="NativeDoRA dropped-set path: data-dependent bool() and nonzero under dynamo")
+
+
+@pytest.mark.parametrize("family", ["lowrank", "dora", pytest.param("dora-dropout", marks=DORA_DROPPED_SET_DOES_NOT_COMPILE),
+                                    "hadamard", "kronecker", "phm", "sparse"])
 def test_compile_fullgraph_forward_backward(family):
     torch._dynamo.reset()
     P, call = calls()[family]
@@ -47,7 +64,7 @@ def test_compile_fullgraph_forward_backward(family):
 # ------------------------------------------------- models under the default (inductor) backend
 
 peft = pytest.importorskip("peft")
-from peft import LoKrConfig, LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, LoraConfig, ShiraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pypeft_fast.inject import delta_modules  # noqa: E402
@@ -82,6 +99,12 @@ PEFT_CONFIGS = {
                                        init_lora_weights=False),
     "lokr": lambda: LoKrConfig(r=4, alpha=4, target_modules=["0", "1"], init_weights=False),
     "shira": lambda: ShiraConfig(r=2, target_modules=["0", "1"], init_weights=False),
+    "dora": lambda: LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["0", "1"],
+                               init_lora_weights=False),
+    # auto on CPU: the cpp backend's dropped-set identity (NativeDoRA), its CSR of the dropped x
+    "dora-dropout": lambda: LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1, use_dora=True,
+                                       target_modules=["0", "1"], init_lora_weights=False),
+    "loha": lambda: LoHaConfig(r=2, alpha=4, target_modules=["0", "1"], init_weights=False),
 }
 
 
@@ -102,7 +125,8 @@ def _graph_breaks(model, x) -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-@pytest.mark.parametrize("method", sorted(PEFT_CONFIGS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=DORA_DROPPED_SET_DOES_NOT_COMPILE)
+                                    if m == "dora-dropout" else m for m in sorted(PEFT_CONFIGS)])
 def test_patched_peft_model_compiles_with_inductor(method):
     """Default inductor backend, training mode (LoRA dropout > 0: the crash of issue 9 was the
     first layer's dA-only dropout backward); compiled == eager; no graph break of ours."""

@@ -92,7 +92,7 @@ def assert_served(run, *, served: bool = True):
 
 
 SAME_AS_ONE_PROCESS = [
-    "ddp-peft", "ddp-injected", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-bf16-base",
+    "ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-bf16-base",
     "fsdp2-injected-bf16-base", "fsdp2-peft-bf16-base-mp-policy", "fsdp2-peft-patched-after-sharding",
     "fsdp2-peft-bf16-base-trainable-norms-own-groups", "fsdp2-peft-autocast", "fsdp2-injected-autocast",
 ]
@@ -111,7 +111,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, name):
         assert_within(f"{name} {k}", state[k], single_f64[k], single[k], expected)
 
 
-@pytest.mark.parametrize("name", ["ddp-peft", "ddp-injected", "fsdp2-peft", "fsdp2-injected"])
+@pytest.mark.parametrize("name", ["ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected"])
 def test_dropout_keeps_every_rank_identical(runs, name):
     run, state = completed(runs, name + "-dropout")
     assert_served(run)

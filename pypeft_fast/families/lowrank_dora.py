@@ -72,7 +72,12 @@ def weight_row_stats(weight: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tenso
 
     The key is the tensor that owns the storage (a Conv1D's ``W.t()`` view is made afresh on
     every call; its ``_base`` is the Parameter), the view's geometry and the shared version
-    counter, so an in-place update of W (``merge``, ``load_state_dict``) recomputes them."""
+    counter, so an in-place update of W (``merge``, ``load_state_dict``) recomputes them.
+    Under ``torch.compile`` they are computed in the graph, uncached: the key's
+    ``storage_offset``/``_version``/weakref are Python-side state dynamo cannot trace (a graph
+    break per DoRA layer call)."""
+    if torch.compiler.is_compiling():
+        return _row_stats(weight, cd)
     anchor = weight if weight._base is None else weight._base
     key = id(anchor)
     geometry = (tuple(weight.shape), tuple(weight.stride()), weight.storage_offset(), cd,
@@ -82,16 +87,21 @@ def weight_row_stats(weight: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tenso
         ref, geo, version, stats = hit
         if ref() is anchor and geo == geometry and version == weight._version:
             return stats
+    stats = _row_stats(weight, cd)
+    _ROW_STATS[key] = (weakref.ref(anchor, lambda _r, k=key: _ROW_STATS.pop(k, None)), geometry,
+                       weight._version, stats)
+    return stats
+
+
+def _row_stats(weight: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖Wᵢ‖², ΣWᵢ) per output row in ``cd``, W converted a block of rows at a time."""
     sq = torch.empty(weight.shape[0], dtype=cd, device=weight.device)
     rs = torch.empty_like(sq)
     for j0, j1 in _row_blocks(weight):
         wc = weight[j0:j1].to(cd)
         torch.linalg.vector_norm(wc, dim=1, out=sq[j0:j1]).square_()
         torch.sum(wc, dim=1, out=rs[j0:j1])
-    stats = (sq, rs)
-    _ROW_STATS[key] = (weakref.ref(anchor, lambda _r, k=key: _ROW_STATS.pop(k, None)), geometry,
-                       weight._version, stats)
-    return stats
+    return sq, rs
 
 
 def w_times_at(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -265,6 +275,15 @@ class TorchDoRA:
         return dx, grads
 
 
+def _zero_magnitude_grad(dm, zero, gyc, x2d, weight, u, Bc, s, b_B, norm, cd):
+    """dm with the entries where m = 0 (there y − b = 0 carries no z) from a recomputed
+    z = x·Wᵀ + s·(u·Bᵀ + b_B), every row (the traced form of the branch below: shapes static)."""
+    z = F.linear(x2d, weight).to(cd) + s * (u @ Bc.t())
+    if b_B is not None:
+        z = z + s * b_B.to(cd)
+    return torch.where(zero, (gyc * z).sum(0) / norm, dm)
+
+
 def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, cd, colsum, coldot):
     """dm = Σᵢ gyᵢ ⊙ zᵢ / ‖V‖ (module docstring), z from what forward kept: (W, y, b) — the
     output —, (W, x̃·Wᵀ) or (W,) to recompute; ``colsum``/``coldot`` are the prologue's Σᵢ gyᵢ and
@@ -278,6 +297,9 @@ def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, cd, colsum, 
             acc.sub_(colsum * b)
         dm = acc / mc
         zero = mc == 0
+        if torch.compiler.is_compiling():                  # no data-dependent branch in a graph
+            return torch.cond(zero.any(), _zero_magnitude_grad, lambda *a: a[0].clone(),
+                              (dm, zero, gyc, x2d, weight, u, Bc, s, b_B, norm, cd))
         if bool(zero.any()):                               # y − b = 0 there: z from x·W_jᵀ
             j = zero.nonzero().squeeze(1)
             zj = F.linear(x2d, weight[j]).to(cd) + s * (u @ Bc[j].t())

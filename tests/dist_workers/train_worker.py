@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
-from training_models import injected_lowrank, peft_lora, token_batch  # noqa: E402
+from training_models import injected_lowrank, peft_dora, peft_lora, token_batch  # noqa: E402
 
 STEPS = 3
 GLOBAL = 4  # rows per global batch; each of the 2 ranks takes 2
@@ -32,6 +32,9 @@ SCENARIOS = {
     "ddp-injected": ("ddp", "injected", 0.0, torch.float32, ""),
     "ddp-peft-dropout": ("ddp", "peft", 0.2, torch.float32, ""),
     "ddp-injected-dropout": ("ddp", "injected", 0.2, torch.float32, ""),
+    # peft DoRA; at p > 0 on CPU (auto = cpp) NativeDoRA's dropped-set identity
+    "ddp-peft-dora": ("ddp", "peft-dora", 0.0, torch.float32, ""),
+    "ddp-peft-dora-dropout": ("ddp", "peft-dora", 0.2, torch.float32, ""),
     "fsdp2-peft": ("fsdp2", "peft", 0.0, torch.float32, "layers"),
     "fsdp2-injected": ("fsdp2", "injected", 0.0, torch.float32, "layers"),
     "fsdp2-peft-dropout": ("fsdp2", "peft", 0.2, torch.float32, "layers"),
@@ -58,8 +61,9 @@ SCENARIOS = {
 
 
 def build(model_kind, dropout, dtype, sharding="", patch=True):
-    if model_kind == "peft":
-        model, report = peft_lora(dropout=dropout, dtype=dtype, patch=patch)
+    if model_kind in ("peft", "peft-dora"):
+        make = peft_dora if model_kind == "peft-dora" else peft_lora
+        model, report = make(dropout=dropout, dtype=dtype, patch=patch)
     else:
         model, report = injected_lowrank(dropout=dropout, dtype=dtype), None
     if "norms" in sharding:
