@@ -109,8 +109,11 @@ class NativeDoRA(TorchDoRA):
     @classmethod
     def _sparse_ok(cls, x2d, p, c) -> bool:
         """The dropped-set path: the default at p > 0 on CPU (``PYPEFT_FAST_DORA_DM`` unset or
-        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources)."""
-        return (x2d.device.type == "cpu" and p > 0.0
+        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources). Not under
+        torch.compile: the path is data-dependent (the c − p check, the CSR of the dropped
+        entries from ``nonzero``), so a compiled graph runs the torch kernels' "saved" source —
+        the same numbers to rounding, peft's second frozen GEMM (README "torch.compile")."""
+        return (x2d.device.type == "cpu" and p > 0.0 and not torch.compiler.is_compiling()
                 and os.environ.get("PYPEFT_FAST_DORA_DM", "sparse") in ("", "sparse")
                 and bool(((c - p).abs() >= cls.SPARSE_MIN_GAP).all()))
 

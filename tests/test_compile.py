@@ -30,15 +30,7 @@ def _flat(P):
     return [t for p in P for t in (p if isinstance(p, tuple) else (p,))]
 
 
-# Known failure (reported, not fixed): NativeDoRA's dropped-set path at p > 0 (cpp, auto's
-# choice on CPU) is data-dependent: native.py _sparse_ok's bool(((c − p).abs() >= gap).all())
-# ("Could not guard on data-dependent expression", a graph break without fullgraph) and
-# _dropped_csr's nonzero (a dynamic-shape op). strict: the mark goes when the path compiles.
-DORA_DROPPED_SET_DOES_NOT_COMPILE = pytest.mark.xfail(
-    strict=True, reason="NativeDoRA dropped-set path: data-dependent bool() and nonzero under dynamo")
-
-
-@pytest.mark.parametrize("family", ["lowrank", "dora", pytest.param("dora-dropout", marks=DORA_DROPPED_SET_DOES_NOT_COMPILE),
+@pytest.mark.parametrize("family", ["lowrank", "dora", "dora-dropout",
                                     "hadamard", "kronecker", "phm", "sparse"])
 def test_compile_fullgraph_forward_backward(family):
     torch._dynamo.reset()
@@ -125,8 +117,7 @@ def _graph_breaks(model, x) -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=DORA_DROPPED_SET_DOES_NOT_COMPILE)
-                                    if m == "dora-dropout" else m for m in sorted(PEFT_CONFIGS)])
+@pytest.mark.parametrize("method", sorted(PEFT_CONFIGS))
 def test_patched_peft_model_compiles_with_inductor(method):
     """Default inductor backend, training mode (LoRA dropout > 0: the crash of issue 9 was the
     first layer's dA-only dropout backward); compiled == eager; no graph break of ours."""
