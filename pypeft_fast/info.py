@@ -25,6 +25,9 @@ def report() -> str:
         lines.append(f"{dist:<13}{_version(dist)}")
     # torch.cuda.is_available() does not create a CUDA context.
     lines.append(f"cuda         {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible'}")
+    lines.append(f"cpu          {platform.machine()}, torch capability "
+                 f"{torch.backends.cpu.get_cpu_capability()} (the native loops' vector width "
+                 "follows it: README, Native kernels)")
     native = sys.modules.get("pypeft_fast.native")
     if native is not None:
         b = native.BUILD_INFO

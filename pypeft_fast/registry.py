@@ -224,11 +224,12 @@ def kernels_for(family: str, backend: str, where: str, x, weight, params, aux, h
 
 def declines(family: str, backend: str) -> str | None:
     """What ``backend``'s kernels of ``family`` decline per call (their ``supports`` docstring's
-    first line), or None when they serve every call: ``python -m pypeft_fast info``."""
+    first paragraph, on one line), or None when they serve every call: ``python -m pypeft_fast
+    info``."""
     entry = FAMILIES[family].backends.get(backend)
     supports = None if entry is None else getattr(entry.kernels, "supports", None)
     doc = None if supports is None else (supports.__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else None
+    return " ".join(doc.split("\n\n")[0].split()) if doc else None
 
 
 def usable_backends(device: torch.device) -> dict[str, dict[str, str | None]]:

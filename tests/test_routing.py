@@ -154,3 +154,13 @@ def test_info_lists_what_a_backend_declines_per_call():
     text = info.report()
     assert "(per call: declines LoRA at dropout 0" in text
     assert "(per call: declines B as rank-k factors" in text
+
+
+@needs_cpp
+def test_info_states_what_a_backend_declines_in_full():
+    """`pypeft-fast info` prints the supports docstring's first paragraph on one line; it used to
+    print only the first line ("... on CUDA a U tile over")."""
+    text = registry.declines("kronecker", "cpp")
+    assert text.endswith("on CUDA a U tile over the shared memory."), text
+    assert "\n" not in text
+    assert registry.declines("lowrank", "torch") is None
