@@ -107,25 +107,28 @@ class NativeDoRA(TorchDoRA):
     SPARSE_MIN_GAP = 0.5
 
     @classmethod
-    def _sparse_ok(cls, x2d, p, c) -> bool:
+    def _sparse_ok(cls, x2d, weight, p, c) -> bool:
         """The dropped-set path: the default at p > 0 on CPU (``PYPEFT_FAST_DORA_DM`` unset or
-        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources). Not under
-        torch.compile: the path is data-dependent (the c − p check, the CSR of the dropped
-        entries from ``nonzero``), so a compiled graph runs the torch kernels' "saved" source —
-        the same numbers to rounding, peft's second frozen GEMM (README "torch.compile")."""
+        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources), for a frozen W in
+        the accumulation dtype (a bf16 W — a bf16 base, or autocast's cast — would need a
+        weight-sized converted copy for the SpMM; those calls run the "saved" source, whose
+        frozen GEMMs run in W's dtype as peft's do). Not under torch.compile: the path is
+        data-dependent (the c − p check, the CSR of the dropped entries from ``nonzero``), so a
+        compiled graph runs the "saved" source too — the same numbers to rounding, peft's second
+        frozen GEMM (README "torch.compile")."""
         return (x2d.device.type == "cpu" and p > 0.0 and not torch.compiler.is_compiling()
+                and weight.dtype == c.dtype
                 and os.environ.get("PYPEFT_FAST_DORA_DM", "sparse") in ("", "sparse")
                 and bool(((c - p).abs() >= cls.SPARSE_MIN_GAP).all()))
 
     @staticmethod
     def _dropped_times_wt(x2d, weight, dropped, cd):
-        """x_d·Wᵀ (n, out), contiguous, in ``cd``: the native SpMM over the dropped entries' CSR,
-        accumulated into zeros through its transposed view (the kernel then adds rows of
-        tokens, no transposing store)."""
+        """x_d·Wᵀ (n, out), contiguous, in ``cd`` (W's dtype: ``_sparse_ok``): the native SpMM
+        over the dropped entries' CSR, accumulated into zeros through its transposed view (the
+        kernel then adds rows of tokens, no transposing store)."""
         rows, cols, row_ptr = dropped
-        w = weight if weight.dtype == cd else weight.to(cd)
         q = torch.zeros(x2d.shape[0], weight.shape[0], dtype=cd, device=x2d.device)
-        ops.sparse_spmm_csr_t_acc(q.t(), row_ptr, cols, x2d[rows, cols].to(cd), w)
+        ops.sparse_spmm_csr_t_acc(q.t(), row_ptr, cols, x2d[rows, cols].to(cd), weight)
         return q
 
     @staticmethod
@@ -147,7 +150,7 @@ class NativeDoRA(TorchDoRA):
         bBc = None if b_B is None else b_B.to(cd)
         norm = factored_norm(weight, Ac, Bc, s, bBc, cd)
         c = m.to(cd) / norm
-        if not cls._sparse_ok(x2d, p, c):
+        if not cls._sparse_ok(x2d, weight, p, c):
             return super().forward(x2d, weight, bias, params, aux, hp)
         seed = aux[0]
         q = cls._dropped_times_wt(x2d, weight, cls._dropped_csr(x2d, seed, p), cd)
