@@ -284,6 +284,9 @@ INJECT_CASES = {
     "phm": dict(family="phm", n=4),
     "sparse": dict(family="sparse", density=0.05, seed=3),
     "hadamard": dict(family="hadamard", r=2, alpha=4.0),
+    "lowrank-dora": dict(family="lowrank", r=3, alpha=6.0, magnitude=True),
+    # training mode: the same Philox masks (each run reseeds; the op and the reference draw in layer order)
+    "lowrank-dora-dropout-train": dict(family="lowrank", r=3, alpha=6.0, magnitude=True, dropout=0.1),
 }
 
 
@@ -293,6 +296,7 @@ def test_injected_model_under_autocast_matches_float64(case):
 
     targets = LLAMA_TARGETS
     model = perturb(pf.inject(inject_llama(0), pf.DeltaConfig(target_modules=targets, **INJECT_CASES[case])))
+    model.train(case.endswith("-train"))
     ids = ids_for()
     ref64 = _rounded_model64(as_reference(model))
     base = as_reference(model)
@@ -300,6 +304,7 @@ def test_injected_model_under_autocast_matches_float64(case):
 
     def run(m, under_autocast):
         m.zero_grad(set_to_none=True)
+        torch.manual_seed(17)  # the dropout seeds
         with autocast() if under_autocast else torch.enable_grad():
             y = output(m, ids)
             (y.double() * gy).sum().backward()

@@ -64,11 +64,11 @@ from pypeft_fast.inject import delta_modules  # noqa: E402
 
 class MLP(nn.Module):
     """Tiny: two layers for peft (the first one's input needs no gradient, as after a frozen
-    embedding), four for the injected model (one family each)."""
+    embedding), seven for the injected model (one family or variant each)."""
 
     def __init__(self, n=2):
         super().__init__()
-        dims = [24, 40, 32, 48, 18][: n + 1]
+        dims = [24, 40, 32, 48, 20, 28, 36, 18][: n + 1]
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:]))
 
     def forward(self, x):
@@ -139,15 +139,19 @@ def test_patched_peft_model_compiles_with_inductor(method):
 
 
 def test_injected_model_of_every_family_compiles_fullgraph_with_inductor():
-    """One model, four layers, one family each (inject takes one adapter per module tree, so
-    each layer is injected through its own container); dropout on; fullgraph."""
+    """One model, one layer per family or variant (inject takes one adapter per module tree, so
+    each layer is injected through its own container); dropout on; fullgraph. DoRA at p > 0 runs
+    the torch kernels' 'saved' source under compile (NativeDoRA's dropped-set path is eager-only)."""
     torch.manual_seed(0)
-    model = MLP(4)
+    cfgs = (dict(family="lowrank", r=3, dropout=0.1), dict(family="kronecker"),
+            dict(family="phm", n=4), dict(family="sparse", density=0.1),
+            dict(family="lowrank", r=3, magnitude=True), dict(family="lowrank", r=3, magnitude=True, dropout=0.1),
+            dict(family="hadamard", r=2, alpha=4.0))
+    model = MLP(len(cfgs))
     model.layers = nn.ModuleList(Block(layer) for layer in model.layers)
-    for block, cfg in zip(model.layers, (dict(family="lowrank", r=3, dropout=0.1), dict(family="kronecker"),
-                                         dict(family="phm", n=4), dict(family="sparse", density=0.1))):
+    for block, cfg in zip(model.layers, cfgs, strict=True):
         pf.inject(block, pf.DeltaConfig(target_modules=["lin"], **cfg))
-    assert len(delta_modules(model)) == 4
+    assert len(delta_modules(model)) == len(cfgs)
     with torch.no_grad():  # the zero-initialised factors get values: every gradient is non-trivial
         for p in model.parameters():
             if p.requires_grad:
@@ -158,6 +162,6 @@ def test_injected_model_of_every_family_compiles_fullgraph_with_inductor():
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
         compiled = _step(torch.compile(model, fullgraph=True), x)
-    assert len(compiled) == len(eager) > 4
+    assert len(compiled) == len(eager) > len(cfgs)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ saves what it saw; the tests below assert on it:
 
 * dropout 0: the adapter weights equal a single-process run on the whole global batch by
   flash-attention's rule against a float64 single-process run — DDP and FSDP2 (per decoder layer,
-  then the root), patched peft LoRA and injected lowrank, fp32 and fp32 adapters on a bf16 base
+  then the root), patched peft LoRA and DoRA and injected lowrank, fp32 and fp32 adapters on a bf16 base
   (with and without ``MixedPrecisionPolicy``; trainable bf16 norms in their own groups), bf16
   autocast, and ``pf.patch`` applied after sharding;
 * FSDP2's one-dtype-per-group rule for trainable parameters: torch's error, and the fix;
@@ -92,7 +92,8 @@ def assert_served(run, *, served: bool = True):
 
 
 SAME_AS_ONE_PROCESS = [
-    "ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-bf16-base",
+    "ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected", "fsdp2-peft-dora",
+    "fsdp2-peft-bf16-base",
     "fsdp2-injected-bf16-base", "fsdp2-peft-bf16-base-mp-policy", "fsdp2-peft-patched-after-sharding",
     "fsdp2-peft-bf16-base-trainable-norms-own-groups", "fsdp2-peft-autocast", "fsdp2-injected-autocast",
 ]
@@ -111,7 +112,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, name):
         assert_within(f"{name} {k}", state[k], single_f64[k], single[k], expected)
 
 
-@pytest.mark.parametrize("name", ["ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected"])
+@pytest.mark.parametrize("name", ["ddp-peft", "ddp-injected", "ddp-peft-dora", "fsdp2-peft", "fsdp2-injected",
+                                  "fsdp2-peft-dora"])
 def test_dropout_keeps_every_rank_identical(runs, name):
     run, state = completed(runs, name + "-dropout")
     assert_served(run)

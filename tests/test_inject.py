@@ -89,7 +89,8 @@ def output(model, ids):
 
 @torch.no_grad()
 def perturb(model, seed=7, scale=0.08):
-    """Random values in every delta tensor (the zero-initialised ones included)."""
+    """Random values in every delta tensor (the zero-initialised ones included); DoRA's magnitude
+    (initialised to the row norms) is scaled by [0.5, 1.5) instead, so c = m / ‖V‖ stays O(1)."""
     g = torch.Generator().manual_seed(seed)
     seen = set()
     for _, m in delta_modules(model):
@@ -97,11 +98,20 @@ def perturb(model, seed=7, scale=0.08):
             p = getattr(m, k)
             if id(p) not in seen:
                 seen.add(id(p))
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+                if k == "magnitude":
+                    p.mul_(0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
     return model
 
 
 def _reference_forward(self, x):
+    if self.family == "lowrank" and self.config.magnitude:  # DoRA: no additive ΔW; peft's math
+        from pypeft_fast.philox import draw_seed
+        from test_dora import dora_reference
+        p = self.config.dropout if self.training else 0.0  # the seed drawn where the op draws it
+        return dora_reference(x, self.base_weight(), self.base_layer.bias, self.A, self.B, self.magnitude,
+                              self.scaling, p, draw_seed() if p else None)
     return reference_linear(x, self.base_weight(), self.base_layer.bias, self.delta_weight())
 
 

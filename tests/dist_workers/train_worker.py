@@ -39,6 +39,9 @@ SCENARIOS = {
     "fsdp2-injected": ("fsdp2", "injected", 0.0, torch.float32, "layers"),
     "fsdp2-peft-dropout": ("fsdp2", "peft", 0.2, torch.float32, "layers"),
     "fsdp2-injected-dropout": ("fsdp2", "injected", 0.2, torch.float32, "layers"),
+    # peft DoRA: the magnitude vector sharded with its decoder layer like A and B
+    "fsdp2-peft-dora": ("fsdp2", "peft-dora", 0.0, torch.float32, "layers"),
+    "fsdp2-peft-dora-dropout": ("fsdp2", "peft-dora", 0.2, torch.float32, "layers"),
     # peft's default on a bf16 model: fp32 adapters, frozen bf16 base, one FSDP group per layer
     "fsdp2-peft-bf16-base": ("fsdp2", "peft", 0.0, torch.bfloat16, "layers"),
     "fsdp2-injected-bf16-base": ("fsdp2", "injected", 0.0, torch.bfloat16, "layers"),
