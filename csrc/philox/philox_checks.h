@@ -18,4 +18,12 @@ inline void check_seed(const char* op, const at::Tensor& seed) {
             seed.scalar_type(), ", device ", seed.device());
 }
 
+// philox_dropout's arguments (CPU and CUDA launchers): a floating x, the seed, p.
+inline void check_dropout_args(const char* op, const at::Tensor& x, const at::Tensor& seed,
+                               double p) {
+  check_floating(op, "x", x);
+  check_seed(op, seed);
+  check_p(op, p);
+}
+
 }  // namespace pypeft_fast

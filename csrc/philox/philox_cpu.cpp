@@ -208,9 +208,7 @@ at::Tensor philox_keep_mask_cpu(const at::Tensor& seed, int64_t numel, double p,
 at::Tensor philox_dropout_cpu(const at::Tensor& x_, const at::Tensor& seed, double p,
                               std::optional<at::ScalarType> dtype) {
   static constexpr const char* op = "philox_dropout";
-  check_floating(op, "x", x_);
-  check_seed(op, seed);
-  check_p(op, p);
+  check_dropout_args(op, x_, seed, p);
   const at::Tensor x = x_.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype.value_or(x.scalar_type())));
   check_floating(op, "dtype", out);

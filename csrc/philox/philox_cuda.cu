@@ -55,9 +55,7 @@ at::Tensor dropout_to(const at::Tensor& x_, const at::Tensor& seed, double p, at
 at::Tensor philox_dropout_cuda(const at::Tensor& x, const at::Tensor& seed, double p,
                                std::optional<at::ScalarType> dtype) {
   static constexpr const char* op = "philox_dropout";
-  check_floating(op, "x", x);
-  check_seed(op, seed);
-  check_p(op, p);
+  check_dropout_args(op, x, seed, p);
   const c10::cuda::CUDAGuard guard(x.device());
   return dropout_to(x, seed, p, dtype.value_or(x.scalar_type()));
 }

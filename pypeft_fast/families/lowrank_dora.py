@@ -275,12 +275,16 @@ class TorchDoRA:
         return dx, grads
 
 
+def _recomputed_z(x2d, w_rows, u, B_rows, s, bB_rows, cd):
+    """z = x·Wⱼᵀ + s·(u·Bⱼᵀ + b_Bⱼ) for the output rows j given (in ``cd``)."""
+    z = F.linear(x2d, w_rows).to(cd) + s * (u @ B_rows.t())
+    return z if bB_rows is None else z + s * bB_rows.to(cd)
+
+
 def _zero_magnitude_grad(dm, zero, gyc, x2d, weight, u, Bc, s, b_B, norm, cd):
-    """dm with the entries where m = 0 (there y − b = 0 carries no z) from a recomputed
-    z = x·Wᵀ + s·(u·Bᵀ + b_B), every row (the traced form of the branch below: shapes static)."""
-    z = F.linear(x2d, weight).to(cd) + s * (u @ Bc.t())
-    if b_B is not None:
-        z = z + s * b_B.to(cd)
+    """dm with the entries where m = 0 (there y − b = 0 carries no z) from a recomputed z, every
+    row (the traced form of the branch below: shapes static)."""
+    z = _recomputed_z(x2d, weight, u, Bc, s, b_B, cd)
     return torch.where(zero, (gyc * z).sum(0) / norm, dm)
 
 
@@ -302,9 +306,7 @@ def _magnitude_grad(gyc, x2d, xd, u, Bc, s, b_B, mc, norm, P, kept, cd, colsum, 
                               (dm, zero, gyc, x2d, weight, u, Bc, s, b_B, norm, cd))
         if bool(zero.any()):                               # y − b = 0 there: z from x·W_jᵀ
             j = zero.nonzero().squeeze(1)
-            zj = F.linear(x2d, weight[j]).to(cd) + s * (u @ Bc[j].t())
-            if b_B is not None:
-                zj = zj + s * b_B.to(cd)[j]
+            zj = _recomputed_z(x2d, weight[j], u, Bc[j], s, None if b_B is None else b_B[j], cd)
             dm[j] = (gyc[:, j] * zj).sum(0) / norm[j]
         return dm
     if len(kept) == 2:                                     # the saved x̃·Wᵀ (p > 0, "saved")
