@@ -31,6 +31,9 @@ CSR, nnz stored entries)::
         y = c ⊙ (y + s·u·Bᵀ) + shift in place, summed in u's dtype, rounded once to y's.
     dora_grad_prologue(gy (n, out), c (out,), y (n, out)?) -> (g, colsum, coldot)
         g = c ⊙ gy (n, out), colsum = Σᵢ gyᵢ, coldot = Σᵢ gyᵢ ⊙ yᵢ ((0,) without y), in c's dtype.
+    skinny_t_mm(a (n, r), b (n, k)) -> (r, k)                                [CPU]
+        aᵀ · b for a skinny a (a rank's columns), both float32 or both float64, unit-stride rows:
+        the token-sum of rank-r outer products (LoRA's dA = tᵀ·x, dB = (uᵀ·gy)ᵀ).
 
     kronecker_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
         y += x · (s·Σₕ Aₕ ⊗ Bₕ)ᵀ in place, ΔW never formed; summed in A's dtype
@@ -48,9 +51,10 @@ import torch
 
 from .validate import compute_dtype
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
-schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas)."""
+schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
+6: skinny_t_mm)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
@@ -64,6 +68,7 @@ SCHEMAS = {
     "lowrank_dropout_bwd": "lowrank_dropout_bwd(Tensor t, Tensor x, Tensor A, Tensor seed, float p, Tensor(a!)? dx, bool need_dA) -> Tensor",
     "dora_scale_epilogue": "dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()",
     "dora_grad_prologue": "dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)",
+    "skinny_t_mm": "skinny_t_mm(Tensor a, Tensor b) -> Tensor",
     "kronecker_apply_acc": "kronecker_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
     "kronecker_apply_bwd": "kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
 }
@@ -181,6 +186,13 @@ def _register_fakes(library: torch.library.Library) -> None:
         out = gy.shape[1]
         return (gy.new_empty(gy.shape, dtype=c.dtype), c.new_empty((out,)),
                 c.new_empty((out,) if y is not None else (0,)))
+
+    @register_fake(lib + "skinny_t_mm")
+    def _(a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[0],
+                     lambda: f"skinny_t_mm: a {tuple(a.shape)} and b {tuple(b.shape)} must be 2-D "
+                             "with the same number of rows")
+        return a.new_empty((a.shape[1], b.shape[1]))
 
     def _kron_check(op, x, A, B, **acts):
         torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],

@@ -22,7 +22,7 @@ from .families._layer import DeltaKernels
 from .families.kronecker import macs_per_row
 from .families.lowrank import TorchLowRank
 from .families.sparse import TorchSparse
-from .families.lowrank_dora import TorchDoRA, factored_norm
+from .families.lowrank_dora import TorchDoRA
 from .philox import keep_rows
 from .validate import compute_dtype
 
@@ -53,6 +53,22 @@ if BUILD_INFO.get("torch_version") != torch.__version__:
 _ops.define_ops()  # the schemas and fakes, after _C's kernels (pypeft_fast/_ops.py)
 WITH_CUDA: bool = bool(BUILD_INFO.get("with_cuda"))
 ops = torch.ops.pypeft_fast
+
+
+SKINNY_T_MM_MAX_RANK = 32
+"""``native_rank_t_mm`` runs the native ``skinny_t_mm`` for an a of at most this many columns;
+beyond it MKL's GEMM is as fast or faster (bench/NOTES.md "skinny_t_mm": r = 64 at 0.8–1.0×)."""
+
+
+def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ·b`` (:func:`~pypeft_fast.families._accumulate.rank_t_mm`) by the native
+    ``skinny_t_mm`` on CPU: 1.2–2.8× MKL's faster orientation at r ≤ 16 and up to 30× the slower
+    one (gyᵀ·u at r = 8), which ``gyc.t() @ u`` hit. Other devices, dtypes, strides or a wider a:
+    the torch form."""
+    if (a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+            and a.shape[1] <= SKINNY_T_MM_MAX_RANK and b.stride(-1) == 1):
+        return ops.skinny_t_mm(a.contiguous(), b)
+    return a.t() @ b
 
 
 class NativeSparse(TorchSparse):
@@ -105,6 +121,7 @@ class NativeDoRA(TorchDoRA):
     # amplifies y's rounding by 1/(c − p). A call with any c − p < SPARSE_MIN_GAP (never near
     # peft's init c = 1 at p ≤ 0.3) takes the torch kernels' path (one more frozen GEMM).
     SPARSE_MIN_GAP = 0.5
+    t_mm = staticmethod(native_rank_t_mm)
 
     @classmethod
     def _sparse_ok(cls, x2d, weight, p, c) -> bool:
@@ -142,16 +159,11 @@ class NativeDoRA(TorchDoRA):
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
-        A, B, m = params[:3]
-        b_B = params[3] if len(params) > 3 else None
-        cd = compute_dtype(x2d, A, B, m)
+        scaled = cls.scale(x2d, weight, params, hp)
+        cd, Ac, Bc, bBc, norm, c = scaled
         s, p = hp.scaling, hp.dropout
-        Ac, Bc = A.to(cd), B.to(cd)
-        bBc = None if b_B is None else b_B.to(cd)
-        norm = factored_norm(weight, Ac, Bc, s, bBc, cd)
-        c = m.to(cd) / norm
-        if not cls._sparse_ok(x2d, weight, p, c):
-            return super().forward(x2d, weight, bias, params, aux, hp)
+        if not cls._sparse_ok(x2d, weight, p, c):   # the torch kernels' sources, the same norm
+            return super().forward(x2d, weight, bias, params, aux, hp, scaled)
         seed = aux[0]
         q = cls._dropped_times_wt(x2d, weight, cls._dropped_csr(x2d, seed, p), cd)
         u = ops.lowrank_dropout_down(x2d, Ac, seed, p)
@@ -194,9 +206,9 @@ class NativeDoRA(TorchDoRA):
                 dx.index_put_((rows, cols), (g2w / -(1 - p)).to(dx.dtype), accumulate=True)
             dA = ops.lowrank_dropout_bwd(t, x2d, Ac, seed, p, dx, bool(need_dA))
             dA = dA.to(A.dtype) if need_dA else None
-        P = gyc.t() @ u if (need_dB or need_dm) else None            # (out, r)
+        P = cls.t_mm(u, gyc).t() if (need_dB or need_dm) else None   # (out, r)
         if need_dB:
-            dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
+            dB = (P * (c * s).unsqueeze(1)).to(B.dtype, memory_format=torch.contiguous_format)
         if b_B is not None and needs_dparams[3]:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
@@ -250,32 +262,34 @@ def _(t, x, A, seed, p):
 
 
 class NativeLowRank(TorchLowRank):
-    """Low-rank family with dropout: the mask is generated inside the kernels that read x
-    (forward ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and
-    ``dA = tᵀ·drop(x)``); the rest of the delta and the frozen layer are
-    :class:`TorchLowRank`'s. DoRA runs :class:`NativeDoRA`. Declined (``supports``): LoRA
-    without dropout (nothing to fuse) and parallel adapters (activation, gate)."""
+    """Low-rank family: the token sums dA = tᵀ·drop(x) and dB = (uᵀ·gy)ᵀ by the native
+    ``skinny_t_mm``; with dropout the mask is generated inside the kernels that read x (forward
+    ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and ``dA = tᵀ·drop(x)``).
+    The rest of the delta and the frozen layer are :class:`TorchLowRank`'s. DoRA runs
+    :class:`NativeDoRA`. Declined (``supports``): parallel adapters (activation, gate)."""
 
     VARIANTS = {"dora": NativeDoRA}
+    t_mm = staticmethod(native_rank_t_mm)
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
-        """Declines LoRA at dropout 0 and parallel adapters (activation/gate)."""
+        """Declines parallel adapters (activation/gate)."""
         if hp.variant == "adapter":
             return "adapter (activation/gate): the native low-rank kernels have no parallel-adapter path"
         if hp.variant == "dora":
             return NativeDoRA.supports(x, weight, params, aux, hp)
-        if hp.dropout == 0.0:
-            return ("LoRA at dropout 0: the native low-rank kernels fuse the dropout mask; without "
-                    "one the torch kernels' GEMMs are the whole computation")
         return None
 
     @staticmethod
     def down(x2d, Ac, aux, hp):
+        if hp.dropout == 0.0:
+            return TorchLowRank.down(x2d, Ac, aux, hp)
         return ops.lowrank_dropout_down(x2d, Ac, aux[0], hp.dropout)
 
-    @staticmethod
-    def dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA):
+    @classmethod
+    def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
+        if hp.dropout == 0.0:
+            return super().dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA)
         if dx is None:  # dA alone (see lowrank_dropout_dA)
             return None, torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, Ac, aux[0], hp.dropout)
         dA = ops.lowrank_dropout_bwd(t, x2d, Ac, aux[0], hp.dropout, dx, need_dA)
@@ -401,8 +415,8 @@ for _family in ("sparse", "kronecker", "phm"):
 registry.register_kernels("sparse", "cpp", NativeSparse, auto="sparse" in _CPP_AUTO)
 # bench/bench_lowrank.py, r = 16, p = 0.05, attn: mask 9x, u = drop(x)·Aᵀ 15.3 -> 1.49 ms,
 # backward 32.9 -> 2.63 ms (1 thread); lowrank_linear fwd+bwd over the frozen layer (2 threads)
-# +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0 is declined (supports):
-# auto runs the torch kernels.
+# +20 % vs +124 % for the torch path (+3 % without dropout). Dropout 0: the native token sums
+# (skinny_t_mm, bench/NOTES.md).
 registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
 # bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kronecker below.
 registry.register_kernels("kronecker", "cpp", NativeKronecker, auto="kronecker" in _CPP_AUTO)

@@ -151,6 +151,24 @@ def test_factored_norm_equals_the_materialised_norm_and_is_cached_per_weight_ver
     torch.testing.assert_close(s1[0], (Wt.t() ** 2).sum(1))
 
 
+@pytest.mark.parametrize("backend, p", [(b, p) for p in (0.0, 0.1)
+                                        for b in serving_backends(LowRankHP(1.0, p, magnitude=True))])
+def test_dora_forms_the_weight_norm_once_per_forward(monkeypatch, backend, p):
+    """The norm's W·Aᵀ is a pass over W: a backend that falls back to the torch kernels' sources
+    hands them its norm instead of forming it again (native.NativeDoRA at p = 0 did)."""
+    calls = []
+    real = lowrank_dora.w_times_at
+    monkeypatch.setattr(lowrank_dora, "w_times_at", lambda *a: calls.append(1) or real(*a))
+    case = dora_case(dropout=p)
+    args = {k: v.float() for k, v in {**case.frozen, **case.params}.items()}
+    for k in case.params:
+        args[k].requires_grad_(True)
+    y = case.op(args.pop("x"), args.pop("weight"), backend=backend, **args)
+    assert len(calls) == 1
+    y.sum().backward()
+    assert len(calls) == 1  # the backward reuses the saved norm
+
+
 N, IN, OUT, R = 16, 512, 384, 4
 
 

@@ -365,6 +365,63 @@ def test_lowrank_ops_name_the_bad_argument_and_shapes():
                                 torch.zeros(3, 7), True)
 
 
+# ---------------------------------------------------------------- skinny_t_mm: aᵀ·b over tokens
+
+# (n, r, k): r across the 6-row register tile and its tails (1–5), k across the two-vector, one-
+# vector and single-column tiles of both widths (7 < 8 floats, 37, 1031), one token, a token
+# count over several 256-token blocks.
+T_MM_SHAPES = [(97, 5, 37), (1, 1, 8), (300, 16, 1031), (33, 7, 3), (700, 13, 64), (5, 32, 130)]
+
+
+@pytest.mark.parametrize("n,r,k", T_MM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_skinny_t_mm_matches_float64(n, r, k, dtype, cpu_width):
+    a = rand(n, r, seed=n + r).to(dtype)
+    b = rand(n, k + 3, seed=k)[:, 2:k + 2].to(dtype)  # rows with a stride of k + 3: a view
+    got = ops.skinny_t_mm(a, b)
+    assert got.shape == (r, k) and got.dtype == dtype
+    assert_within("aᵀ·b", got, a.double().t() @ b.double(), a.t() @ b, dtype)
+
+
+def test_skinny_t_mm_does_not_depend_on_the_thread_count():
+    """Column chunks per thread; every element sums its tokens in row order."""
+    a, b = rand(777, 11, seed=1), rand(777, 1000, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.skinny_t_mm(a, b)
+        torch.set_num_threads(2)
+        assert torch.equal(ops.skinny_t_mm(a, b), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_skinny_t_mm_edge_sizes_and_errors():
+    assert torch.equal(ops.skinny_t_mm(torch.randn(0, 3), torch.randn(0, 5)), torch.zeros(3, 5))
+    assert ops.skinny_t_mm(torch.randn(4, 0), torch.randn(4, 5)).shape == (0, 5)
+    with pytest.raises(RuntimeError, match=r"skinny_t_mm: a has shape \[4, 2\] and b has shape "
+                                           r"\[5, 3\]; expected the same number of rows"):
+        ops.skinny_t_mm(torch.randn(4, 2), torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match=r"skinny_t_mm: b has dtype Double; expected Float"):
+        ops.skinny_t_mm(torch.randn(4, 2), torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"skinny_t_mm: a has dtype BFloat16; expected float32 or float64"):
+        ops.skinny_t_mm(torch.randn(4, 2).bfloat16(), torch.randn(4, 3).bfloat16())
+    with pytest.raises(RuntimeError, match=r"must have unit-stride rows"):
+        ops.skinny_t_mm(torch.randn(4, 2), torch.randn(3, 4).t())
+
+
+def test_native_rank_t_mm_serves_what_the_op_cannot_with_the_torch_form():
+    """native_rank_t_mm (the cpp kernels' aᵀ·b): the op for a skinny float a and unit-stride b,
+    the torch form for a wider a or a column-strided b — the same numbers."""
+    b = rand(50, 9, seed=3).float()
+    for a, bb in [(rand(50, 4, seed=1), b), (rand(50, native.SKINNY_T_MM_MAX_RANK + 1, seed=2), b),
+                  (rand(50, 4, seed=1), rand(9, 50, seed=4).float().t())]:
+        a = a.float()
+        got = native.native_rank_t_mm(a, bb)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), a.double().t() @ bb.double(), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- Kronecker / PHM structured apply
 
 # (n, h, (ao, ai), (bo, bi)): LoKr-like (h = 1) and PHM-like (h > 1), ragged and vector-aligned
@@ -485,6 +542,7 @@ def _opcheck_cases():
         "dora_scale_epilogue": (torch.randn(13, 9).bfloat16(), t, torch.randn(9, 3), 0.5,
                                 torch.rand(9) + 0.5, torch.randn(9)),
         "dora_grad_prologue": (gy, torch.rand(9) + 0.5, torch.randn(13, 9)),
+        "skinny_t_mm": (t, x),
         "kronecker_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
         "kronecker_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
                                torch.randn(13, 22), True, True),

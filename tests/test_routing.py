@@ -27,9 +27,15 @@ def _leaf(t):
     return t.clone().requires_grad_(True)
 
 
-def lowrank_call(p=0.0):
+def lowrank_call(p=0.0, activation=None):
     x, W, A, B = _randn(3, 5, 8, seed=1), _randn(6, 8, seed=2), _randn(2, 8, seed=3), _randn(6, 2, seed=4)
-    return lambda backend: pf.lowrank_linear(x, W, None, A, B, 0.5, p, 7, backend, name="l.q"), (x, A, B)
+    return lambda backend: pf.lowrank_linear(x, W, None, A, B, 0.5, p, 7, backend, name="l.q",
+                                             activation=activation), (x, A, B)
+
+
+def adapter_call():
+    """A parallel adapter (an activation between A and B): the cpp kernels have no such path."""
+    return lowrank_call(0.1, activation="gelu")
 
 
 def factored_kronecker_call():
@@ -54,8 +60,9 @@ def big_b_phm_call():
 
 
 DECLINED = {  # family, call, what the error must say
-    "lowrank-p0": ("lowrank", lowrank_call, r"lowrank \(l\.q\): backend 'cpp' cannot serve LoRA at dropout 0"
-                                            r".*\[x \(3, 5, 8\), weight \(6, 8\), params \(2, 8\), \(6, 2\)\]"),
+    "lowrank-adapter": ("lowrank", adapter_call, r"lowrank \(l\.q\): backend 'cpp' cannot serve adapter "
+                                                 r"\(activation/gate\).*\[x \(3, 5, 8\), weight \(6, 8\), "
+                                                 r"params \(2, 8\), \(6, 2\)\]"),
     "kronecker-factored-B": ("kronecker", factored_kronecker_call,
                              r"kronecker \(l\.k\): backend 'cpp' cannot serve B as rank-1 factors \(S, T\), "
                              r"kept factored \(forming B costs 8448 multiply-adds per row > "
@@ -111,8 +118,8 @@ def test_auto_runs_the_torch_kernels_and_says_so_once(case, monkeypatch, caplog)
 @needs_cpp
 def test_forced_backend_from_the_environment_is_explicit(monkeypatch):
     monkeypatch.setenv("PYPEFT_FAST_BACKEND", "cpp")
-    fn, _ = lowrank_call(0.0)
-    with pytest.raises(RuntimeError, match="backend 'cpp' cannot serve LoRA at dropout 0"):
+    fn, _ = adapter_call()
+    with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot serve adapter \(activation/gate\)"):
         fn("auto")
     fn, _ = lowrank_call(0.1)
     assert registry.kernels_for("lowrank", "auto", "l", _randn(2, 8, seed=0), None, (), (),
@@ -122,11 +129,13 @@ def test_forced_backend_from_the_environment_is_explicit(monkeypatch):
 
 @needs_cpp
 def test_calls_the_native_kernels_serve_still_run_them():
-    """Dropout > 0 LoRA, and a factored Kronecker B cheap to form (formed, then served), pick cpp."""
+    """LoRA with and without dropout, and a factored Kronecker B cheap to form (formed, then
+    served), pick cpp."""
     cpp = registry.FAMILIES["lowrank"].backends["cpp"].kernels
-    hp = pf.families.lowrank.LowRankHP(1.0, 0.1)
     x = _randn(2, 8, seed=0)
-    assert registry.kernels_for("lowrank", "cpp", "l", x, None, (), (), hp) is cpp
+    for p in (0.0, 0.1):
+        hp = pf.families.lowrank.LowRankHP(1.0, p)
+        assert registry.kernels_for("lowrank", "cpp", "l", x, None, (), (), hp) is cpp
     x, W = _randn(3, 8, seed=1), _randn(8, 8, seed=2)
     A, S, T = _randn(2, 2, seed=3), _randn(4, 4, seed=4), _randn(4, 4, seed=5)
     got = pf.kronecker_linear(x, W, None, A, (S, T), 0.5, "cpp")
@@ -152,7 +161,7 @@ def test_info_lists_what_a_backend_declines_per_call():
     from pypeft_fast import info
 
     text = info.report()
-    assert "(per call: declines LoRA at dropout 0" in text
+    assert "(per call: declines parallel adapters" in text
     assert "(per call: declines B as rank-k factors" in text
 
 

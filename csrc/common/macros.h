@@ -27,3 +27,23 @@
 #else
 #define PPF_CPU_CLONES
 #endif
+
+// A CPU row loop written once as a template fn<acc_t, x_t> (accumulation dtype, activation dtype),
+// compiled per ISA: one PPF_CPU_CLONES symbol fn_<sfx> per dtype pair and an overload fn_isa on
+// the argument types that calls it. PARAMS is a function-like macro, PARAMS(acc_t, x_t) → the
+// parenthesised parameter list; ARGS the parenthesised argument names. For .cpp files.
+#define PPF_PAIR_CLONE(fn, acc_t, x_t, sfx, PARAMS, ARGS)                     \
+  PPF_CPU_CLONES void fn##_##sfx PARAMS(acc_t, x_t) { fn<acc_t, x_t> ARGS; } \
+  inline void fn##_isa PARAMS(acc_t, x_t) { fn##_##sfx ARGS; }
+
+// Every pair the launchers' AT_DISPATCH nests instantiate: acc float/double × x float, double,
+// bfloat16, half (needs c10/util/BFloat16.h and Half.h).
+#define PPF_ACC_X_CLONES(fn, PARAMS, ARGS)                              \
+  PPF_PAIR_CLONE(fn, float, float, f32_f32, PARAMS, ARGS)               \
+  PPF_PAIR_CLONE(fn, float, double, f32_f64, PARAMS, ARGS)              \
+  PPF_PAIR_CLONE(fn, float, c10::BFloat16, f32_bf16, PARAMS, ARGS)      \
+  PPF_PAIR_CLONE(fn, float, c10::Half, f32_f16, PARAMS, ARGS)           \
+  PPF_PAIR_CLONE(fn, double, float, f64_f32, PARAMS, ARGS)              \
+  PPF_PAIR_CLONE(fn, double, double, f64_f64, PARAMS, ARGS)             \
+  PPF_PAIR_CLONE(fn, double, c10::BFloat16, f64_bf16, PARAMS, ARGS)     \
+  PPF_PAIR_CLONE(fn, double, c10::Half, f64_f16, PARAMS, ARGS)

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/macros.h"
 #include "../ops.h"
 
 namespace pypeft_fast {
@@ -28,7 +29,7 @@ namespace {
 constexpr int64_t kEpilogueBlockElements = 1 << 16;  // rows × out of one cached u·Bᵀ block
 constexpr int64_t kSumBlockRows = 64;  // see dora_grad_prologue_cpu
 
-int64_t epilogue_rows(int64_t out) {
+int64_t epilogue_block_rows(int64_t out) {
   return std::max<int64_t>(1, kEpilogueBlockElements / std::max<int64_t>(out, 1));
 }
 
@@ -41,7 +42,53 @@ void check_vector(const char* op, const char* arg, const at::Tensor& t, int64_t 
   check_same_device(op, arg, t, "the activations", acc);
 }
 
+// y[i, :] = c ⊙ (y[i, :] + s·t[i, :]) (+ shift) for rows of unit-stride y and the cached t = u·Bᵀ.
+template <typename acc_t, typename y_t>
+PPF_INLINE void epilogue_rows(y_t* y, int64_t y0, const acc_t* t, int64_t rows, int64_t out,
+                              const acc_t* c, const acc_t* shift, acc_t s) {
+  for (int64_t i = 0; i < rows; ++i) {
+    y_t* yr = y + i * y0;
+    const acc_t* tr = t + i * out;
+    if (shift != nullptr) {
+      for (int64_t j = 0; j < out; ++j)
+        yr[j] = static_cast<y_t>(c[j] * (static_cast<acc_t>(yr[j]) + s * tr[j]) + shift[j]);
+    } else {
+      for (int64_t j = 0; j < out; ++j)
+        yr[j] = static_cast<y_t>(c[j] * (static_cast<acc_t>(yr[j]) + s * tr[j]));
+    }
+  }
+}
+
+// For rows of unit-stride gy (and y): g = c ⊙ gy, bs += gy, bd += gy ⊙ y (when y is given).
+template <typename acc_t, typename y_t>
+PPF_INLINE void prologue_rows(const y_t* gy, int64_t g0, const y_t* y, int64_t s0, int64_t rows,
+                              int64_t out, const acc_t* c, acc_t* g, acc_t* bs, acc_t* bd) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const y_t* gr = gy + i * g0;
+    acc_t* go = g + i * out;
+    for (int64_t j = 0; j < out; ++j) {
+      const acc_t v = static_cast<acc_t>(gr[j]);
+      go[j] = c[j] * v;
+      bs[j] += v;
+    }
+    if (y != nullptr) {
+      const y_t* yr = y + i * s0;
+      for (int64_t j = 0; j < out; ++j) bd[j] += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(yr[j]);
+    }
+  }
+}
+
 }  // namespace
+
+// The row loops compiled per ISA (vectorised: unit-stride rows; a strided y / gy is copied first).
+#define PPF_EPILOGUE_PARAMS(acc_t, y_t)                                                       \
+  (y_t * y, int64_t y0, const acc_t* t, int64_t rows, int64_t out, const acc_t* c,            \
+   const acc_t* shift, acc_t s)
+#define PPF_PROLOGUE_PARAMS(acc_t, y_t)                                                       \
+  (const y_t* gy, int64_t g0, const y_t* y, int64_t s0, int64_t rows, int64_t out,            \
+   const acc_t* c, acc_t* g, acc_t* bs, acc_t* bd)
+PPF_ACC_X_CLONES(epilogue_rows, PPF_EPILOGUE_PARAMS, (y, y0, t, rows, out, c, shift, s))
+PPF_ACC_X_CLONES(prologue_rows, PPF_PROLOGUE_PARAMS, (gy, g0, y, s0, rows, out, c, g, bs, bd))
 
 void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tensor& B_,
                              double scaling, const at::Tensor& c_,
@@ -65,7 +112,10 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tens
   // Detached: at::parallel_for's workers do not inherit grad mode; no autograd in here.
   const at::Tensor u = u_.detach(), Bt = B_.detach().t(), c = c_.contiguous();
   const at::Tensor shift = shift_.has_value() ? shift_->contiguous() : at::Tensor();
-  const int64_t RB = epilogue_rows(out), blocks = (n + RB - 1) / RB;
+  const int64_t RB = epilogue_block_rows(out), blocks = (n + RB - 1) / RB;
+  // The row loops take unit-stride rows: a y with strided rows is worked on in a copy.
+  const bool unit = out <= 1 || y.stride(1) == 1;
+  at::Tensor yc = unit ? y : y.contiguous();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), op, [&] {
     using acc_t = scalar_t;
     const acc_t s = static_cast<acc_t>(scaling);
@@ -73,29 +123,20 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tens
     const acc_t* hp = shift.defined() ? shift.data_ptr<acc_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
       using y_t = scalar_t;
-      y_t* yp = y.data_ptr<y_t>();
-      const int64_t y0 = y.stride(0), y1 = y.stride(1);
+      y_t* yp = yc.data_ptr<y_t>();
+      const int64_t y0 = yc.stride(0);
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         std::vector<acc_t> buf(RB * out);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
           at::Tensor tb = at::from_blob(buf.data(), {rows, out}, u.options());
           at::mm_out(tb, u.narrow(0, r0, rows), Bt);  // u[rows] · Bᵀ, in cache
-          for (int64_t i = 0; i < rows; ++i) {
-            y_t* yr = yp + (r0 + i) * y0;
-            const acc_t* tr = buf.data() + i * out;
-            if (hp != nullptr) {
-              for (int64_t j = 0; j < out; ++j)
-                yr[j * y1] = static_cast<y_t>(cp[j] * (static_cast<acc_t>(yr[j * y1]) + s * tr[j]) + hp[j]);
-            } else {
-              for (int64_t j = 0; j < out; ++j)
-                yr[j * y1] = static_cast<y_t>(cp[j] * (static_cast<acc_t>(yr[j * y1]) + s * tr[j]));
-            }
-          }
+          epilogue_rows_isa(yp + r0 * y0, y0, buf.data(), rows, out, cp, hp, s);
         }
       });
     });
   });
+  if (!unit) y.copy_(yc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
@@ -115,6 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
     check_dtype(op, "y", *y_, gy.scalar_type());
   }
   const at::Tensor c = c_.contiguous();
+  // The row loops take unit-stride rows (a strided gy or y is read from a copy).
+  const at::Tensor gyc = out <= 1 || gy.stride(1) == 1 ? gy : gy.contiguous();
+  const at::Tensor yc = !has_y || out <= 1 || y_->stride(1) == 1 ? (has_y ? *y_ : at::Tensor())
+                                                                 : y_->contiguous();
   at::Tensor g = at::empty({n, out}, c.options());
   const int nthreads = at::get_num_threads();
   at::Tensor parts = at::zeros({nthreads, has_y ? 2 : 1, out}, c.options());
@@ -125,10 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
       acc_t* gp = g.data_ptr<acc_t>();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gy.scalar_type(), op, [&] {
         using y_t = scalar_t;
-        const y_t* gyp = gy.data_ptr<y_t>();
-        const int64_t g0 = gy.stride(0), g1 = gy.stride(1);
-        const y_t* yp = has_y ? y_->data_ptr<y_t>() : nullptr;
-        const int64_t s0 = has_y ? y_->stride(0) : 0, s1 = has_y ? y_->stride(1) : 0;
+        const y_t* gyp = gyc.data_ptr<y_t>();
+        const int64_t g0 = gyc.stride(0);
+        const y_t* yp = has_y ? yc.data_ptr<y_t>() : nullptr;
+        const int64_t s0 = has_y ? yc.stride(0) : 0;
         at::parallel_for(0, n, std::max<int64_t>(1, kEpilogueBlockElements / out), [&](int64_t i0, int64_t i1) {
           const int tid = at::get_thread_num();
           TORCH_INTERNAL_ASSERT(tid < nthreads);
@@ -140,24 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
           // sums are cascaded likewise).
           std::vector<acc_t> block((has_y ? 2 : 1) * out);
           acc_t* bs = block.data();
-          acc_t* bd = bs + out;
+          acc_t* bd = has_y ? bs + out : nullptr;
           for (int64_t b0 = i0; b0 < i1; b0 += kSumBlockRows) {
             const int64_t b1 = std::min(i1, b0 + kSumBlockRows);
             std::fill(block.begin(), block.end(), acc_t(0));
-            for (int64_t i = b0; i < b1; ++i) {
-              const y_t* gr = gyp + i * g0;
-              acc_t* go = gp + i * out;
-              for (int64_t j = 0; j < out; ++j) {
-                const acc_t v = static_cast<acc_t>(gr[j * g1]);
-                go[j] = cp[j] * v;
-                bs[j] += v;
-              }
-              if (has_y) {
-                const y_t* yr = yp + i * s0;
-                for (int64_t j = 0; j < out; ++j)
-                  bd[j] += static_cast<acc_t>(gr[j * g1]) * static_cast<acc_t>(yr[j * s1]);
-              }
-            }
+            prologue_rows_isa(gyp + b0 * g0, g0, has_y ? yp + b0 * s0 : nullptr, s0, b1 - b0, out,
+                              cp, gp + b0 * out, bs, bd);
             for (int64_t j = 0; j < out; ++j) cs[j] += bs[j];
             if (has_y)
               for (int64_t j = 0; j < out; ++j) cd[j] += bd[j];

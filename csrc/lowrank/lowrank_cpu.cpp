@@ -4,7 +4,8 @@
 //   lowrank_dropout_down:  u[rows]  = (x[rows] ⊙ m / (1-p)) · Aᵀ            (x read once)
 //   lowrank_dropout_bwd:   dx[rows] += (t[rows] · A) ⊙ m / (1-p)              (in place)
 //                          dA      += t[rows]ᵀ · (x[rows] ⊙ m / (1-p))        (one mask for both)
-// The GEMMs are ATen's (MKL); the Philox loop is compiled per ISA (PPF_CPU_CLONES).
+// The GEMMs are ATen's (MKL) but the token sum tᵀ·(…), which is skinny_t_mm's (skinny_t_mm.h);
+// the Philox loop is compiled per ISA (PPF_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,10 +19,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/macros.h"
 #include "../ops.h"
 #include "../philox/philox.h"
 #include "../philox/philox_cpu.h"
 #include "lowrank_checks.h"
+#include "skinny_t_mm.h"
 
 namespace pypeft_fast {
 namespace {
@@ -35,21 +38,45 @@ namespace {
 constexpr int64_t kBlockElements = PPF_LOWRANK_BLOCK_ELEMENTS;
 int64_t rows_per_block(int64_t k) { return std::max<int64_t>(8, kBlockElements / std::max<int64_t>(k, 1)); }
 
+// t itself when its rows are unit-stride, else a contiguous copy.
+at::Tensor unit_rows(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
 at::Tensor blob(void* p, int64_t rows, int64_t cols, const at::TensorOptions& o) {
   return at::from_blob(p, {rows, cols}, o);
 }
 
-// d[i, j] = x[r0 + i, j] · m[i, j] for a block of rows: drop(x) for the rows in cache.
+// d[i, :] = x[i, :] ⊙ m[i, :] for a block of rows (x's rows unit-stride): drop(x) in cache.
 template <typename acc_t, typename x_t>
-void dropped_rows(const x_t* xp, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int64_t k,
-                  const acc_t* m, acc_t* d) {
+PPF_INLINE void dropped_rows(const x_t* x, int64_t x0, int64_t rows, int64_t k, const acc_t* m,
+                             acc_t* d) {
   for (int64_t i = 0; i < rows; ++i) {
-    const x_t* xr = xp + (r0 + i) * s0;
-    for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j * s1]) * m[i * k + j];
+    const x_t* xr = x + i * x0;
+    for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j]) * m[i * k + j];
+  }
+}
+
+// dx[i, :] += z[i, :] ⊙ m[i, :], summed in acc_t and rounded once (dx's rows unit-stride).
+template <typename acc_t, typename x_t>
+PPF_INLINE void masked_add_rows(x_t* dx, int64_t d0, int64_t rows, int64_t k, const acc_t* m,
+                                const acc_t* z) {
+  for (int64_t i = 0; i < rows; ++i) {
+    x_t* dr = dx + i * d0;
+    for (int64_t j = 0; j < k; ++j)
+      dr[j] = static_cast<x_t>(static_cast<acc_t>(dr[j]) + z[i * k + j] * m[i * k + j]);
   }
 }
 
 }  // namespace
+
+// The row loops compiled per ISA (vectorised over unit-stride rows).
+#define PPF_DROPPED_PARAMS(acc_t, x_t) \
+  (const x_t* x, int64_t x0, int64_t rows, int64_t k, const acc_t* m, acc_t* d)
+#define PPF_MASKED_ADD_PARAMS(acc_t, x_t) \
+  (x_t * dx, int64_t d0, int64_t rows, int64_t k, const acc_t* m, const acc_t* z)
+PPF_ACC_X_CLONES(dropped_rows, PPF_DROPPED_PARAMS, (x, x0, rows, k, m, d))
+PPF_ACC_X_CLONES(masked_add_rows, PPF_MASKED_ADD_PARAMS, (dx, d0, rows, k, m, z))
 
 // u = drop(x) · Aᵀ; x: (n, in) any float dtype, A: (r, in) float32/float64 → u: (n, r) A's dtype.
 at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
@@ -65,21 +92,22 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
   // Detached: the worker threads of at::parallel_for do not inherit the caller's grad mode, and
   // the GEMMs below must never record autograd history (the op has no autograd formula).
   const at::Tensor At = A.detach().t();
+  const at::Tensor xc = unit_rows(x);
   const int64_t RB = rows_per_block(k), blocks = (n + RB - 1) / RB;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
     using acc_t = scalar_t;
     const acc_t scale = dropout_scale<acc_t>(p);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
       using x_t = scalar_t;
-      const x_t* xp = x.data_ptr<x_t>();
-      const int64_t s0 = x.stride(0), s1 = x.stride(1);
+      const x_t* xp = xc.const_data_ptr<x_t>();
+      const int64_t s0 = xc.stride(0);
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         Scratch<acc_t> mbuf;
         std::vector<acc_t> xd(RB * k);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
           const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
-          dropped_rows(xp, s0, s1, r0, rows, k, m, xd.data());
+          dropped_rows_isa(xp + r0 * s0, s0, rows, k, m, xd.data());
           at::Tensor ub = u.narrow(0, r0, rows);
           at::mm_out(ub, blob(xd.data(), rows, k, A.options()), At);
         }
@@ -96,11 +124,16 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
                                    const std::optional<at::Tensor>& dx_opt, bool need_dA) {
   static constexpr const char* op = "lowrank_dropout_bwd";
   const bool has_dx = check_lowrank_bwd_args(op, t_, x, A_, seed, p, dx_opt);
-  // Detached (see lowrank_dropout_down_cpu): no autograd inside the worker threads.
-  const at::Tensor t = t_.detach(), A = A_.detach();
+  // Detached (see lowrank_dropout_down_cpu): no autograd inside the worker threads; t's rows
+  // unit-stride for skinny_t_mm_acc.
+  const at::Tensor t = t_.detach().contiguous(), A = A_.detach();
   const int64_t n = x.size(0), k = x.size(1), r = A.size(0);
   const int nthreads = at::get_num_threads();
   at::Tensor partial = need_dA ? at::zeros({nthreads, r, k}, A.options()) : at::Tensor();
+  // The row loops take unit-stride rows: a strided x is read from a copy, a strided dx updated
+  // in one and copied back.
+  const at::Tensor xc = unit_rows(x);
+  at::Tensor dxc = has_dx ? unit_rows(*dx_opt) : at::Tensor();
   if (n > 0 && k > 0 && (has_dx || need_dA)) {
     const PhiloxKey key = philox_key(seed_value(seed));
     const uint32_t thr = keep_threshold(p);
@@ -110,10 +143,12 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
       const acc_t scale = dropout_scale<acc_t>(p);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
         using x_t = scalar_t;
-        const x_t* xp = x.data_ptr<x_t>();
-        const int64_t s0 = x.stride(0), s1 = x.stride(1);
-        x_t* dxp = has_dx ? dx_opt->data_ptr<x_t>() : nullptr;
-        const int64_t d0 = has_dx ? dx_opt->stride(0) : 0, d1 = has_dx ? dx_opt->stride(1) : 0;
+        const x_t* xp = xc.const_data_ptr<x_t>();
+        const int64_t s0 = xc.stride(0);
+        x_t* dxp = has_dx ? dxc.data_ptr<x_t>() : nullptr;
+        const int64_t d0 = has_dx ? dxc.stride(0) : 0;
+        const acc_t* tp = t.const_data_ptr<acc_t>();
+        acc_t* pp = need_dA ? partial.data_ptr<acc_t>() : nullptr;
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           Scratch<acc_t> mbuf;
           std::vector<acc_t> buf(RB * k);
@@ -125,24 +160,18 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
             at::Tensor bb = blob(buf.data(), rows, k, A.options());
             if (has_dx) {  // buf = t[rows] · A, then dx[rows] += buf ⊙ m (rounded once)
               at::mm_out(bb, t.narrow(0, r0, rows), A);
-              for (int64_t i = 0; i < rows; ++i) {
-                x_t* dr = dxp + (r0 + i) * d0;
-                const acc_t* zr = buf.data() + i * k;
-                const acc_t* mr = m + i * k;
-                for (int64_t j = 0; j < k; ++j)
-                  dr[j * d1] = static_cast<x_t>(static_cast<acc_t>(dr[j * d1]) + zr[j] * mr[j]);
-              }
+              masked_add_rows_isa(dxp + r0 * d0, d0, rows, k, m, buf.data());
             }
             if (need_dA) {  // buf = x[rows] ⊙ m; partial[tid] += t[rows]ᵀ · buf
-              dropped_rows(xp, s0, s1, r0, rows, k, m, buf.data());
-              at::Tensor pt = partial.select(0, tid);
-              pt.addmm_(t.narrow(0, r0, rows).t(), bb);
+              dropped_rows_isa(xp + r0 * s0, s0, rows, k, m, buf.data());
+              skinny_t_mm_acc(tp + r0 * r, r, buf.data(), k, rows, r, k, pp + tid * r * k, k, true);
             }
           }
         });
       });
     });
   }
+  if (has_dx && !dxc.is_same(*dx_opt)) dx_opt->copy_(dxc);
   if (!need_dA) return at::empty({0}, A.options());
   return partial.sum(0);
 }

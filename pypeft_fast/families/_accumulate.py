@@ -31,3 +31,10 @@ def gemm_into(acc: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tens
     if acc.dtype == a.dtype == w.dtype:
         return acc.addmm_(a, w)
     return acc.add_(a.to(w.dtype) @ w)
+
+
+def rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ·b`` (r, k) for a skinny a (n, r) and b (n, k): the sum over tokens of a rank-r
+    gradient's outer products (LoRA's dA = tᵀ·x and dB = (uᵀ·gy)ᵀ). The torch kernels' form;
+    the cpp kernels run the native ``skinny_t_mm`` (``native.native_rank_t_mm``)."""
+    return a.t() @ b

@@ -35,7 +35,7 @@ from ..validate import (
     check_base, check_dropout, check_param, check_same_device, check_scaling, check_seed,
     compute_dtype, fail,
 )
-from ._accumulate import add_into, addmm_into
+from ._accumulate import add_into, addmm_into, rank_t_mm
 from ._layer import DeltaKernels
 from .lowrank_adapter import ACTIVATIONS, TorchParallelAdapter
 from .lowrank_dora import TorchDoRA
@@ -81,6 +81,7 @@ class TorchLowRank(DeltaKernels):
     dropout kernels overrides :meth:`down` and :meth:`dropout_grads` only."""
 
     VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
+    t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA, dB
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
@@ -100,8 +101,8 @@ class TorchLowRank(DeltaKernels):
         """``u = drop(x)·Aᵀ`` (n, r) in Ac's dtype."""
         return _dropped(x2d, aux, hp, Ac.dtype) @ Ac.t()
 
-    @staticmethod
-    def dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA):
+    @classmethod
+    def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
         """``(dx + drop'(t·A) or None, tᵀ·drop(x) or None)``: the forward's mask rebuilt once
         for both uses."""
         keep = keep_rows(aux[0], *x2d.shape, hp.dropout, device=x2d.device) if hp.dropout else None
@@ -113,7 +114,7 @@ class TorchLowRank(DeltaKernels):
         dA = None
         if need_dA:
             xd = x2d.to(Ac.dtype) if keep is None else apply_keep(x2d.to(Ac.dtype), keep, hp.dropout)
-            dA = t.t() @ xd
+            dA = cls.t_mm(t, xd)
         return dx, dA
 
     @classmethod
@@ -139,7 +140,7 @@ class TorchLowRank(DeltaKernels):
             dx, dA = cls.dropout_grads(dx, t, x2d, A.to(cd), aux, hp, bool(need_dA))
             dA = None if dA is None else dA.to(A.dtype)
         if need_dB:
-            dB = (gyc.t() @ u).mul_(hp.scaling).to(B.dtype)
+            dB = cls.t_mm(u, gyc).mul_(hp.scaling).t().to(B.dtype, memory_format=torch.contiguous_format)
         return dx, (dA, dB)
 
 

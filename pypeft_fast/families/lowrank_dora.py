@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import compute_dtype
-from ._accumulate import gemm_into
+from ._accumulate import gemm_into, rank_t_mm
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20
 """W is read in blocks of rows of at most this many elements (a low-precision W is converted to
@@ -151,7 +151,9 @@ class TorchDoRA:
     """The pure-PyTorch DoRA kernels (module docstring). params = (A, B, m[, b_B]).
 
     A backend reuses them with its own dropout mask ops (``dropped``, ``keep``, ``masked``,
-    ``dropped_t_x``: the same Philox mask) by subclassing."""
+    ``dropped_t_x``: the same Philox mask) and token sums (``t_mm``) by subclassing."""
+
+    t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA = tᵀ·x, (gyᵀ·u)ᵀ
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -182,16 +184,22 @@ class TorchDoRA:
         gyc = gy2d.to(c.dtype)
         return gyc * c, gyc.sum(0), None if y is None else (gyc * y.to(c.dtype)).sum(0)
 
-    @classmethod
-    def forward(cls, x2d, weight, bias, params, aux, hp):
+    @staticmethod
+    def scale(x2d, weight, params, hp):
+        """(cd, A, B, b_B in cd, ‖V‖, c = m / ‖V‖): what every forward source starts from."""
         A, B, m = params[:3]
         b_B = params[3] if len(params) > 3 else None
         cd = compute_dtype(x2d, A, B, m)
-        s = hp.scaling
         Ac, Bc = A.to(cd), B.to(cd)
         bBc = None if b_B is None else b_B.to(cd)
-        norm = factored_norm(weight, Ac, Bc, s, bBc, cd)
-        c = m.to(cd) / norm
+        norm = factored_norm(weight, Ac, Bc, hp.scaling, bBc, cd)
+        return cd, Ac, Bc, bBc, norm, m.to(cd) / norm
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp, scaled=None):
+        """``scaled``: :meth:`scale`'s result when the caller (a subclass) has it already."""
+        cd, Ac, Bc, bBc, norm, c = scaled or cls.scale(x2d, weight, params, hp)
+        s = hp.scaling
         src = dm_source(hp.dropout)
         if hp.dropout == 0.0:
             shift = None if bias is None else bias.to(cd)
@@ -255,15 +263,18 @@ class TorchDoRA:
         if needs_dx or need_dA:
             t = gyc @ (Bc * (c * s).unsqueeze(1))          # s·(c ⊙ gy)·B: (n, r)
         if needs_dx:
-            h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
+            if p == 0 and g.dtype == weight.dtype:
+                h = (g @ weight).addmm_(t, Ac)
+            else:
+                h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
             if p:
                 h = gemm_into(cls.masked(h, seed, p), gy2d, weight)
             dx = h.to(gy2d.dtype)
         if need_dA:
-            dA = (t.t() @ x2d.to(cd) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
-        P = gyc.t() @ u if (need_dB or (need_dm and len(kept) != 3)) else None  # (out, r)
+            dA = (cls.t_mm(t, x2d.to(cd)) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
+        P = cls.t_mm(u, gyc).t() if (need_dB or (need_dm and len(kept) != 3)) else None  # (out, r)
         if need_dB:
-            dB = (P * (c * s).unsqueeze(1)).to(B.dtype)
+            dB = (P * (c * s).unsqueeze(1)).to(B.dtype, memory_format=torch.contiguous_format)
         if need_dbB:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
