@@ -77,9 +77,10 @@ __attribute__((target("avx512f"))) void philox_lanes_avx512(uint64_t g, PhiloxKe
 }
 
 // The same rounds on 8-counter AVX2 vectors (vpmuludq on ymm), two halves interleaved so that
-// one half's multiplies overlap the other's: for CPUs without AVX-512.
-__attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t g, PhiloxKey key,
-                                                       uint32_t w[4][kPhiloxLanes]) {
+// one half's multiplies overlap the other's: for CPUs without AVX-512. c[word][half] holds the
+// words of calls g + 8·half + lane.
+__attribute__((target("avx2"), always_inline)) inline void philox16_avx2(uint64_t g, PhiloxKey key,
+                                                                          __m256i c[4][2]) {
   static_assert(kPhiloxLanes == 16, "two 8-lane halves");
   alignas(32) uint32_t lo[kPhiloxLanes], hi[kPhiloxLanes];
   for (int l = 0; l < kPhiloxLanes; ++l) {
@@ -87,12 +88,11 @@ __attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t g, PhiloxKey key
     lo[l] = static_cast<uint32_t>(gl);
     hi[l] = static_cast<uint32_t>(gl >> 32);
   }
-  __m256i c0[2], c1[2], c2[2], c3[2];
   for (int h = 0; h < 2; ++h) {
-    c0[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * h));
-    c1[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * h));
-    c2[h] = _mm256_setzero_si256();
-    c3[h] = _mm256_setzero_si256();
+    c[0][h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * h));
+    c[1][h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * h));
+    c[2][h] = _mm256_setzero_si256();
+    c[3][h] = _mm256_setzero_si256();
   }
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
@@ -101,25 +101,58 @@ __attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t g, PhiloxKey key
     const __m256i kk0 = _mm256_set1_epi32(static_cast<int>(k0)), kk1 = _mm256_set1_epi32(static_cast<int>(k1));
     PPF_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const __m256i p0e = _mm256_mul_epu32(c0[h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
-      const __m256i p1e = _mm256_mul_epu32(c2[h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
+      const __m256i p0e = _mm256_mul_epu32(c[0][h], m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c[0][h], 32), m0);
+      const __m256i p1e = _mm256_mul_epu32(c[2][h], m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c[2][h], 32), m1);
       const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
       const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
       const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
       const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
-      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), kk0);
-      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), kk1);
-      c1[h] = lo1;
-      c3[h] = lo0;
+      c[0][h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[1][h]), kk0);
+      c[2][h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[3][h]), kk1);
+      c[1][h] = lo1;
+      c[3][h] = lo0;
     }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+}
+
+__attribute__((target("avx2"))) void philox_lanes_avx2(uint64_t g, PhiloxKey key,
+                                                       uint32_t w[4][kPhiloxLanes]) {
+  __m256i c[4][2];
+  philox16_avx2(g, key, c);
+  for (int j = 0; j < 4; ++j)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[j] + 8 * h), c[j][h]);
+}
+
+// The float multipliers of 16 calls straight from the registers: out[8·l + j] for call l, its
+// 8 elements the 16-bit halves of its words 0..3 in order. A 4 × 8 transpose of the words (unpack)
+// puts each call's 128 bits in one 128-bit lane; those widen to 8 × 32-bit and compare with the
+// threshold (below 2¹⁶, so the signed compare is exact). The scalar loop of dropout_mult did the
+// same per element.
+__attribute__((target("avx2"))) void philox_mult16_avx2_f32(uint64_t g, PhiloxKey key,
+                                                            uint32_t threshold, float scale,
+                                                            float* out) {
+  __m256i c[4][2];
+  philox16_avx2(g, key, c);
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
+  const __m256 sc = _mm256_set1_ps(scale);
   for (int h = 0; h < 2; ++h) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[0] + 8 * h), c0[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[1] + 8 * h), c1[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[2] + 8 * h), c2[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[3] + 8 * h), c3[h]);
+    const __m256i t0 = _mm256_unpacklo_epi32(c[0][h], c[1][h]);  // calls 0 1 | 4 5: words 0, 1
+    const __m256i t1 = _mm256_unpackhi_epi32(c[0][h], c[1][h]);  // calls 2 3 | 6 7
+    const __m256i t2 = _mm256_unpacklo_epi32(c[2][h], c[3][h]);  // words 2, 3
+    const __m256i t3 = _mm256_unpackhi_epi32(c[2][h], c[3][h]);
+    const __m256i calls[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                              _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    for (int q = 0; q < 4; ++q) {  // calls q (low 128 bits) and q + 4 (high), of this half
+      for (int part = 0; part < 2; ++part) {
+        const __m128i words = part ? _mm256_extracti128_si256(calls[q], 1) : _mm256_castsi256_si128(calls[q]);
+        const __m256i u16 = _mm256_cvtepu16_epi32(words);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(u16, below));
+        _mm256_storeu_ps(out + 8 * (8 * h + q + 4 * part), _mm256_and_ps(keep, sc));
+      }
+    }
   }
 }
 #endif
@@ -135,6 +168,12 @@ PPF_INLINE void dropout_mult(uint64_t g0, int64_t ngroups, PhiloxKey key, uint32
     uint32_t w[4][kPhiloxLanes];
     const uint64_t g = g0 + static_cast<uint64_t>(done);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (isa_bytes == 32) {  // out has room for a whole block past ngroups (philox_cpu.h)
+        philox_mult16_avx2_f32(g, key, threshold, scale, out + done * kElementsPerCall);
+        continue;
+      }
+    }
     if (isa_bytes == 64)
       philox_lanes_avx512(g, key, w);
     else if (isa_bytes == 32)
