@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import compute_dtype
-from ._accumulate import add_into, addmm_into
+from ._accumulate import add_into, addmm_into, rank_t_mm
 
 ACTIVATIONS = {
     "relu": (torch.relu, lambda g, u: torch.ops.aten.threshold_backward(g, u, 0)),
@@ -77,7 +77,7 @@ class TorchParallelAdapter:
                 grads[3] = dlogit.sum().reshape(1).to(params[3].dtype)
         if needs_dparams[1]:
             hg = h if gate is None else h * gate.unsqueeze(1)
-            grads[1] = (gyc.t() @ hg).mul_(s).to(B.dtype)
+            grads[1] = rank_t_mm(hg, gyc).mul_(s).t().to(B.dtype, memory_format=torch.contiguous_format)
         dx = None
         if needs_dx or needs_dparams[0]:
             dh = q.mul_(s) if gate is None else q.mul_(s).mul_(gate.unsqueeze(1))
@@ -95,5 +95,5 @@ class TorchParallelAdapter:
                     dx = add_into(dx, back)
             if needs_dparams[0]:
                 xd = x2d.to(cd) if keep is None else apply_keep(x2d.to(cd), keep, p)
-                grads[0] = (du.t() @ xd).to(A.dtype)
+                grads[0] = rank_t_mm(du, xd).to(A.dtype)
         return dx, tuple(grads)
