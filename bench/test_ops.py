@@ -12,6 +12,7 @@ must approach). Ops, with the FLOPs and least bytes (fp32 elements e) in ``extra
     lowrank-dropout  mask   drop(x) = x ⊙ keep/(1-p)            0 FLOPs, 2·e·n·in bytes
                      down   u = drop(x)·Aᵀ                      2·n·in·r, e·n·in
                      bwd    dx += drop(t·A), dA = tᵀ·drop(x)    4·n·in·r, 3·e·n·in
+                     tsum   uᵀ·gy (dB's token sum; skinny_t_mm) 2·n·out·r, e·n·out
     kronecker        fwd    y += s·A·X·Bᵀ per token             2·macs_per_row·n, e·n·(in + 2·out)
                      bwd    dx += s·Aᵀ·G·B, dA, dB              2.5 × fwd, e·n·(out + 3·in)
     sparse           spmm_fwd  y += x·Sᵀ                        2·n·nnz, e·n·(in + 2·out) + 12·nnz
@@ -33,7 +34,7 @@ from pypeft_fast import measure, registry, workloads
 
 import cases as _cases
 
-OPS = {"lowrank-dropout": ("mask", "down", "bwd"), "kronecker": ("fwd", "bwd"),
+OPS = {"lowrank-dropout": ("mask", "down", "bwd", "tsum"), "kronecker": ("fwd", "bwd"),
        "sparse": ("spmm_fwd", "spmm_bwd", "sddmm")}
 
 
@@ -42,7 +43,7 @@ def _op_cases(selection, kind, tokens):
     for c in _cases.cases(selection, kind, tokens):
         if c.family in OPS and c.impl == "reference" and c.mode == "full" and c.rank in (_cases.DEFAULT_RANK, _cases.TINY_RANK):
             for op in OPS[c.family]:
-                for prov in ("torch", "native") + (("nodrop",) if c.family == "lowrank-dropout" and op != "mask" else ()):
+                for prov in ("torch", "native") + (("nodrop",) if c.family == "lowrank-dropout" and op in ("down", "bwd") else ()):
                     out.append((c.family, op, prov, c.shape, c.rank, c.tokens))
     return list(dict.fromkeys(out))
 
@@ -71,6 +72,7 @@ def _calls(family, w, dtype):
         A = w.params["A"].detach().to(dtype)
         seed, p = w.fixed["seed"], w.fixed["dropout"]
         t = (gy @ w.params["B"].detach().to(dtype)).mul_(w.fixed["scaling"])
+        u = x @ A.t()
         dx = torch.zeros_like(x)
 
         def torch_bwd():
@@ -86,7 +88,8 @@ def _calls(family, w, dtype):
                 "down": {"torch": lambda: dropout_rows(x, seed, p) @ A.t(), "nodrop": lambda: x @ A.t(),
                          "native": lambda: nat.lowrank_dropout_down(x, A, seed, p)},
                 "bwd": {"torch": torch_bwd, "nodrop": nodrop_bwd,
-                        "native": lambda: nat.lowrank_dropout_bwd(t, x, A, seed, p, dx, True)}}
+                        "native": lambda: nat.lowrank_dropout_bwd(t, x, A, seed, p, dx, True)},
+                "tsum": {"torch": lambda: u.t() @ gy, "native": lambda: nat.skinny_t_mm(u, gy)}}
     if family == "kronecker":
         from pypeft_fast.families.kronecker import torch_kronecker_acc, torch_kronecker_bwd
         P = {k: v.detach().to(dtype) for k, v in w.params.items()}
@@ -118,7 +121,7 @@ def _cost(family, op, w, e):
     if family == "lowrank-dropout":
         r = w.rank
         return {"mask": (0.0, 2.0 * e * n * i), "down": (2.0 * n * i * r, e * n * i),
-                "bwd": (4.0 * n * i * r, 3.0 * e * n * i)}[op]
+                "bwd": (4.0 * n * i * r, 3.0 * e * n * i), "tsum": (2.0 * n * o * r, e * n * o)}[op]
     if family == "kronecker":
         fwd = workloads.adapter_flops("kronecker", w.shape, w.rank, n, "forward")
         return (fwd, e * n * (i + 2 * o)) if op == "fwd" else (2.5 * fwd, e * n * (o + 3 * i))
