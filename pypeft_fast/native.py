@@ -208,7 +208,7 @@ class NativeDoRA(TorchDoRA):
             dA = dA.to(A.dtype) if need_dA else None
         P = cls.t_mm(u, gyc).t() if (need_dB or need_dm) else None   # (out, r)
         if need_dB:
-            dB = (P * (c * s).unsqueeze(1)).to(B.dtype, memory_format=torch.contiguous_format)
+            dB = (P * (c * s).unsqueeze(1)).contiguous().to(B.dtype)
         if b_B is not None and needs_dparams[3]:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:

@@ -140,7 +140,7 @@ class TorchLowRank(DeltaKernels):
             dx, dA = cls.dropout_grads(dx, t, x2d, A.to(cd), aux, hp, bool(need_dA))
             dA = None if dA is None else dA.to(A.dtype)
         if need_dB:
-            dB = cls.t_mm(u, gyc).mul_(hp.scaling).t().to(B.dtype, memory_format=torch.contiguous_format)
+            dB = cls.t_mm(u, gyc).mul_(hp.scaling).t().contiguous().to(B.dtype)
         return dx, (dA, dB)
 
 

@@ -77,7 +77,7 @@ class TorchParallelAdapter:
                 grads[3] = dlogit.sum().reshape(1).to(params[3].dtype)
         if needs_dparams[1]:
             hg = h if gate is None else h * gate.unsqueeze(1)
-            grads[1] = rank_t_mm(hg, gyc).mul_(s).t().to(B.dtype, memory_format=torch.contiguous_format)
+            grads[1] = rank_t_mm(hg, gyc).mul_(s).t().contiguous().to(B.dtype)
         dx = None
         if needs_dx or needs_dparams[0]:
             dh = q.mul_(s) if gate is None else q.mul_(s).mul_(gate.unsqueeze(1))

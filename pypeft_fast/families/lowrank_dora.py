@@ -263,10 +263,7 @@ class TorchDoRA:
         if needs_dx or need_dA:
             t = gyc @ (Bc * (c * s).unsqueeze(1))          # s·(c ⊙ gy)·B: (n, r)
         if needs_dx:
-            if p == 0 and g.dtype == weight.dtype:
-                h = (g @ weight).addmm_(t, Ac)
-            else:
-                h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
+            h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
             if p:
                 h = gemm_into(cls.masked(h, seed, p), gy2d, weight)
             dx = h.to(gy2d.dtype)
@@ -274,7 +271,7 @@ class TorchDoRA:
             dA = (cls.t_mm(t, x2d.to(cd)) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
         P = cls.t_mm(u, gyc).t() if (need_dB or (need_dm and len(kept) != 3)) else None  # (out, r)
         if need_dB:
-            dB = (P * (c * s).unsqueeze(1)).to(B.dtype, memory_format=torch.contiguous_format)
+            dB = (P * (c * s).unsqueeze(1)).contiguous().to(B.dtype)
         if need_dbB:
             dbB = (colsum * c * s).to(b_B.dtype)
         if need_dm:
