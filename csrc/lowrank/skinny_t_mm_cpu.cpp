@@ -5,7 +5,8 @@
 // b's row NR consecutive values of the "B" panel. So there is no packing: a register tile of
 // MR = 6 rows of C × 2 vectors of b's columns takes, per token, 2 vector loads of b and 6
 // broadcasts of a for 12 FMAs (15 of AVX2's 16 registers at 32 bytes). Tokens go in blocks of
-// kRowBlock so that a block's b panel (kRowBlock × 2 vectors) stays in L1 across C's row tiles.
+// kRowBlock so that a block's b panel (kRowBlock × 2 vectors) stays in L1 across C's row tiles;
+// each block's sum is formed from zero and added to C once.
 //
 // MKL's own kernels for this shape were erratic on the AVX2 EPYC (bench/NOTES.md "skinny_t_mm"):
 // gyᵀ·u at r = 8 ran 13× slower than uᵀ·gy of the same numbers, and neither orientation was the
@@ -27,9 +28,11 @@ namespace pypeft_fast {
 namespace {
 
 constexpr int kMR = 6;           // rows of C per register tile
-constexpr int64_t kRowBlock = 256;  // tokens per block
+constexpr int64_t kRowBlock = 128;  // tokens per block: one partial sum, b's panel in L1
 
-// C[0:MR, 0:NV·lanes(L)] (+)= a[rows, 0:MR]ᵀ · b[rows, 0:NV·lanes(L)].
+// C[0:MR, 0:NV·lanes(L)] (+)= a[rows, 0:MR]ᵀ · b[rows, 0:NV·lanes(L)]: the block's sum starts
+// from zero in registers and is added to C once (two-level sums: a running sum over all n tokens
+// would grow its rounding error with n, and fail the tolerance rule after a few AdamW steps).
 template <int MR, int NV, typename L, typename T>
 PPF_INLINE void t_mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_t rows, T* c,
                           int64_t sc, bool load) {
@@ -38,7 +41,7 @@ PPF_INLINE void t_mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_
   PPF_UNROLL
   for (int j = 0; j < MR; ++j) {
     PPF_UNROLL
-    for (int v = 0; v < NV; ++v) acc[j][v] = load ? L::load(c + j * sc + v * W) : L(T(0));
+    for (int v = 0; v < NV; ++v) acc[j][v] = L(T(0));
   }
   for (int64_t i = 0; i < rows; ++i) {
     const T* bi = b + i * sb;
@@ -56,7 +59,8 @@ PPF_INLINE void t_mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_
   PPF_UNROLL
   for (int j = 0; j < MR; ++j) {
     PPF_UNROLL
-    for (int v = 0; v < NV; ++v) acc[j][v].store(c + j * sc + v * W);
+    for (int v = 0; v < NV; ++v)
+      (load ? L::load(c + j * sc + v * W) + acc[j][v] : acc[j][v]).store(c + j * sc + v * W);
   }
 }
 
