@@ -22,12 +22,14 @@
 namespace pypeft_fast {
 namespace {
 
-// At vector width VB bytes: W values per vector; tokens per block: one vector for SpMM, four
-// for SDDMM (a lane sum per entry is amortised over more tokens).
+// At vector width VB bytes: W values per vector; tokens per block: one vector for SpMM, 256
+// bytes of tokens for SDDMM (64 floats: 4 vectors at 64 bytes, 8 at 32), over which each
+// entry's lane sum is amortised. (At 32 bytes, 4 vectors ran 1.15–1.4× slower than 8; 2 vectors
+// 1.5× slower; 16 no faster: bench/NOTES.md "SDDMM token block".)
 template <typename acc_t, int VB>
 struct Blocking {
   static constexpr int W = VB / static_cast<int>(sizeof(acc_t));
-  static constexpr int kSpmm = W, kSddmm = 4 * W;
+  static constexpr int kSpmm = W, kSddmm = 256 / static_cast<int>(sizeof(acc_t));
 };
 // SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
 constexpr int64_t kSddmmRowChunk = 32;
