@@ -62,8 +62,8 @@ beyond it MKL's GEMM is as fast or faster (bench/NOTES.md "skinny_t_mm": r = 64 
 
 def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``aᵀ·b`` (:func:`~pypeft_fast.families._accumulate.rank_t_mm`) by the native
-    ``skinny_t_mm`` on CPU: 1.2–2.8× MKL's faster orientation at r ≤ 16 and up to 30× the slower
-    one (gyᵀ·u at r = 8), which ``gyc.t() @ u`` hit. Other devices, dtypes, strides or a wider a:
+    ``skinny_t_mm`` on CPU: at r ≤ 16 1.0–1.7× MKL's faster orientation on one thread, 1.3–2.8×
+    on two, and up to 30× the slower one (gyᵀ·u at r = 8), which ``gyc.t() @ u`` hit. Other devices, dtypes, strides or a wider a:
     the torch form."""
     if (a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
             and a.shape[1] <= SKINNY_T_MM_MAX_RANK and b.stride(-1) == 1):

@@ -698,3 +698,30 @@ def test_dora_grad_prologue_column_sums_do_not_drift_over_many_rows(threads):
     assert torch.equal(scaled, c * gy)
     assert_within("colsum", colsum, gy.double().sum(0), gy.sum(0), torch.float32)
     assert_within("coldot", coldot, (gy.double() * y.double()).sum(0), (gy * y).sum(0), torch.float32)
+
+
+def test_row_loop_ops_on_column_strided_views_equal_the_contiguous_inputs():
+    """The CPU row loops walk unit-stride rows (common/rows.h): a transposed view is read from a
+    copy, and an in-place output (DoRA's y, the dropout path's dx) is updated in a copy that is
+    written back into the caller's view — the same numbers as with contiguous tensors."""
+    n, k, out, r, p, s = 37, 23, 29, 5, 0.3, torch.tensor(9)
+    g = torch.Generator().manual_seed(3)
+
+    def tview(rows, cols):  # (rows, cols) with column stride rows: a transposed view
+        return torch.randn(cols, rows, generator=g).t()
+
+    x, dx, y, gy = tview(n, k), tview(n, k), tview(n, out), tview(n, out)
+    A, t = torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    u, B, c, sh = torch.randn(n, r, generator=g), torch.randn(out, r, generator=g), torch.rand(out) + 0.5, torch.randn(out)
+    assert not x.is_contiguous()
+    assert torch.equal(ops.lowrank_dropout_down(x, A, s, p), ops.lowrank_dropout_down(x.contiguous(), A, s, p))
+    dx_c = dx.contiguous()
+    dA = ops.lowrank_dropout_bwd(t, x, A, s, p, dx, True)
+    dA_c = ops.lowrank_dropout_bwd(t, x.contiguous(), A, s, p, dx_c, True)
+    assert torch.equal(dA, dA_c) and torch.equal(dx, dx_c) and not dx.is_contiguous()
+    y_c = y.contiguous()
+    ops.dora_scale_epilogue(y, u, B, 0.7, c, sh)
+    ops.dora_scale_epilogue(y_c, u, B, 0.7, c, sh)
+    assert torch.equal(y, y_c) and not y.is_contiguous()
+    for got, want in zip(ops.dora_grad_prologue(gy, c, y), ops.dora_grad_prologue(gy.contiguous(), c, y_c)):
+        assert torch.equal(got, want)

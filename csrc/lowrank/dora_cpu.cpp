@@ -21,6 +21,7 @@
 
 #include "../common/checks.h"
 #include "../common/macros.h"
+#include "../common/rows.h"
 #include "../ops.h"
 
 namespace pypeft_fast {
@@ -114,8 +115,7 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tens
   const at::Tensor shift = shift_.has_value() ? shift_->contiguous() : at::Tensor();
   const int64_t RB = epilogue_block_rows(out), blocks = (n + RB - 1) / RB;
   // The row loops take unit-stride rows: a y with strided rows is worked on in a copy.
-  const bool unit = out <= 1 || y.stride(1) == 1;
-  at::Tensor yc = unit ? y : y.contiguous();
+  at::Tensor yc = unit_rows(y);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), op, [&] {
     using acc_t = scalar_t;
     const acc_t s = static_cast<acc_t>(scaling);
@@ -136,7 +136,7 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tens
       });
     });
   });
-  if (!unit) y.copy_(yc);
+  if (!yc.is_same(y)) y.copy_(yc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
@@ -157,9 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
   }
   const at::Tensor c = c_.contiguous();
   // The row loops take unit-stride rows (a strided gy or y is read from a copy).
-  const at::Tensor gyc = out <= 1 || gy.stride(1) == 1 ? gy : gy.contiguous();
-  const at::Tensor yc = !has_y || out <= 1 || y_->stride(1) == 1 ? (has_y ? *y_ : at::Tensor())
-                                                                 : y_->contiguous();
+  const at::Tensor gyc = unit_rows(gy);
+  const at::Tensor yc = has_y ? unit_rows(*y_) : at::Tensor();
   at::Tensor g = at::empty({n, out}, c.options());
   const int nthreads = at::get_num_threads();
   at::Tensor parts = at::zeros({nthreads, has_y ? 2 : 1, out}, c.options());

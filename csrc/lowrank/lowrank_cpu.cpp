@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../common/macros.h"
+#include "../common/rows.h"
 #include "../ops.h"
 #include "../philox/philox.h"
 #include "../philox/philox_cpu.h"
@@ -37,11 +38,6 @@ namespace {
 #endif
 constexpr int64_t kBlockElements = PPF_LOWRANK_BLOCK_ELEMENTS;
 int64_t rows_per_block(int64_t k) { return std::max<int64_t>(8, kBlockElements / std::max<int64_t>(k, 1)); }
-
-// t itself when its rows are unit-stride, else a contiguous copy.
-at::Tensor unit_rows(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
-}
 
 at::Tensor blob(void* p, int64_t rows, int64_t cols, const at::TensorOptions& o) {
   return at::from_blob(p, {rows, cols}, o);

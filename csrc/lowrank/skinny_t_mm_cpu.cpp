@@ -21,6 +21,7 @@
 #include "../common/checks.h"
 #include "../common/cpu_width.h"
 #include "../common/lanes.h"
+#include "../common/rows.h"
 #include "../ops.h"
 #include "skinny_t_mm.h"
 
@@ -147,7 +148,7 @@ at::Tensor skinny_t_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_same_device(op, "b", b, "a", a);
   PPF_CHECK(op, a.size(0) == b.size(0), "a has shape ", a.sizes(), " and b has shape ", b.sizes(),
             "; expected the same number of rows (tokens)");
-  PPF_CHECK(op, (a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1),
+  PPF_CHECK(op, has_unit_rows(a) && has_unit_rows(b),
             "a (strides ", a.strides(), ") and b (strides ", b.strides(),
             ") must have unit-stride rows");
   const int64_t n = a.size(0), r = a.size(1), k = b.size(1);
