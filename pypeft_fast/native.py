@@ -113,7 +113,8 @@ class NativeDoRA(TorchDoRA):
 
     # Dropout > 0 on CPU: peft's x̃·Wᵀ (x̃ = drop(x)) without a second frozen GEMM. With the
     # dropped entries x_d = x ⊙ (1 − mask) (density p, a CSR built from the seed's mask),
-    # x̃·Wᵀ = (x·Wᵀ − x_d·Wᵀ) / (1 − p): one frozen GEMM plus a native SpMM of p·n·in nonzeros.
+    # x̃·Wᵀ = (x·Wᵀ − x_d·Wᵀ) / (1 − p): one frozen GEMM plus a native SpMM of p·n·in nonzeros;
+    # u = x̃·Aᵀ from the same CSR, (x·Aᵀ − x_d·Aᵀ) / (1 − p) (the forward makes the mask once).
     # Backward likewise: dx = gy·W + drop'(((c−1)⊙gy)·W + t·A)
     #                       = (c₁ ⊙ gy)·W + drop(t·A) − SDDMM_dropped((c−1)⊙gy, W) / (1 − p),
     # c₁ = (c − p)/(1 − p); and dm from the saved output y = (c − p) ⊙ x̃·Wᵀ + x_d·Wᵀ + b + L
@@ -165,8 +166,9 @@ class NativeDoRA(TorchDoRA):
         if not cls._sparse_ok(x2d, weight, p, c):   # the torch kernels' sources, the same norm
             return super().forward(x2d, weight, bias, params, aux, hp, scaled)
         seed = aux[0]
-        q = cls._dropped_times_wt(x2d, weight, cls._dropped_csr(x2d, seed, p), cd)
-        u = ops.lowrank_dropout_down(x2d, Ac, seed, p)
+        dropped = cls._dropped_csr(x2d, seed, p)   # the mask, once for both products below
+        q = cls._dropped_times_wt(x2d, weight, dropped, cd)
+        u = (x2d.to(cd) @ Ac.t()).sub_(cls._dropped_times_wt(x2d, Ac, dropped, cd)).div_(1 - p)
         c1 = (c - p) / (1 - p)
         # y = c₁ ⊙ (x·Wᵀ − ((c−1)/(c−p)) ⊙ x_d·Wᵀ + s·u·(B ⊙ c/c₁)ᵀ) + b + c ⊙ s·b_B
         acc = F.linear(x2d, weight).to(cd)
