@@ -26,6 +26,7 @@ TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   m.impl("dora_scale_epilogue", &dora_scale_epilogue_cpu);
   m.impl("dora_grad_prologue", &dora_grad_prologue_cpu);
   m.impl("skinny_t_mm", &skinny_t_mm_cpu);
+  m.impl("skinny_mm", &skinny_mm_cpu);
   m.impl("kronecker_apply_acc", &kronecker_apply_acc_cpu);
   m.impl("kronecker_apply_bwd", &kronecker_apply_bwd_cpu);
 }

@@ -34,6 +34,7 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dora_grad_prologue_cpu(
     const at::Tensor& gy, const at::Tensor& c, const std::optional<at::Tensor>& y);
 at::Tensor skinny_t_mm_cpu(const at::Tensor& a, const at::Tensor& b);
+at::Tensor skinny_mm_cpu(const at::Tensor& a, const at::Tensor& b);
 
 // Kronecker / PHM structured apply (csrc/kronecker/)
 void kronecker_apply_acc_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,

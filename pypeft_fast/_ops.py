@@ -34,6 +34,9 @@ CSR, nnz stored entries)::
     skinny_t_mm(a (n, r), b (n, k)) -> (r, k)                                [CPU]
         aᵀ · b for a skinny a (a rank's columns), both float32 or both float64, unit-stride rows:
         the token-sum of rank-r outer products (LoRA's dA = tᵀ·x, dB = (uᵀ·gy)ᵀ).
+    skinny_mm(a (n, k), b (k, r)) -> (n, r)                                  [CPU]
+        a · b for a skinny b (a rank's columns), both float32 or both float64, unit-stride rows:
+        each token against a low-rank factor (LoRA's u = x·Aᵀ with b = Aᵀ, t = gy·B with b = B).
 
     kronecker_apply_acc(y (n, ao·bo)!, x (n, ai·bi), A (h, ao, ai), B (h, bo, bi), scaling) -> ()
         y += x · (s·Σₕ Aₕ ⊗ Bₕ)ᵀ in place, ΔW never formed; summed in A's dtype
@@ -51,10 +54,10 @@ import torch
 
 from .validate import compute_dtype
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
 schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
-6: skinny_t_mm)."""
+6: skinny_t_mm; 7: skinny_mm)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
@@ -69,6 +72,7 @@ SCHEMAS = {
     "dora_scale_epilogue": "dora_scale_epilogue(Tensor(a!) y, Tensor u, Tensor B, float scaling, Tensor c, Tensor? shift) -> ()",
     "dora_grad_prologue": "dora_grad_prologue(Tensor gy, Tensor c, Tensor? y) -> (Tensor, Tensor, Tensor)",
     "skinny_t_mm": "skinny_t_mm(Tensor a, Tensor b) -> Tensor",
+    "skinny_mm": "skinny_mm(Tensor a, Tensor b) -> Tensor",
     "kronecker_apply_acc": "kronecker_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
     "kronecker_apply_bwd": "kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
 }
@@ -193,6 +197,13 @@ def _register_fakes(library: torch.library.Library) -> None:
                      lambda: f"skinny_t_mm: a {tuple(a.shape)} and b {tuple(b.shape)} must be 2-D "
                              "with the same number of rows")
         return a.new_empty((a.shape[1], b.shape[1]))
+
+    @register_fake(lib + "skinny_mm")
+    def _(a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                     lambda: f"skinny_mm: a {tuple(a.shape)} and b {tuple(b.shape)} must be 2-D "
+                             "with a's columns equal to b's rows")
+        return a.new_empty((a.shape[0], b.shape[1]))
 
     def _kron_check(op, x, A, B, **acts):
         torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],

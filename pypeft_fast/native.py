@@ -71,6 +71,22 @@ def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.t() @ b
 
 
+SKINNY_NT_MM_MAX_RANK = 32
+"""``native_rank_nt_mm`` runs the native ``skinny_mm`` for a factor of at most this many rows
+(bench/NOTES.md "skinny_mm")."""
+
+
+def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·bᵀ`` (:func:`~pypeft_fast.families._accumulate.rank_nt_mm`) by the native
+    ``skinny_mm`` on CPU, which takes bᵀ (k, r) with unit-stride rows: B for t = gy·B as it is,
+    A for u = x·Aᵀ transposed into a copy (r × k values). Other devices, dtypes, a
+    column-strided a or a b of more rows: the torch form."""
+    if (a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+            and b.shape[0] <= SKINNY_NT_MM_MAX_RANK and a.stride(-1) == 1):
+        return ops.skinny_mm(a, b.t().contiguous())
+    return a @ b.t()
+
+
 class NativeSparse(TorchSparse):
     """Sparse family: y += x·(sΔW)ᵀ and dx += gy·(sΔW) by the native SpMM (accumulating into the
     frozen GEMM's output, no n×out temporary), dv by the native SDDMM; the rest is
@@ -123,6 +139,10 @@ class NativeDoRA(TorchDoRA):
     # peft's init c = 1 at p ≤ 0.3) takes the torch kernels' path (one more frozen GEMM).
     SPARSE_MIN_GAP = 0.5
     t_mm = staticmethod(native_rank_t_mm)
+    # u = x·Aᵀ and t = s·(c ⊙ gy)·B stay MKL's (TorchDoRA.nt_mm): with skinny_mm's running sum
+    # over k (at k = 32, below its 64-step blocks, twice MKL's rounding) one-step gradients of a
+    # fp32 DoRA model were 1.17× peft's error (median over tensors; 5× the worst) against
+    # 0.88× with MKL's, and a 4-step AdamW Trainer run ended one weight beyond the rule.
 
     @classmethod
     def _sparse_ok(cls, x2d, weight, p, c) -> bool:
@@ -168,7 +188,7 @@ class NativeDoRA(TorchDoRA):
         seed = aux[0]
         dropped = cls._dropped_csr(x2d, seed, p)   # the mask, once for both products below
         q = cls._dropped_times_wt(x2d, weight, dropped, cd)
-        u = (x2d.to(cd) @ Ac.t()).sub_(cls._dropped_times_wt(x2d, Ac, dropped, cd)).div_(1 - p)
+        u = cls.nt_mm(x2d.to(cd), Ac).sub_(cls._dropped_times_wt(x2d, Ac, dropped, cd)).div_(1 - p)
         c1 = (c - p) / (1 - p)
         # y = c₁ ⊙ (x·Wᵀ − ((c−1)/(c−p)) ⊙ x_d·Wᵀ + s·u·(B ⊙ c/c₁)ᵀ) + b + c ⊙ s·b_B
         acc = F.linear(x2d, weight).to(cd)
@@ -201,7 +221,7 @@ class NativeDoRA(TorchDoRA):
         rows, cols, row_ptr = dropped
         dx = dA = dB = dm = dbB = None
         if needs_dx or need_dA:
-            t = (g @ Bc).mul_(s)                                      # (n, r)
+            t = cls.nt_mm(g, Bc.t()).mul_(s)                          # (n, r)
             if needs_dx:
                 dx = (gyc * ((c - p) / (1 - p))).to(gy2d.dtype) @ weight   # (c₁ ⊙ gy)·W
                 g2w = ops.sparse_sddmm_csr(row_ptr, cols, (gyc * (c - 1)).to(weight.dtype).t(), weight)
@@ -272,6 +292,7 @@ class NativeLowRank(TorchLowRank):
 
     VARIANTS = {"dora": NativeDoRA}
     t_mm = staticmethod(native_rank_t_mm)
+    nt_mm = staticmethod(native_rank_nt_mm)
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -282,10 +303,10 @@ class NativeLowRank(TorchLowRank):
             return NativeDoRA.supports(x, weight, params, aux, hp)
         return None
 
-    @staticmethod
-    def down(x2d, Ac, aux, hp):
+    @classmethod
+    def down(cls, x2d, Ac, aux, hp):
         if hp.dropout == 0.0:
-            return TorchLowRank.down(x2d, Ac, aux, hp)
+            return super().down(x2d, Ac, aux, hp)
         return ops.lowrank_dropout_down(x2d, Ac, aux[0], hp.dropout)
 
     @classmethod

@@ -271,7 +271,7 @@ def test_philox_matches_the_python_definition_on_many_counters():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 987654321, 2**63 - 1, 0x7F3A_0000_0000_0001])
-@pytest.mark.parametrize("start,numel", [(0, 1), (0, 1000), (3, 777), (13, 5), (2**33 + 5, 131)])
+@pytest.mark.parametrize("start,numel", [(0, 1), (0, 1000), (3, 777), (13, 5), (2**33 + 5, 131), (21, 4099)])
 @pytest.mark.parametrize("p", [0.05, 0.37, 0.5])
 def test_keep_mask_is_bit_exact(seed, start, numel, p, philox_isa):
     s = torch.tensor(seed, dtype=torch.int64)
@@ -422,6 +422,81 @@ def test_native_rank_t_mm_serves_what_the_op_cannot_with_the_torch_form():
         torch.testing.assert_close(got.double(), a.double().t() @ bb.double(), rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- skinny_mm: a·b against a factor
+
+# (n, k, r): r across the two-vector, one-vector, half-vector and single-column tiles of both
+# widths (1, 3, 4, 5, 12, 16, 24, 32, 37), n across the 6- and 8-row tiles and their tails, k
+# over several 64-step blocks (1031) and k = 1; a row stride of 1024 floats (4 KiB apart, one L1
+# set: the 8-row tile's reason).
+MM_SHAPES = [(97, 37, 5), (1, 8, 1), (300, 1031, 16), (33, 3, 7), (70, 64, 13), (5, 130, 32),
+             (13, 1, 3), (50, 1024, 8), (29, 300, 24), (8, 40, 4), (23, 17, 12), (7, 9, 37)]
+
+
+@pytest.mark.parametrize("n,k,r", MM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_skinny_mm_matches_float64(n, k, r, dtype, cpu_width):
+    a = rand(n, k + 3, seed=n + k)[:, 1:k + 1].to(dtype)  # rows with a stride of k + 3: a view
+    b = rand(k, r, seed=r).to(dtype)
+    got = ops.skinny_mm(a, b)
+    assert got.shape == (n, r) and got.dtype == dtype
+    assert_within("a·b", got, a.double() @ b.double(), a @ b, dtype)
+
+
+def test_skinny_mm_is_as_accurate_as_mkl():
+    """The relative error over many products, k from 64 to 2752, at most MKL's: a running sum
+    over all of k per element had 1.2× its error at k = 1024 (then a Trainer run of fp32 DoRA,
+    whose u = x·Aᵀ it computed, ended one weight beyond the rule)."""
+    ours, mkl = [], []
+    for i, (n, k, r) in enumerate([(64, 64, 4), (256, 1024, 16), (64, 2752, 8), (100, 777, 13)] * 3):
+        a, b = rand(n, k, seed=i).float(), rand(k, r, seed=100 + i).float()
+        ref = a.double() @ b.double()
+        ours.append(((ops.skinny_mm(a, b).double() - ref).norm() / ref.norm()).item())
+        mkl.append((((a @ b).double() - ref).norm() / ref.norm()).item())
+    assert sum(ours) <= sum(mkl), (ours, mkl)
+
+
+def test_skinny_mm_does_not_depend_on_the_thread_count():
+    """Row groups per thread; every element sums over k in one order."""
+    a, b = rand(777, 1000, seed=1), rand(1000, 11, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.skinny_mm(a, b)
+        torch.set_num_threads(2)
+        assert torch.equal(ops.skinny_mm(a, b), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_skinny_mm_edge_sizes_and_errors():
+    assert torch.equal(ops.skinny_mm(torch.randn(3, 0), torch.randn(0, 5)), torch.zeros(3, 5))
+    assert ops.skinny_mm(torch.randn(0, 4), torch.randn(4, 5)).shape == (0, 5)
+    assert ops.skinny_mm(torch.randn(3, 4), torch.randn(4, 0)).shape == (3, 0)
+    with pytest.raises(RuntimeError, match=r"skinny_mm: a has shape \[4, 2\] and b has shape "
+                                           r"\[3, 5\]; expected a's columns to equal b's rows"):
+        ops.skinny_mm(torch.randn(4, 2), torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match=r"skinny_mm: b has dtype Double; expected Float"):
+        ops.skinny_mm(torch.randn(4, 2), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"skinny_mm: a has dtype BFloat16; expected float32 or float64"):
+        ops.skinny_mm(torch.randn(4, 2).bfloat16(), torch.randn(2, 3).bfloat16())
+    with pytest.raises(RuntimeError, match=r"must have unit-stride rows"):
+        ops.skinny_mm(torch.randn(2, 4).t(), torch.randn(2, 3))
+
+
+def test_native_rank_nt_mm_serves_what_the_op_cannot_with_the_torch_form():
+    """native_rank_nt_mm (the cpp kernels' a·bᵀ): the op for float operands and a factor of few
+    rows (a column-strided b — Bᵀ — copied), the torch form for a b of more rows or a
+    column-strided a — the same numbers."""
+    a = rand(50, 9, seed=3).float()
+    for aa, b in [(a, rand(4, 9, seed=1)), (a, rand(9, 4, seed=1).t()),
+                  (a, rand(native.SKINNY_NT_MM_MAX_RANK + 1, 9, seed=2)),
+                  (rand(9, 50, seed=4).float().t(), rand(4, 9, seed=1))]:
+        b = b.float()
+        got = native.native_rank_nt_mm(aa, b)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), aa.double() @ b.double().t(), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- Kronecker / PHM structured apply
 
 # (n, h, (ao, ai), (bo, bi)): LoKr-like (h = 1) and PHM-like (h > 1), ragged and vector-aligned
@@ -543,6 +618,7 @@ def _opcheck_cases():
                                 torch.rand(9) + 0.5, torch.randn(9)),
         "dora_grad_prologue": (gy, torch.rand(9) + 0.5, torch.randn(13, 9)),
         "skinny_t_mm": (t, x),
+        "skinny_mm": (x, torch.randn(11, 3)),
         "kronecker_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
         "kronecker_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
                                torch.randn(13, 22), True, True),

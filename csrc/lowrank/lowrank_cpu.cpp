@@ -4,19 +4,18 @@
 //   lowrank_dropout_down:  u[rows]  = (x[rows] ⊙ m / (1-p)) · Aᵀ            (x read once)
 //   lowrank_dropout_bwd:   dx[rows] += (t[rows] · A) ⊙ m / (1-p)              (in place)
 //                          dA      += t[rows]ᵀ · (x[rows] ⊙ m / (1-p))        (one mask for both)
-// The GEMMs are ATen's (MKL) but the token sum tᵀ·(…), which is skinny_t_mm's (skinny_t_mm.h);
+// The products are skinny_mm.h's (drop(x)·Aᵀ, and t·A with the mask applied as it is added to dx)
+// and skinny_t_mm's (the token sum tᵀ·(…), skinny_t_mm.h);
 // the Philox loop is compiled per ISA (PPF_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/macros.h"
@@ -25,6 +24,7 @@
 #include "../philox/philox.h"
 #include "../philox/philox_cpu.h"
 #include "lowrank_checks.h"
+#include "skinny_mm.h"
 #include "skinny_t_mm.h"
 
 namespace pypeft_fast {
@@ -37,10 +37,20 @@ namespace {
 #define PPF_LOWRANK_BLOCK_ELEMENTS 65536
 #endif
 constexpr int64_t kBlockElements = PPF_LOWRANK_BLOCK_ELEMENTS;
-int64_t rows_per_block(int64_t k) { return std::max<int64_t>(8, kBlockElements / std::max<int64_t>(k, 1)); }
+int64_t rows_per_block(int64_t k, int64_t min_rows = 8) {
+  return std::max<int64_t>(min_rows, kBlockElements / std::max<int64_t>(k, 1));
+}
+// The backward's blocks hold at least this many rows: each block also adds its t·ᵀ(x ⊙ m) into the
+// thread's r × in partial dA, and 23-row blocks (65536 elements at in = 2752) spent more on that
+// partial than on the product (1-thread op at in = 2752: 6.4 ms; 4.8 with 64 rows).
+constexpr int64_t kBwdMinRows = 64;
 
-at::Tensor blob(void* p, int64_t rows, int64_t cols, const at::TensorOptions& o) {
-  return at::from_blob(p, {rows, cols}, o);
+// p as an acc_t* when x_t is acc_t, else nullptr (the dispatch lambdas are no templates, so an
+// `if constexpr` there would still compile both branches).
+template <typename acc_t, typename x_t>
+acc_t* same_dtype(x_t* p) {
+  if constexpr (std::is_same_v<x_t, acc_t>) return p;
+  else return nullptr;
 }
 
 // d[i, :] = x[i, :] ⊙ m[i, :] for a block of rows (x's rows unit-stride): drop(x) in cache.
@@ -87,7 +97,7 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
   const uint32_t thr = keep_threshold(p);
   // Detached: the worker threads of at::parallel_for do not inherit the caller's grad mode, and
   // the GEMMs below must never record autograd history (the op has no autograd formula).
-  const at::Tensor At = A.detach().t();
+  const at::Tensor At = A.detach().t().contiguous();  // (in, r): skinny_mm's b
   const at::Tensor xc = unit_rows(x);
   const int64_t RB = rows_per_block(k), blocks = (n + RB - 1) / RB;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
@@ -100,12 +110,13 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         Scratch<acc_t> mbuf;
         std::vector<acc_t> xd(RB * k);
+        const acc_t* atp = At.const_data_ptr<acc_t>();
+        acc_t* up = u.data_ptr<acc_t>();
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
           const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
           dropped_rows_isa(xp + r0 * s0, s0, rows, k, m, xd.data());
-          at::Tensor ub = u.narrow(0, r0, rows);
-          at::mm_out(ub, blob(xd.data(), rows, k, A.options()), At);
+          skinny_mm_acc(xd.data(), k, atp, r, rows, k, r, up + r0 * r, r, false);
         }
       });
     });
@@ -122,7 +133,7 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
   const bool has_dx = check_lowrank_bwd_args(op, t_, x, A_, seed, p, dx_opt);
   // Detached (see lowrank_dropout_down_cpu): no autograd inside the worker threads; t's rows
   // unit-stride for skinny_t_mm_acc.
-  const at::Tensor t = t_.detach().contiguous(), A = A_.detach();
+  const at::Tensor t = t_.detach().contiguous(), A = unit_rows(A_.detach());
   const int64_t n = x.size(0), k = x.size(1), r = A.size(0);
   const int nthreads = at::get_num_threads();
   at::Tensor partial = need_dA ? at::zeros({nthreads, r, k}, A.options()) : at::Tensor();
@@ -133,7 +144,7 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
   if (n > 0 && k > 0 && (has_dx || need_dA)) {
     const PhiloxKey key = philox_key(seed_value(seed));
     const uint32_t thr = keep_threshold(p);
-    const int64_t RB = rows_per_block(k), blocks = (n + RB - 1) / RB;
+    const int64_t RB = rows_per_block(k, kBwdMinRows), blocks = (n + RB - 1) / RB;
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
       using acc_t = scalar_t;
       const acc_t scale = dropout_scale<acc_t>(p);
@@ -144,6 +155,8 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
         x_t* dxp = has_dx ? dxc.data_ptr<x_t>() : nullptr;
         const int64_t d0 = has_dx ? dxc.stride(0) : 0;
         const acc_t* tp = t.const_data_ptr<acc_t>();
+        const acc_t* Ap = A.const_data_ptr<acc_t>();
+        const int64_t sA = A.stride(0);
         acc_t* pp = need_dA ? partial.data_ptr<acc_t>() : nullptr;
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           Scratch<acc_t> mbuf;
@@ -153,10 +166,13 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
             const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
-            at::Tensor bb = blob(buf.data(), rows, k, A.options());
-            if (has_dx) {  // buf = t[rows] · A, then dx[rows] += buf ⊙ m (rounded once)
-              at::mm_out(bb, t.narrow(0, r0, rows), A);
-              masked_add_rows_isa(dxp + r0 * d0, d0, rows, k, m, buf.data());
+            if (has_dx) {  // dx[rows] += (t[rows] · A) ⊙ m, summed in acc_t and rounded once
+              if (acc_t* dxa = same_dtype<acc_t>(dxp)) {
+                rank_update_acc(tp + r0 * r, r, Ap, sA, m, k, rows, r, k, dxa + r0 * d0, d0, true);
+              } else {  // via buf = t[rows] · A
+                rank_update_acc(tp + r0 * r, r, Ap, sA, nullptr, 0, rows, r, k, buf.data(), k, false);
+                masked_add_rows_isa(dxp + r0 * d0, d0, rows, k, m, buf.data());
+              }
             }
             if (need_dA) {  // buf = x[rows] ⊙ m; partial[tid] += t[rows]ᵀ · buf
               dropped_rows_isa(xp + r0 * s0, s0, rows, k, m, buf.data());

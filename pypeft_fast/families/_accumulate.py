@@ -38,3 +38,10 @@ def rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     gradient's outer products (LoRA's dA = tᵀ·x and dB = (uᵀ·gy)ᵀ). The torch kernels' form;
     the cpp kernels run the native ``skinny_t_mm`` (``native.native_rank_t_mm``)."""
     return a.t() @ b
+
+
+def rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·bᵀ`` (n, r) for a (n, k) and a factor b (r, k) of r rows: each token against a low-rank
+    factor (LoRA's u = x·Aᵀ with b = A, t = gy·B with b = Bᵀ). The torch kernels' form; the cpp
+    kernels run the native ``skinny_mm`` (``native.native_rank_nt_mm``)."""
+    return a @ b.t()

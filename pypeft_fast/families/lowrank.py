@@ -35,7 +35,7 @@ from ..validate import (
     check_base, check_dropout, check_param, check_same_device, check_scaling, check_seed,
     compute_dtype, fail,
 )
-from ._accumulate import add_into, addmm_into, rank_t_mm
+from ._accumulate import add_into, addmm_into, rank_nt_mm, rank_t_mm
 from ._layer import DeltaKernels
 from .lowrank_adapter import ACTIVATIONS, TorchParallelAdapter
 from .lowrank_dora import TorchDoRA
@@ -82,6 +82,7 @@ class TorchLowRank(DeltaKernels):
 
     VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
     t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA, dB
+    nt_mm = staticmethod(rank_nt_mm)  # a·bᵀ against a factor: u = x·Aᵀ, t = gy·B
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
@@ -96,10 +97,10 @@ class TorchLowRank(DeltaKernels):
                                                      needs_dx, needs_dparams)
         return super().backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
 
-    @staticmethod
-    def down(x2d, Ac, aux, hp):
+    @classmethod
+    def down(cls, x2d, Ac, aux, hp):
         """``u = drop(x)·Aᵀ`` (n, r) in Ac's dtype."""
-        return _dropped(x2d, aux, hp, Ac.dtype) @ Ac.t()
+        return cls.nt_mm(_dropped(x2d, aux, hp, Ac.dtype), Ac)
 
     @classmethod
     def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
@@ -136,7 +137,7 @@ class TorchLowRank(DeltaKernels):
         gyc = gy2d.to(cd)
         dA = dB = None
         if dx is not None or need_dA:
-            t = (gyc @ B.to(cd)).mul_(hp.scaling)  # (n, r)
+            t = cls.nt_mm(gyc, B.to(cd).t()).mul_(hp.scaling)  # (n, r)
             dx, dA = cls.dropout_grads(dx, t, x2d, A.to(cd), aux, hp, bool(need_dA))
             dA = None if dA is None else dA.to(A.dtype)
         if need_dB:
