@@ -16,27 +16,30 @@
 
 #include <algorithm>
 
-#include "../common/checks.h"
 #include "../common/cpu_width.h"
 #include "../common/lanes.h"
-#include "../common/rows.h"
 #include "../ops.h"
+#include "skinny_checks.h"
 #include "skinny_mm.h"
 
 namespace pypeft_fast {
 namespace {
 
-constexpr int64_t kKBlock = 64;  // steps along k per block: one partial sum from zero (header)
+constexpr int64_t kKBlock = 64;       // skinny_mm's steps along k per block (header)
+constexpr int64_t kUpdateColumns = 256;  // rank_update's columns per chunk: A's panel (r × 256) in L1
 
-// Rows of C per register tile: 6 × 2 vectors, or 8 × 1 (not 12: twelve rows of a 4 KiB row stride
-// map to one set of the 8-way L1 and evict each other every step, 2.2× slower at k = 1024).
+// Rows per register tile: 6 × 2 vectors, or 8 × 1 (not 12: twelve rows of a 4 KiB row stride map
+// to one set of the 8-way L1 and evict each other every step, 2.2× slower at k = 1024).
 template <int NV>
 constexpr int rows_per_tile() { return NV == 1 ? 8 : 12 / NV; }
 
-// C[0:MR, 0:NV·lanes(L)] (+)= a[0:MR, 0:kk] · b[0:kk, 0:NV·lanes(L)], the sum formed from zero.
+// out[0:MR, 0:NV·lanes(L)] = [out +] (a[0:MR, 0:steps] · b[0:steps, 0:NV·lanes(L)]) ⊙ m (m
+// nullptr: no multipliers): both kernels' product. The sum over the steps is formed from zero in
+// registers, NV vector loads of b's row and MR broadcasts of a's column per step, then one pass
+// over the tile's out (and m).
 template <int MR, int NV, typename L, typename T>
-PPF_INLINE void mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_t kk, T* c,
-                        int64_t sc, bool load) {
+PPF_INLINE void product_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_t steps,
+                             const T* m, int64_t sm, T* out, int64_t so, bool load) {
   constexpr int W = sizeof(typename L::V) / sizeof(T);
   L acc[MR][NV];
   PPF_UNROLL
@@ -44,7 +47,7 @@ PPF_INLINE void mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_t 
     PPF_UNROLL
     for (int v = 0; v < NV; ++v) acc[i][v] = L(T(0));
   }
-  for (int64_t j = 0; j < kk; ++j) {
+  for (int64_t j = 0; j < steps; ++j) {
     const T* bj = b + j * sb;
     L bv[NV];
     PPF_UNROLL
@@ -59,87 +62,6 @@ PPF_INLINE void mm_tile(const T* a, int64_t sa, const T* b, int64_t sb, int64_t 
   PPF_UNROLL
   for (int i = 0; i < MR; ++i) {
     PPF_UNROLL
-    for (int v = 0; v < NV; ++v)
-      (load ? L::load(c + i * sc + v * W) + acc[i][v] : acc[i][v]).store(c + i * sc + v * W);
-  }
-}
-
-// The last rows - rows % MR of a row range: a tile of exactly that many rows.
-template <int M, int NV, typename L, typename T>
-PPF_INLINE void mm_tail(int64_t rows, const T* a, int64_t sa, const T* b, int64_t sb, int64_t kk,
-                        T* c, int64_t sc, bool load) {
-  if constexpr (M > 0) {
-    if (rows == M) return mm_tile<M, NV, L>(a, sa, b, sb, kk, c, sc, load);
-    mm_tail<M - 1, NV, L>(rows, a, sa, b, sb, kk, c, sc, load);
-  }
-}
-
-// All rows of one column tile: MR-row tiles, then the remainder.
-template <int NV, typename L, typename T>
-PPF_INLINE void mm_rows(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n, int64_t kk,
-                        T* c, int64_t sc, bool load) {
-  constexpr int MR = rows_per_tile<NV>();
-  int64_t i = 0;
-  for (; i + MR <= n; i += MR) mm_tile<MR, NV, L>(a + i * sa, sa, b, sb, kk, c + i * sc, sc, load);
-  mm_tail<MR - 1, NV, L>(n - i, a + i * sa, sa, b, sb, kk, c + i * sc, sc, load);
-}
-
-// The whole product at vector width VB: blocks along k, and per block every column tile (two
-// vectors, then one, then half a vector, then single columns for r's tail).
-template <typename T, int VB>
-PPF_INLINE void mm_block(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n, int64_t k,
-                         int64_t r, T* c, int64_t sc, bool accumulate) {
-  constexpr int N = VB / sizeof(T);
-  constexpr int NH = N >= 4 ? N / 2 : 1;
-  using L = Lanes<T, N>;
-  using H = Lanes<T, NH>;
-  using S = Lanes<T, 1>;
-  if (k == 0 && !accumulate) {
-    for (int64_t i = 0; i < n; ++i) std::fill(c + i * sc, c + i * sc + r, T(0));
-    return;
-  }
-  for (int64_t j0 = 0; j0 < k; j0 += kKBlock) {
-    const int64_t kk = std::min(kKBlock, k - j0);
-    const bool load = accumulate || j0 > 0;
-    const T* ab = a + j0;
-    const T* bb = b + j0 * sb;
-    int64_t q = 0;
-    for (; q + 2 * N <= r; q += 2 * N) mm_rows<2, L>(ab, sa, bb + q, sb, n, kk, c + q, sc, load);
-    for (; q + N <= r; q += N) mm_rows<1, L>(ab, sa, bb + q, sb, n, kk, c + q, sc, load);
-    if constexpr (NH > 1)
-      for (; q + NH <= r; q += NH) mm_rows<1, H>(ab, sa, bb + q, sb, n, kk, c + q, sc, load);
-    for (; q < r; ++q) mm_rows<1, S>(ab, sa, bb + q, sb, n, kk, c + q, sc, load);
-  }
-}
-
-// out[0:MR, 0:NV·lanes(L)] = [out +] (t[0:MR, 0:r] · A[0:r, cols]) ⊙ m: the rank-r sum formed in
-// registers (r steps of NV loads of A's row c and MR broadcasts of t[i, c]), then one pass over
-// the tile's out (and m).
-template <int MR, int NV, typename L, typename T>
-PPF_INLINE void update_tile(const T* t, int64_t st, const T* A, int64_t sA, const T* m,
-                            int64_t sm, int64_t r, T* out, int64_t so, bool load) {
-  constexpr int W = sizeof(typename L::V) / sizeof(T);
-  L acc[MR][NV];
-  PPF_UNROLL
-  for (int i = 0; i < MR; ++i) {
-    PPF_UNROLL
-    for (int v = 0; v < NV; ++v) acc[i][v] = L(T(0));
-  }
-  for (int64_t c = 0; c < r; ++c) {
-    const T* Ac = A + c * sA;
-    L av[NV];
-    PPF_UNROLL
-    for (int v = 0; v < NV; ++v) av[v] = L::load(Ac + v * W);
-    PPF_UNROLL
-    for (int i = 0; i < MR; ++i) {
-      const T s = t[i * st + c];
-      PPF_UNROLL
-      for (int v = 0; v < NV; ++v) acc[i][v] = acc[i][v] + av[v] * s;
-    }
-  }
-  PPF_UNROLL
-  for (int i = 0; i < MR; ++i) {
-    PPF_UNROLL
     for (int v = 0; v < NV; ++v) {
       T* o = out + i * so + v * W;
       const L z = m != nullptr ? acc[i][v] * L::load(m + i * sm + v * W) : acc[i][v];
@@ -149,48 +71,73 @@ PPF_INLINE void update_tile(const T* t, int64_t st, const T* A, int64_t sA, cons
 }
 
 template <int M, int NV, typename L, typename T>
-PPF_INLINE void update_tail(int64_t rows, const T* t, int64_t st, const T* A, int64_t sA,
-                            const T* m, int64_t sm, int64_t r, T* out, int64_t so, bool load) {
+PPF_INLINE void product_tail(int64_t rows, const T* a, int64_t sa, const T* b, int64_t sb,
+                             int64_t steps, const T* m, int64_t sm, T* out, int64_t so, bool load) {
   if constexpr (M > 0) {
-    if (rows == M) return update_tile<M, NV, L>(t, st, A, sA, m, sm, r, out, so, load);
-    update_tail<M - 1, NV, L>(rows, t, st, A, sA, m, sm, r, out, so, load);
+    if (rows == M) return product_tile<M, NV, L>(a, sa, b, sb, steps, m, sm, out, so, load);
+    product_tail<M - 1, NV, L>(rows, a, sa, b, sb, steps, m, sm, out, so, load);
   }
 }
 
-// All rows of one column tile: MR-row tiles, then the remainder.
+// All n rows of one column tile: whole register tiles, then one of the n % MR rows left (a
+// tile's height is a template argument: its loops unroll over the rows).
 template <int NV, typename L, typename T>
-PPF_INLINE void update_rows(const T* t, int64_t st, const T* A, int64_t sA, const T* m,
-                            int64_t sm, int64_t n, int64_t r, T* out, int64_t so, bool load) {
+PPF_INLINE void product_rows(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n,
+                             int64_t steps, const T* m, int64_t sm, T* out, int64_t so, bool load) {
   constexpr int MR = rows_per_tile<NV>();
   int64_t i = 0;
   for (; i + MR <= n; i += MR)
-    update_tile<MR, NV, L>(t + i * st, st, A, sA, m == nullptr ? m : m + i * sm, sm, r,
-                           out + i * so, so, load);
-  update_tail<MR - 1, NV, L>(n - i, t + i * st, st, A, sA, m == nullptr ? m : m + i * sm, sm, r,
-                             out + i * so, so, load);
+    product_tile<MR, NV, L>(a + i * sa, sa, b, sb, steps, m == nullptr ? m : m + i * sm, sm,
+                            out + i * so, so, load);
+  product_tail<MR - 1, NV, L>(n - i, a + i * sa, sa, b, sb, steps, m == nullptr ? m : m + i * sm,
+                              sm, out + i * so, so, load);
 }
 
-constexpr int64_t kUpdateColumns = 256;  // columns per chunk: A's panel (r × 256) in L1
+// Columns [q0, q1) of the product at vector width VB, in column tiles of two vectors, one, half a
+// vector, then single columns.
+template <typename T, int VB>
+PPF_INLINE void product_columns(int64_t q0, int64_t q1, const T* a, int64_t sa, const T* b,
+                                int64_t sb, int64_t n, int64_t steps, const T* m, int64_t sm,
+                                T* out, int64_t so, bool load) {
+  constexpr int N = VB / sizeof(T);
+  constexpr int NH = N >= 4 ? N / 2 : 1;
+  using L = Lanes<T, N>;
+  using H = Lanes<T, NH>;
+  using S = Lanes<T, 1>;
+  const auto at = [m](int64_t q) { return m == nullptr ? m : m + q; };
+  int64_t q = q0;
+  for (; q + 2 * N <= q1; q += 2 * N)
+    product_rows<2, L>(a, sa, b + q, sb, n, steps, at(q), sm, out + q, so, load);
+  for (; q + N <= q1; q += N)
+    product_rows<1, L>(a, sa, b + q, sb, n, steps, at(q), sm, out + q, so, load);
+  if constexpr (NH > 1)
+    for (; q + NH <= q1; q += NH)
+      product_rows<1, H>(a, sa, b + q, sb, n, steps, at(q), sm, out + q, so, load);
+  for (; q < q1; ++q) product_rows<1, S>(a, sa, b + q, sb, n, steps, at(q), sm, out + q, so, load);
+}
 
-// The whole update at vector width VB: chunks of columns, and per chunk its column tiles (two
-// vectors, one, then single columns for k's tail) over all rows.
+// skinny_mm: blocks of kKBlock steps along k, each block's product over all of C's r columns
+// (added to C after the first).
+template <typename T, int VB>
+PPF_INLINE void mm_block(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n, int64_t k,
+                         int64_t r, T* c, int64_t sc, bool accumulate) {
+  if (k == 0 && !accumulate) {
+    for (int64_t i = 0; i < n; ++i) std::fill(c + i * sc, c + i * sc + r, T(0));
+    return;
+  }
+  for (int64_t j0 = 0; j0 < k; j0 += kKBlock)
+    product_columns<T, VB>(0, r, a + j0, sa, b + j0 * sb, sb, n, std::min(kKBlock, k - j0),
+                           nullptr, 0, c, sc, accumulate || j0 > 0);
+}
+
+// rank_update: all r steps at once (r is the skinny side), chunks of kUpdateColumns columns.
 template <typename T, int VB>
 PPF_INLINE void update_block(const T* t, int64_t st, const T* A, int64_t sA, const T* m,
                              int64_t sm, int64_t n, int64_t r, int64_t k, T* out, int64_t so,
                              bool accumulate) {
-  constexpr int N = VB / sizeof(T);
-  using L = Lanes<T, N>;
-  using S = Lanes<T, 1>;
-  for (int64_t j0 = 0; j0 < k; j0 += kUpdateColumns) {
-    const int64_t j1 = std::min(k, j0 + kUpdateColumns);
-    int64_t q = j0;
-    for (; q + 2 * N <= j1; q += 2 * N)
-      update_rows<2, L>(t, st, A + q, sA, m == nullptr ? m : m + q, sm, n, r, out + q, so, accumulate);
-    for (; q + N <= j1; q += N)
-      update_rows<1, L>(t, st, A + q, sA, m == nullptr ? m : m + q, sm, n, r, out + q, so, accumulate);
-    for (; q < j1; ++q)
-      update_rows<1, S>(t, st, A + q, sA, m == nullptr ? m : m + q, sm, n, r, out + q, so, accumulate);
-  }
+  for (int64_t j0 = 0; j0 < k; j0 += kUpdateColumns)
+    product_columns<T, VB>(j0, std::min(k, j0 + kUpdateColumns), t, st, A, sA, n, r, m, sm, out,
+                           so, accumulate);
 }
 
 }  // namespace
@@ -233,16 +180,9 @@ PPF_UPDATE(double, f64)
 // C = a·b: a (n, k), b (k, r), both float32 or both float64, each row unit-stride.
 at::Tensor skinny_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   static constexpr const char* op = "skinny_mm";
-  check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 2);
-  check_acc(op, "a", a);
-  check_dtype(op, "b", b, a.scalar_type());
-  check_same_device(op, "b", b, "a", a);
+  check_skinny_operands(op, a, b);
   PPF_CHECK(op, a.size(1) == b.size(0), "a has shape ", a.sizes(), " and b has shape ", b.sizes(),
             "; expected a's columns to equal b's rows");
-  PPF_CHECK(op, has_unit_rows(a) && has_unit_rows(b),
-            "a (strides ", a.strides(), ") and b (strides ", b.strides(),
-            ") must have unit-stride rows");
   const int64_t n = a.size(0), k = a.size(1), r = b.size(1);
   at::Tensor c = at::empty({n, r}, a.options());
   if (n == 0 || r == 0) return c;

@@ -18,11 +18,10 @@
 
 #include <algorithm>
 
-#include "../common/checks.h"
 #include "../common/cpu_width.h"
 #include "../common/lanes.h"
-#include "../common/rows.h"
 #include "../ops.h"
+#include "skinny_checks.h"
 #include "skinny_t_mm.h"
 
 namespace pypeft_fast {
@@ -141,16 +140,9 @@ int64_t column_chunk(int64_t k, int64_t tile) {
 // C = aᵀ·b: a (n, r), b (n, k), both float32 or both float64, each row unit-stride.
 at::Tensor skinny_t_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   static constexpr const char* op = "skinny_t_mm";
-  check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 2);
-  check_acc(op, "a", a);
-  check_dtype(op, "b", b, a.scalar_type());
-  check_same_device(op, "b", b, "a", a);
+  check_skinny_operands(op, a, b);
   PPF_CHECK(op, a.size(0) == b.size(0), "a has shape ", a.sizes(), " and b has shape ", b.sizes(),
             "; expected the same number of rows (tokens)");
-  PPF_CHECK(op, has_unit_rows(a) && has_unit_rows(b),
-            "a (strides ", a.strides(), ") and b (strides ", b.strides(),
-            ") must have unit-stride rows");
   const int64_t n = a.size(0), r = a.size(1), k = b.size(1);
   at::Tensor c = at::empty({r, k}, a.options());
   if (r == 0 || k == 0) return c;
