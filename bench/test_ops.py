@@ -13,13 +13,15 @@ must approach). Ops, with the FLOPs and least bytes (fp32 elements e) in ``extra
                      down   u = drop(x)·Aᵀ                      2·n·in·r, e·n·in
                      bwd    dx += drop(t·A), dA = tᵀ·drop(x)    4·n·in·r, 3·e·n·in
                      tsum   uᵀ·gy (dB's token sum; skinny_t_mm) 2·n·out·r, e·n·out
+                     tproj  gy·B (t, LoRA's backward; skinny_mm) 2·n·out·r, e·n·out
     kronecker        fwd    y += s·A·X·Bᵀ per token             2·macs_per_row·n, e·n·(in + 2·out)
                      bwd    dx += s·Aᵀ·G·B, dA, dB              2.5 × fwd, e·n·(out + 3·in)
     sparse           spmm_fwd  y += x·Sᵀ                        2·n·nnz, e·n·(in + 2·out) + 12·nnz
                      spmm_bwd  dx += gy·S  (CSC)                2·n·nnz, e·n·(out + 2·in) + 12·nnz
                      sddmm     dv = Σₙ gy[n,row]·x[n,col]       2·n·nnz, e·n·(in + out) + 16·nnz
 
-Kronecker factors are LoKr's at the shape; a rank-k B is formed (b_out × b_in), as the native
+``tsum`` and ``tproj`` are CPU kernels (on CUDA the cuBLAS GEMM runs; their native rows are skipped
+there). Kronecker factors are LoKr's at the shape; a rank-k B is formed (b_out × b_in), as the native
 kernels take it. Each provider's result is checked against the torch op in float64 (the
 tolerance rule) with --benchmark-disable and in the tiny selection.
 """
@@ -34,8 +36,11 @@ from pypeft_fast import measure, registry, workloads
 
 import cases as _cases
 
-OPS = {"lowrank-dropout": ("mask", "down", "bwd", "tsum"), "kronecker": ("fwd", "bwd"),
+OPS = {"lowrank-dropout": ("mask", "down", "bwd", "tsum", "tproj"), "kronecker": ("fwd", "bwd"),
        "sparse": ("spmm_fwd", "spmm_bwd", "sddmm")}
+
+
+CPU_ONLY_OPS = {"tsum", "tproj"}  # skinny_t_mm, skinny_mm: no CUDA kernels
 
 
 def _op_cases(selection, kind, tokens):
@@ -71,7 +76,8 @@ def _calls(family, w, dtype):
         from pypeft_fast.philox import apply_keep, dropout_rows, keep_rows
         A = w.params["A"].detach().to(dtype)
         seed, p = w.fixed["seed"], w.fixed["dropout"]
-        t = (gy @ w.params["B"].detach().to(dtype)).mul_(w.fixed["scaling"])
+        B = w.params["B"].detach().to(dtype)
+        t = (gy @ B).mul_(w.fixed["scaling"])
         u = x @ A.t()
         dx = torch.zeros_like(x)
 
@@ -89,7 +95,8 @@ def _calls(family, w, dtype):
                          "native": lambda: nat.lowrank_dropout_down(x, A, seed, p)},
                 "bwd": {"torch": torch_bwd, "nodrop": nodrop_bwd,
                         "native": lambda: nat.lowrank_dropout_bwd(t, x, A, seed, p, dx, True)},
-                "tsum": {"torch": lambda: u.t() @ gy, "native": lambda: nat.skinny_t_mm(u, gy)}}
+                "tsum": {"torch": lambda: u.t() @ gy, "native": lambda: nat.skinny_t_mm(u, gy)},
+                "tproj": {"torch": lambda: gy @ B, "native": lambda: nat.skinny_mm(gy, B)}}
     if family == "kronecker":
         from pypeft_fast.families.kronecker import torch_kronecker_acc, torch_kronecker_bwd
         P = {k: v.detach().to(dtype) for k, v in w.params.items()}
@@ -121,7 +128,8 @@ def _cost(family, op, w, e):
     if family == "lowrank-dropout":
         r = w.rank
         return {"mask": (0.0, 2.0 * e * n * i), "down": (2.0 * n * i * r, e * n * i),
-                "bwd": (4.0 * n * i * r, 3.0 * e * n * i), "tsum": (2.0 * n * o * r, e * n * o)}[op]
+                "bwd": (4.0 * n * i * r, 3.0 * e * n * i), "tsum": (2.0 * n * o * r, e * n * o),
+                "tproj": (2.0 * n * o * r, e * n * o)}[op]
     if family == "kronecker":
         fwd = workloads.adapter_flops("kronecker", w.shape, w.rank, n, "forward")
         return (fwd, e * n * (i + 2 * o)) if op == "fwd" else (2.5 * fwd, e * n * (o + 3 * i))
@@ -146,6 +154,8 @@ def test_op(op_case, bench_env, benchmark):
         why = registry.why_unavailable(fam, backend, device)
         if why is not None:
             pytest.skip(why)
+        if op in CPU_ONLY_OPS and device.type != "cpu":
+            pytest.skip(f"{op}: a CPU kernel (on {device.type} the cuBLAS GEMM runs)")
     dtype = bench_env["dtype"]
     w = _workload(family, shape, rank, tokens, dtype, device, bench_env["adapter_dtype"])
     fn = _calls(family, w, dtype)[op][prov]
