@@ -60,13 +60,19 @@ SKINNY_T_MM_MAX_RANK = 32
 beyond it MKL's GEMM is as fast or faster (bench/NOTES.md "skinny_t_mm": r = 64 at 0.8–1.0×)."""
 
 
+def _skinny_native(a: torch.Tensor, b: torch.Tensor, rank: int, limit: int) -> bool:
+    """Whether the native skinny ops take a and b: CPU, one float32/float64 dtype, the rank
+    within the op's measured limit."""
+    return (a.device.type == "cpu" and a.dtype == b.dtype
+            and a.dtype in (torch.float32, torch.float64) and rank <= limit)
+
+
 def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``aᵀ·b`` (:func:`~pypeft_fast.families._accumulate.rank_t_mm`) by the native
     ``skinny_t_mm`` on CPU: at r ≤ 16 1.0–1.7× MKL's faster orientation on one thread, 1.3–2.8×
     on two, and up to 30× the slower one (gyᵀ·u at r = 8), which ``gyc.t() @ u`` hit. Other devices, dtypes, strides or a wider a:
     the torch form."""
-    if (a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
-            and a.shape[1] <= SKINNY_T_MM_MAX_RANK and b.stride(-1) == 1):
+    if _skinny_native(a, b, a.shape[1], SKINNY_T_MM_MAX_RANK) and b.stride(-1) == 1:
         return ops.skinny_t_mm(a.contiguous(), b)
     return a.t() @ b
 
@@ -81,8 +87,7 @@ def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``skinny_mm`` on CPU, which takes bᵀ (k, r) with unit-stride rows: B for t = gy·B as it is,
     A for u = x·Aᵀ transposed into a copy (r × k values). Other devices, dtypes, a
     column-strided a or a b of more rows: the torch form."""
-    if (a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
-            and b.shape[0] <= SKINNY_NT_MM_MAX_RANK and a.stride(-1) == 1):
+    if _skinny_native(a, b, b.shape[0], SKINNY_NT_MM_MAX_RANK) and a.stride(-1) == 1:
         return ops.skinny_mm(a, b.t().contiguous())
     return a @ b.t()
 
@@ -139,10 +144,11 @@ class NativeDoRA(TorchDoRA):
     # peft's init c = 1 at p ≤ 0.3) takes the torch kernels' path (one more frozen GEMM).
     SPARSE_MIN_GAP = 0.5
     t_mm = staticmethod(native_rank_t_mm)
-    # u = x·Aᵀ and t = s·(c ⊙ gy)·B stay MKL's (TorchDoRA.nt_mm): with skinny_mm's running sum
-    # over k (at k = 32, below its 64-step blocks, twice MKL's rounding) one-step gradients of a
-    # fp32 DoRA model were 1.17× peft's error (median over tensors; 5× the worst) against
-    # 0.88× with MKL's, and a 4-step AdamW Trainer run ended one weight beyond the rule.
+    # u = x·Aᵀ and t = s·(c ⊙ gy)·B stay MKL's (not native_rank_nt_mm): with skinny_mm's
+    # running sum over k (at k = 32, below its 64-step blocks, twice MKL's rounding) one-step
+    # gradients of a fp32 DoRA model were 1.17× peft's error (median over tensors; 5× the
+    # worst) against 0.88× with MKL's, and a 4-step AdamW Trainer run ended one weight beyond
+    # the rule.
 
     @classmethod
     def _sparse_ok(cls, x2d, weight, p, c) -> bool:
@@ -188,7 +194,7 @@ class NativeDoRA(TorchDoRA):
         seed = aux[0]
         dropped = cls._dropped_csr(x2d, seed, p)   # the mask, once for both products below
         q = cls._dropped_times_wt(x2d, weight, dropped, cd)
-        u = cls.nt_mm(x2d.to(cd), Ac).sub_(cls._dropped_times_wt(x2d, Ac, dropped, cd)).div_(1 - p)
+        u = (x2d.to(cd) @ Ac.t()).sub_(cls._dropped_times_wt(x2d, Ac, dropped, cd)).div_(1 - p)
         c1 = (c - p) / (1 - p)
         # y = c₁ ⊙ (x·Wᵀ − ((c−1)/(c−p)) ⊙ x_d·Wᵀ + s·u·(B ⊙ c/c₁)ᵀ) + b + c ⊙ s·b_B
         acc = F.linear(x2d, weight).to(cd)
@@ -221,7 +227,7 @@ class NativeDoRA(TorchDoRA):
         rows, cols, row_ptr = dropped
         dx = dA = dB = dm = dbB = None
         if needs_dx or need_dA:
-            t = cls.nt_mm(g, Bc.t()).mul_(s)                          # (n, r)
+            t = (g @ Bc).mul_(s)                                      # (n, r)
             if needs_dx:
                 dx = (gyc * ((c - p) / (1 - p))).to(gy2d.dtype) @ weight   # (c₁ ⊙ gy)·W
                 g2w = ops.sparse_sddmm_csr(row_ptr, cols, (gyc * (c - 1)).to(weight.dtype).t(), weight)
@@ -285,7 +291,7 @@ def _(t, x, A, seed, p):
 
 class NativeLowRank(TorchLowRank):
     """Low-rank family: the token sums dA = tᵀ·drop(x) and dB = (uᵀ·gy)ᵀ by the native
-    ``skinny_t_mm``; with dropout the mask is generated inside the kernels that read x (forward
+    ``skinny_t_mm``, u = x·Aᵀ and t = gy·B by ``skinny_mm``; with dropout the mask is generated inside the kernels that read x (forward
     ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and ``dA = tᵀ·drop(x)``).
     The rest of the delta and the frozen layer are :class:`TorchLowRank`'s. DoRA runs
     :class:`NativeDoRA`. Declined (``supports``): parallel adapters (activation, gate)."""

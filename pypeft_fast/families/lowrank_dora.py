@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import compute_dtype
-from ._accumulate import gemm_into, rank_nt_mm, rank_t_mm
+from ._accumulate import gemm_into, rank_t_mm
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20
 """W is read in blocks of rows of at most this many elements (a low-precision W is converted to
@@ -151,10 +151,9 @@ class TorchDoRA:
     """The pure-PyTorch DoRA kernels (module docstring). params = (A, B, m[, b_B]).
 
     A backend reuses them with its own dropout mask ops (``dropped``, ``keep``, ``masked``,
-    ``dropped_t_x``: the same Philox mask) and skinny products (``t_mm``, ``nt_mm``) by subclassing."""
+    ``dropped_t_x``: the same Philox mask) and token sums (``t_mm``) by subclassing."""
 
     t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA = tᵀ·x, (gyᵀ·u)ᵀ
-    nt_mm = staticmethod(rank_nt_mm)  # a·bᵀ against a factor: u = x·Aᵀ, t = s·(c ⊙ gy)·B
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -171,7 +170,7 @@ class TorchDoRA:
     @classmethod
     def scaled_linear(cls, x2d, weight, A, B, s, c, shift):
         """(y = c ⊙ (x·Wᵀ + s·u·Bᵀ) + shift, u = x·Aᵀ): DoRA's p = 0 forward."""
-        u = cls.nt_mm(x2d.to(A.dtype), A)
+        u = x2d.to(A.dtype) @ A.t()
         return cls.scaled_epilogue(F.linear(x2d, weight), u, B, s, c, shift), u
 
     @staticmethod
@@ -211,7 +210,7 @@ class TorchDoRA:
                 return y, (u, norm, weight, y, None if bias is None else bias.to(cd))
             return y, (u, norm, weight)
         xd = cls.dropped(x2d, aux[0], hp.dropout)         # transient, never saved
-        u = cls.nt_mm(xd.to(cd), Ac)
+        u = xd.to(cd) @ Ac.t()
         v = F.linear(xd, weight)                          # peft's base_layer(dropout(x)), no bias
         del xd
         # y = x·Wᵀ + b + (c−1) ⊙ v + u·(s·c ⊙ B)ᵀ + s·c ⊙ b_B: the delta first (the small GEMM
@@ -262,7 +261,7 @@ class TorchDoRA:
         dx = dA = dB = dm = dbB = None
         t = None
         if needs_dx or need_dA:
-            t = cls.nt_mm(gyc, (Bc * (c * s).unsqueeze(1)).t())  # s·(c ⊙ gy)·B: (n, r)
+            t = gyc @ (Bc * (c * s).unsqueeze(1))          # s·(c ⊙ gy)·B: (n, r)
         if needs_dx:
             h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
             if p:
