@@ -62,6 +62,42 @@ struct Lanes {
   friend PPF_HD Lanes operator*(T s, Lanes a) { return of(a.v * s); }
 };
 
+// G vectors of N lanes that a body treats as one value of G*N lanes (the +, * and load/store a
+// T body uses). Where G*N lanes are wider than a register, GCC keeps a loop-carried Lanes<T, G*N>
+// on the stack; G separate members stay in G registers.
+template <typename T, int N, int G>
+struct LaneGroup {
+  Lanes<T, N> part[G];
+
+  PPF_HD LaneGroup() {}
+  PPF_HD LaneGroup(T s) {  // broadcast
+    PPF_UNROLL
+    for (int g = 0; g < G; ++g) part[g] = Lanes<T, N>(s);
+  }
+  static PPF_HD LaneGroup load(const T* p) {
+    LaneGroup r;
+    PPF_UNROLL
+    for (int g = 0; g < G; ++g) r.part[g] = Lanes<T, N>::load(p + g * N);
+    return r;
+  }
+  PPF_HD void store(T* p) const {
+    PPF_UNROLL
+    for (int g = 0; g < G; ++g) part[g].store(p + g * N);
+  }
+  friend PPF_HD LaneGroup operator+(const LaneGroup& a, const LaneGroup& b) {
+    LaneGroup r;
+    PPF_UNROLL
+    for (int g = 0; g < G; ++g) r.part[g] = a.part[g] + b.part[g];
+    return r;
+  }
+  friend PPF_HD LaneGroup operator*(const LaneGroup& a, T s) {
+    LaneGroup r;
+    PPF_UNROLL
+    for (int g = 0; g < G; ++g) r.part[g] = a.part[g] * s;
+    return r;
+  }
+};
+
 namespace detail {
 template <typename V, size_t... I>
 PPF_INLINE V pair_sums(V a, V b, std::index_sequence<I...>) {

@@ -22,14 +22,17 @@
 namespace pypeft_fast {
 namespace {
 
-// At vector width VB bytes: W values per vector; tokens per block: one vector for SpMM, 256
-// bytes of tokens for SDDMM (64 floats: 4 vectors at 64 bytes, 8 at 32), over which each
-// entry's lane sum is amortised. (At 32 bytes, 4 vectors ran 1.15–1.4× slower than 8; 2 vectors
-// 1.5× slower; 16 no faster: bench/NOTES.md "SDDMM token block".)
+// At vector width VB bytes: W values per vector; tokens per block: two vectors for SpMM (each
+// stored entry's column index and value are loaded once for both; one vector ran 1.0-1.6x
+// slower, bench/NOTES.md "SpMM: two vectors per entry"), 256 bytes of tokens for SDDMM (64
+// floats: 4 vectors at 64 bytes, 8 at 32), over which each entry's lane sum is amortised. (At
+// 32 bytes, 4 vectors ran 1.15-1.4x slower than 8; 2 vectors 1.5x slower; 16 no faster:
+// bench/NOTES.md "SDDMM token block".)
 template <typename acc_t, int VB>
 struct Blocking {
   static constexpr int W = VB / static_cast<int>(sizeof(acc_t));
-  static constexpr int kSpmm = W, kSddmm = 256 / static_cast<int>(sizeof(acc_t));
+  static constexpr int kSpmmVectors = 2;
+  static constexpr int kSpmm = kSpmmVectors * W, kSddmm = 256 / static_cast<int>(sizeof(acc_t));
 };
 // SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
 constexpr int64_t kSddmmRowChunk = 32;
@@ -38,6 +41,13 @@ template <typename acc_t, int NB>
 struct LoadLanes {  // x(c) = xT[c, 0:NB]
   const acc_t* xT;
   PPF_HD Lanes<acc_t, NB> operator()(int64_t c) const { return Lanes<acc_t, NB>::load(xT + c * NB); }
+};
+template <typename acc_t, int W, int G>
+struct LoadLaneGroup {  // x(c) = xT[c, 0:G*W] as G vectors
+  const acc_t* xT;
+  PPF_HD LaneGroup<acc_t, W, G> operator()(int64_t c) const {
+    return LaneGroup<acc_t, W, G>::load(xT + c * (G * W));
+  }
 };
 
 // SDDMM sink: folds an entry's NB-token product to one vector of W lanes and parks it; flush()
@@ -62,12 +72,15 @@ struct FoldSink {
   }
 };
 
-template <typename acc_t, int NB>
+// One token block: xT (C, G*W) -> yT (R, G*W). The block is G separate W-lane vectors, not one
+// Lanes<acc_t, G*W>: GCC kept a loop-carried vector wider than a register on the stack (4x
+// slower; bench/NOTES.md "SpMM: two vectors per entry").
+template <typename acc_t, int W, int G>
 PPF_INLINE void spmm_block(const int64_t* ptr, const int64_t* col, const acc_t* val, int64_t R,
-                       const acc_t* xT, acc_t* yT) {
-  using V = Lanes<acc_t, NB>;
-  const LoadLanes<acc_t, NB> load{xT};
-  for (int64_t r = 0; r < R; ++r) csr_row_apply<V>(ptr, col, val, r, load).store(yT + r * NB);
+                           const acc_t* xT, acc_t* yT) {
+  using V = LaneGroup<acc_t, W, G>;
+  const LoadLaneGroup<acc_t, W, G> load{xT};
+  for (int64_t r = 0; r < R; ++r) csr_row_apply<V>(ptr, col, val, r, load).store(yT + r * (G * W));
 }
 
 // Rows [r0, r1) of one token block; gT holds rows r0.. (gT[(r - r0) * NB + t]).
@@ -92,7 +105,7 @@ PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, 
   PPF_WIDTH_CLONE(VB, spmm_block_##suffix##_##VB, spmm_block_isa,                                 \
                   (const int64_t* ptr, const int64_t* col, const acc_t* val, int64_t R,            \
                    const acc_t* xT, acc_t* yT),                                                    \
-                  (ptr, col, val, R, xT, yT), (spmm_block<acc_t, Blocking<acc_t, VB>::kSpmm>))     \
+                  (ptr, col, val, R, xT, yT), (spmm_block<acc_t, Blocking<acc_t, VB>::W, Blocking<acc_t, VB>::kSpmmVectors>))     \
   PPF_WIDTH_CLONE(VB, sddmm_block_##suffix##_##VB, sddmm_block_isa,                               \
                   (const int64_t* ptr, const int64_t* col, int64_t r0, int64_t r1,                 \
                    const acc_t* gT, const acc_t* xT, acc_t* partial, acc_t* parked),               \
