@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._utils import (
     _cast_out, _keep_mask, _mma, acc_dtype, check_int32_offsets, input_precision, interpreting,
-    split_count, upcast_flag,
+    launch, split_count, upcast_flag,
 )
 
 
@@ -137,7 +136,7 @@ def strided_matmul(L, R, P, Q, K, *, lp, lk, rk, rq, out, op, oq, alpha=1.0, dro
         target = torch.empty((splits,) + tuple(out.shape), dtype=out.dtype, device=out.device)
     grouped = drop != 0 and row_len % 8 == 0
     grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), splits)
-    wrap_triton(_strided_matmul_kernel)[grid](
+    launch(_strided_matmul_kernel)[grid](
         L, R, target, seed if seed is not None else target,
         P, Q, K, k_per_split, pi, qi, ki, row_len,
         lpo, lpi, lko, lki, rko, rki, rqo, rqi,

@@ -21,6 +21,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def launch(kernel):
+    """``kernel`` ready for ``[grid](...)``: through ``torch.library.wrap_triton`` on a GPU (so
+    torch.compile traces into it); the bare kernel under the interpreter, which is what
+    ``wrap_triton`` itself returns there from torch 2.13 on (torch 2.11 raises on an interpreted
+    kernel instead)."""
+    if interpreting():
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
 def upcast_flag(*tensors: torch.Tensor) -> bool:
     """The interpreter holds bf16 as raw integers and gets bf16 arithmetic wrong (loads, stores
     and ``.to(tl.float32)`` are right): kernels then upcast bf16 operands to fp32 first. Off on
@@ -171,19 +182,22 @@ def _mma(a, b, acc, PREC: tl.constexpr):
     16-bit one is split ``hi + lo`` into two 16-bit operands, so both dots run on tensor cores
     and the product keeps ~16 mantissa bits of the wide operand (products of 16-bit values are
     exact in fp32) — as accurate as upcasting, without fp32 FMA-pipe matmuls.
+
+    ``out_dtype`` is acc's own: Triton before 3.8 defaults it to float32 and rejects an fp64
+    ``acc`` (found compiling for sm_90 with triton 3.6, the GPU machine's version).
     """
     if a.dtype == b.dtype:
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)
     elif a.dtype.primitive_bitwidth > b.dtype.primitive_bitwidth:
         a_hi = a.to(b.dtype)
         a_lo = (a - a_hi.to(a.dtype)).to(b.dtype)
-        acc = tl.dot(a_hi, b, acc)
-        acc = tl.dot(a_lo, b, acc)
+        acc = tl.dot(a_hi, b, acc, out_dtype=acc.dtype)
+        acc = tl.dot(a_lo, b, acc, out_dtype=acc.dtype)
     else:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(b.dtype)).to(a.dtype)
-        acc = tl.dot(a, b_hi, acc)
-        acc = tl.dot(a, b_lo, acc)
+        acc = tl.dot(a, b_hi, acc, out_dtype=acc.dtype)
+        acc = tl.dot(a, b_lo, acc, out_dtype=acc.dtype)
     return acc
 
 

@@ -28,12 +28,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
-    _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_offsets,
-    gemm_configs, input_precision, interpreting, prune_gemm_configs, register_op, torch_acc_dtype,
+    _cast_out, _frozen_gemm_mainloop, _mma, _tile_ids, acc_dtype, check_int32_offsets, gemm_configs,
+    input_precision, interpreting, launch, prune_gemm_configs, register_op, torch_acc_dtype,
     upcast_flag,
 )
 
@@ -102,7 +101,7 @@ def block_c(hc: int, interpret: bool | None = None) -> int:
 
 def _gemm(X, w, w_strides, bias, U, u_strides, Bm, b_strides, y, M, N, K, QD, C, HC):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_kronecker_fwd_autotuned)[grid](
+    launch(_kronecker_fwd_autotuned)[grid](
         X, w, bias if bias is not None else y, U, Bm, y,
         M, N, K, QD, C, HC,
         X.stride(0), X.stride(1), *w_strides, *u_strides, *b_strides, y.stride(0), y.stride(1),

@@ -32,13 +32,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._matmul import strided_matmul
 from ._utils import (
     _cast_out, _frozen_gemm_mainloop, _keep_mask, _mma, _tile_ids, acc_dtype, check_int32_offsets,
-    NARROW_CONFIG, gemm_configs, input_precision, interpreting, prune_gemm_configs, rank_block,
-    register_op, torch_acc_dtype, upcast_flag,
+    NARROW_CONFIG, gemm_configs, input_precision, interpreting, launch, prune_gemm_configs,
+    rank_block, register_op, torch_acc_dtype, upcast_flag,
 )
 
 
@@ -188,7 +187,7 @@ def _gemm(X, w_strides, bias, C, c_strides, D, d_strides, u, y, seed, M, N, K, R
     xin, dd, alpha_d = grad_d if grad_d is not None else (y, y, 0.0)
     v, dc, alpha_c = grad_c if grad_c is not None else (u, y, 0.0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_lowrank_fwd_autotuned)[grid](
+    launch(_lowrank_fwd_autotuned)[grid](
         X, w_strides[0], bias if bias is not None else y, C, D, u, y,
         seed if seed is not None else u, xin, dd, v, dc,
         col_scale if col_scale is not None else y,

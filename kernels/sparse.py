@@ -28,12 +28,11 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._utils import (
     _cast_out, _mma, _tile_ids, acc_dtype, check_int32_offsets, input_precision, interpreting,
-    NARROW_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count, torch_acc_dtype,
-    upcast_flag,
+    launch, NARROW_CONFIG, gemm_configs, prune_gemm_configs, register_op, split_count,
+    torch_acc_dtype, upcast_flag,
 )
 
 
@@ -200,7 +199,7 @@ def _block_layout(row_ptr, csr_col, csr_perm, out_f, in_f, block_o, block_i):
 
 def _gemm(X, w, w_strides, bias, ptr, idx, perm, values, y, M, N, K, scaling):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_sparse_fwd_autotuned)[grid](
+    launch(_sparse_fwd_autotuned)[grid](
         X, w, bias if bias is not None else y, ptr, idx, perm, values, y,
         M, N, K, X.stride(0), X.stride(1), w_strides[0], w_strides[1], y.stride(0), y.stride(1),
         scaling,
@@ -271,7 +270,7 @@ def sparse_bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, values: 
                             split_partials=(splits, nnz))
         ws = torch.zeros((splits, nnz), dtype=cd, device=gy.device)
         if nnz > 0:
-            wrap_triton(_sparse_sddmm_kernel)[(tiles, splits)](
+            launch(_sparse_sddmm_kernel)[(tiles, splits)](
                 gy, x, tile_ptr, local, dst, ws,
                 n, out_f, k, triton.cdiv(k, block_i), m_per_split,
                 gy.stride(0), gy.stride(1), x.stride(0), x.stride(1), ws.stride(0),

@@ -75,12 +75,16 @@ class DeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, *rest = ctx.saved_tensors
+        # Indexing, not `x, *rest = ...; rest.pop()`: torch 2.11's dynamo models the starred
+        # target as a tuple and cannot trace .pop() (a graph break under torch.compile).
+        saved = ctx.saved_tensors
+        x = saved[0]
         if ctx.keeps_weight:
-            weight = rest.pop()
+            weight, rest = saved[-1], saved[1:-1]
         else:
             shape, dtype, device = ctx.weight_meta
             weight = torch.zeros((), dtype=dtype, device=device).expand(shape)
+            rest = saved[1:]
         params = tuple(rest[: ctx.n_params])
         extras = tuple(rest[ctx.n_params :])
         aux = ctx.aux
