@@ -99,14 +99,6 @@ struct LaneGroup {
 };
 
 namespace detail {
-template <typename V, size_t... I>
-PPF_INLINE V pair_sums(V a, V b, std::index_sequence<I...>) {
-  // lanes [a0+a1, a2+a3, ..., b0+b1, b2+b3, ...]
-  return __builtin_shufflevector(a, b, (2 * I)...) + __builtin_shufflevector(a, b, (2 * I + 1)...);
-}
-}  // namespace detail
-
-namespace detail {
 // Stage B of an N x N transpose: swap bit B of the row index with bit B of the column index.
 template <int B, typename V, size_t... J>
 PPF_INLINE V swap_lo(V a, V b, std::index_sequence<J...>) {
@@ -143,19 +135,61 @@ PPF_INLINE void transpose_square(Lanes<T, N>* r) {
   static_assert(N <= 16, "transpose_square: N <= 16");
 }
 
-// sums[j] = v[j].sum() for the N vectors v[0..N): log2(N) levels of shuffles and adds instead of
-// N horizontal sums (the SDDMM reduction of one product vector per stored entry).
+namespace detail {
+// Pair sums within 16-byte granules: granule g of the result is
+// [a[g,0]+a[g,1], a[g,2]+a[g,3], ..., b[g,0]+b[g,1], ...] (vshufps / unpck{l,h}pd on x86).
+template <int L, typename V, size_t... J>
+PPF_INLINE V granule_pair_sums(V a, V b, std::index_sequence<J...>) {
+  constexpr int N = sizeof...(J);
+  return __builtin_shufflevector(
+             a, b, (((J % L) < L / 2 ? 0 : N) + (J / L) * L + 2 * ((J % L) % (L / 2)))...) +
+         __builtin_shufflevector(
+             a, b, (((J % L) < L / 2 ? 0 : N) + (J / L) * L + 2 * ((J % L) % (L / 2)) + 1)...);
+}
+// Pair sums of whole granules: granule G of the result is a's granules 2G + 2G+1 summed for
+// G < NG/2, b's after (vperm2f128 / vshuff32x4 on x86).
+template <int L, typename V, size_t... J>
+PPF_INLINE V cross_pair_sums(V a, V b, std::index_sequence<J...>) {
+  constexpr int N = sizeof...(J), NG = N / L;
+  return __builtin_shufflevector(
+             a, b, (((J / L) < NG / 2 ? 0 : N) + 2 * ((J / L) % (NG / 2)) * L + J % L)...) +
+         __builtin_shufflevector(
+             a, b, (((J / L) < NG / 2 ? 0 : N) + (2 * ((J / L) % (NG / 2)) + 1) * L + J % L)...);
+}
+template <int L, int M, typename V, int N>
+PPF_INLINE void granule_level(V* buf) {  // M vectors -> M / 2
+  PPF_UNROLL
+  for (int i = 0; i < M / 2; ++i)
+    buf[i] = granule_pair_sums<L>(buf[2 * i], buf[2 * i + 1], std::make_index_sequence<N>{});
+}
+template <int L, int M, typename V, int N>
+PPF_INLINE void cross_level(V* buf) {
+  PPF_UNROLL
+  for (int i = 0; i < M / 2; ++i)
+    buf[i] = cross_pair_sums<L>(buf[2 * i], buf[2 * i + 1], std::make_index_sequence<N>{});
+}
+}  // namespace detail
+
+// sums[j] = v[j].sum() for the N vectors v[0..N) (the SDDMM reduction of one product vector per
+// stored entry): log2(N) levels of pair sums instead of N horizontal sums, first inside 16-byte
+// granules (shuffles that stay in a 128-bit lane), then across granules (on AVX2 one level of
+// vperm2f128). Cross-lane shuffles at every level made the whole SDDMM 7-12 % slower
+// (bench/NOTES.md "SDDMM's lane sums").
 template <typename T, int N>
 PPF_INLINE Lanes<T, N> transpose_sum(const Lanes<T, N>* v) {
   using V = typename Lanes<T, N>::V;
+  constexpr int L0 = 16 / static_cast<int>(sizeof(T));
+  constexpr int L = L0 < N ? L0 : N;
   V buf[N];
   for (int i = 0; i < N; ++i) buf[i] = v[i].v;
-  PPF_UNROLL
-  for (int width = N; width > 1; width /= 2) {
-    PPF_UNROLL
-    for (int i = 0; i < width / 2; ++i)
-      buf[i] = detail::pair_sums(buf[2 * i], buf[2 * i + 1], std::make_index_sequence<N>{});
-  }
+  if constexpr (L >= 2) { detail::granule_level<L, N, V, N>(buf); }
+  if constexpr (L >= 4) { detail::granule_level<L, N / 2, V, N>(buf); }
+  static_assert(L <= 4, "transpose_sum: at most 4 values per granule");
+  constexpr int after = N / L;  // vectors left, each holding L sums per granule
+  if constexpr (after >= 2) detail::cross_level<L, after, V, N>(buf);
+  if constexpr (after >= 4) detail::cross_level<L, after / 2, V, N>(buf);
+  if constexpr (after >= 8) detail::cross_level<L, after / 4, V, N>(buf);
+  static_assert(after <= 8, "transpose_sum: N / L <= 8");
   return Lanes<T, N>::of(buf[0]);
 }
 
