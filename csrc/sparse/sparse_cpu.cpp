@@ -22,16 +22,17 @@
 namespace pypeft_fast {
 namespace {
 
-// At vector width VB bytes: W values per vector; tokens per block: two vectors for SpMM (each
-// stored entry's column index and value are loaded once for both; one vector ran 1.0-1.6x
-// slower, bench/NOTES.md "SpMM: two vectors per entry"), 256 bytes of tokens for SDDMM (64
-// floats: 4 vectors at 64 bytes, 8 at 32), over which each entry's lane sum is amortised. (At
-// 32 bytes, 4 vectors ran 1.15-1.4x slower than 8; 2 vectors 1.5x slower; 16 no faster:
-// bench/NOTES.md "SDDMM token block".)
+// At vector width VB bytes: W values per vector; tokens per block: for SpMM two vectors at 32
+// bytes (each stored entry's column index and value are loaded once for both; one vector ran
+// 1.0-1.6x slower on AVX2, bench/NOTES.md "SpMM: two vectors per entry") and one at 64 bytes
+// (as measured on AVX-512 in session 4; two zmm per entry have not been timed: no AVX-512
+// machine since); 256 bytes of tokens for SDDMM (64 floats: 4 vectors at 64 bytes, 8 at 32),
+// over which each entry's lane sum is amortised. (At 32 bytes, 4 vectors ran 1.15-1.4x slower
+// than 8; 2 vectors 1.5x slower; 16 no faster: bench/NOTES.md "SDDMM token block".)
 template <typename acc_t, int VB>
 struct Blocking {
   static constexpr int W = VB / static_cast<int>(sizeof(acc_t));
-  static constexpr int kSpmmVectors = 2;
+  static constexpr int kSpmmVectors = VB == 64 ? 1 : 2;
   static constexpr int kSpmm = kSpmmVectors * W, kSddmm = 256 / static_cast<int>(sizeof(acc_t));
 };
 // SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
@@ -105,7 +106,8 @@ PPF_INLINE void sddmm_block(const int64_t* ptr, const int64_t* col, int64_t r0, 
   PPF_WIDTH_CLONE(VB, spmm_block_##suffix##_##VB, spmm_block_isa,                                 \
                   (const int64_t* ptr, const int64_t* col, const acc_t* val, int64_t R,            \
                    const acc_t* xT, acc_t* yT),                                                    \
-                  (ptr, col, val, R, xT, yT), (spmm_block<acc_t, Blocking<acc_t, VB>::W, Blocking<acc_t, VB>::kSpmmVectors>))     \
+                  (ptr, col, val, R, xT, yT),                                                      \
+                  (spmm_block<acc_t, Blocking<acc_t, VB>::W, Blocking<acc_t, VB>::kSpmmVectors>))  \
   PPF_WIDTH_CLONE(VB, sddmm_block_##suffix##_##VB, sddmm_block_isa,                               \
                   (const int64_t* ptr, const int64_t* col, int64_t r0, int64_t r1,                 \
                    const acc_t* gT, const acc_t* xT, acc_t* partial, acc_t* parked),               \
