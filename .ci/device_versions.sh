@@ -21,15 +21,25 @@ TRITON_SPEC=${PYPEFT_FAST_DEVICE_TRITON:-triton==3.6.0}
 
 want="${TORCH_SPEC#torch==} ${TRITON_SPEC#triton==}"
 have=$("$VENV/bin/python" -c "import torch, triton; print(torch.__version__.split('+')[0], triton.__version__)" 2>/dev/null || true)
+# The pinned requirements without torch/triton/numpy; a cached venv made from other ones is
+# brought up to date, so that a dependency added to requirements/test.txt cannot be missing here.
+reqs=$(grep -vE '^(torch|triton|numpy)([=<> ]|$)' "$ROOT/requirements/test.txt")
 if [ "$have" != "$want" ]; then
   echo "device_versions.sh: creating $VENV with $TORCH_SPEC $TRITON_SPEC (have: ${have:-none})"
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
-  grep -vE '^(torch|triton|numpy)([=<> ]|$)' "$ROOT/requirements/test.txt" > "$VENV/requirements.txt"
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" "numpy<2.3" \
-    -r "$VENV/requirements.txt" 2>&1 | grep -v '^WARNING: Location' || true
+fi
+if [ "$have" != "$want" ] || [ "$reqs" != "$(cat "$VENV/requirements.txt" 2>/dev/null)" ]; then
+  printf '%s\n' "$reqs" > "$VENV/requirements.txt.new"
+  if ! "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "$TRITON_SPEC" "numpy<2.3" \
+      -r "$VENV/requirements.txt.new" > "$VENV/pip.log" 2>&1; then
+    grep -v '^WARNING: Location' "$VENV/pip.log" | tail -20 >&2
+    echo "device_versions.sh: FAILED to install the requirements into $VENV" >&2
+    exit 1
+  fi
+  mv "$VENV/requirements.txt.new" "$VENV/requirements.txt"
 fi
 "$VENV/bin/python" -c "import torch, triton, numpy; print('device_versions.sh: torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 

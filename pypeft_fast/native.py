@@ -291,8 +291,9 @@ def _(t, x, A, seed, p):
 
 class NativeLowRank(TorchLowRank):
     """Low-rank family: the token sums dA = tᵀ·drop(x) and dB = (uᵀ·gy)ᵀ by the native
-    ``skinny_t_mm``, u = x·Aᵀ and t = gy·B by ``skinny_mm``; with dropout the mask is generated inside the kernels that read x (forward
-    ``u = drop(x)·Aᵀ``; backward one mask for both ``dx += drop(t·A)`` and ``dA = tᵀ·drop(x)``).
+    ``skinny_t_mm``, u = x·Aᵀ and t = gy·B by ``skinny_mm``; with dropout the mask is generated
+    inside the kernels that read x (forward ``u = drop(x)·Aᵀ``; backward one mask for both
+    ``dx += drop(t·A)`` and ``dA = tᵀ·drop(x)``).
     The rest of the delta and the frozen layer are :class:`TorchLowRank`'s. DoRA runs
     :class:`NativeDoRA`. Declined (``supports``): parallel adapters (activation, gate)."""
 
