@@ -113,7 +113,8 @@ void dora_scale_epilogue_cpu(at::Tensor& y, const at::Tensor& u_, const at::Tens
   // Detached: at::parallel_for's workers do not inherit grad mode; no autograd in here.
   const at::Tensor u = u_.detach(), Bt = B_.detach().t(), c = c_.contiguous();
   const at::Tensor shift = shift_.has_value() ? shift_->contiguous() : at::Tensor();
-  const int64_t RB = epilogue_block_rows(out), blocks = (n + RB - 1) / RB;
+  // At most n rows: each thread's buffer holds RB·out values.
+  const int64_t RB = std::min(epilogue_block_rows(out), n), blocks = (n + RB - 1) / RB;
   // The row loops take unit-stride rows: a y with strided rows is worked on in a copy.
   at::Tensor yc = unit_rows(y);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), op, [&] {

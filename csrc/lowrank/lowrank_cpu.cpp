@@ -99,7 +99,8 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
   // the GEMMs below must never record autograd history (the op has no autograd formula).
   const at::Tensor At = A.detach().t().contiguous();  // (in, r): skinny_mm's b
   const at::Tensor xc = unit_rows(x);
-  const int64_t RB = rows_per_block(k), blocks = (n + RB - 1) / RB;
+  // At most n rows: the per-thread buffers are RB·k values (n ≥ 1 here).
+  const int64_t RB = std::min(rows_per_block(k), n), blocks = (n + RB - 1) / RB;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
     using acc_t = scalar_t;
     const acc_t scale = dropout_scale<acc_t>(p);
@@ -144,7 +145,7 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
   if (n > 0 && k > 0 && (has_dx || need_dA)) {
     const PhiloxKey key = philox_key(seed_value(seed));
     const uint32_t thr = keep_threshold(p);
-    const int64_t RB = rows_per_block(k, kBwdMinRows), blocks = (n + RB - 1) / RB;
+    const int64_t RB = std::min(rows_per_block(k, kBwdMinRows), n), blocks = (n + RB - 1) / RB;
     AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), op, [&] {
       using acc_t = scalar_t;
       const acc_t scale = dropout_scale<acc_t>(p);

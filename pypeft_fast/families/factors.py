@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..function import without_autocast
 from ..validate import check_param, fail, shape_str
 
 
@@ -43,8 +44,7 @@ def compose_factor(where: str, arg: str, f, batched: bool = False) -> torch.Tens
 def factor_product(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``L @ R`` in the factors' own dtype, autocast or not: the adapter stays float32 under
     autocast (function.py), so no bf16 copies of L and R are made and kept for backward."""
-    with torch.autocast(L.device.type, enabled=False):
-        return L @ R
+    return without_autocast(L.device.type, torch.matmul, L, R)
 
 
 def factor_tensors(f) -> tuple:

@@ -177,8 +177,8 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     if extra:
         check_same_device(where, x=x, **{f"param {i + 3}": t for i, t in enumerate(extra)})
     aux = ()
-    if dropout > 0.0:  # a checked copy: the caller may reuse its seed tensor before backward
-        aux = (check_seed(where, draw_seed() if seed is None else seed),)
+    if dropout > 0.0:  # a caller's seed is copied (it may reuse its tensor before backward)
+        aux = (draw_seed() if seed is None else check_seed(where, seed),)
     hp = LowRankHP(scaling, dropout, magnitude is not None, activation, gate is not None)
     kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (A, B, *extra), aux, hp)
     return delta_linear(kernels, hp, 2 + len(extra), x, weight, bias, A, B, *extra, *aux)
