@@ -39,12 +39,11 @@ def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: torch.T
     Returns four int64 tensors of uint32 values. 32×32→64-bit products wrap in int64 but keep
     their bit pattern, so ``>> 32 & 0xffffffff`` is the exact high word.
     """
-    k0 = seed & _M32
-    k1 = (seed >> 32) & _M32
+    keys0, keys1 = round_keys(seed)
     c0, c1 = counter_lo, counter_hi
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    for _ in range(PHILOX_ROUNDS):
+    for k0, k1 in zip(keys0, keys1):
         p0 = c0 * PHILOX_M0
         p1 = c2 * PHILOX_M1
         c0, c2 = (
@@ -53,9 +52,18 @@ def philox4x32(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: torch.T
         )
         c1 = p1.bitwise_and_(_M32)
         c3 = p0.bitwise_and_(_M32)
-        k0 = (k0 + PHILOX_W0) & _M32
-        k1 = (k1 + PHILOX_W1) & _M32
     return c0, c1, c2, c3
+
+
+def round_keys(seed: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The key words of every round as 0-d tensors: ``(k0 + i·W0) mod 2³², (k1 + i·W1) mod 2³²``
+    for round i, each list formed by three ops. (Bumping the key after every round, as the
+    definition reads, is 40 ops on 0-d tensors per call: more than the rounds themselves for a
+    small mask.)"""
+    rounds = torch.arange(PHILOX_ROUNDS, dtype=torch.int64, device=seed.device)
+    k0 = ((seed & _M32) + rounds * PHILOX_W0).bitwise_and_(_M32)
+    k1 = (((seed >> 32) & _M32) + rounds * PHILOX_W1).bitwise_and_(_M32)
+    return k0.unbind(), k1.unbind()
 
 
 def keep_mask(seed: torch.Tensor, numel: int, p: float, device=None, start: int = 0) -> torch.Tensor:
