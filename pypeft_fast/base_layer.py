@@ -7,13 +7,10 @@ GPT-2-style ``Conv1D``, which stores its weight transposed as (in, out); its vie
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 
-@functools.cache  # the import statement costs ~1 µs, and two calls run per patched call
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
