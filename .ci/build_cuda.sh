@@ -25,7 +25,7 @@ if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda 
   echo "build_cuda.sh: creating $VENV with $TORCH_SPEC (a CUDA build of torch)"
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja numpy safetensors
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" -r "$ROOT/requirements/build.txt" ninja numpy safetensors
 fi
 export PATH="$VENV/bin:$PATH"  # the venv's ninja (parallel compile)
 "$VENV/bin/python" -c "import torch; print('build_cuda.sh: torch', torch.__version__, 'CUDA', torch.version.cuda)"

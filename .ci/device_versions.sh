@@ -29,7 +29,7 @@ if [ "$have" != "$want" ]; then
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements/build.txt" 2>&1 | grep -v '^WARNING: Location' || true
 fi
 if [ "$have" != "$want" ] || [ "$reqs" != "$(cat "$VENV/requirements.txt" 2>/dev/null)" ]; then
   printf '%s\n' "$reqs" > "$VENV/requirements.txt.new"

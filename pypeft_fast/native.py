@@ -77,9 +77,11 @@ def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.t() @ b
 
 
-SKINNY_NT_MM_MAX_RANK = 32
+SKINNY_NT_MM_MAX_RANK = 0 if _AVX512 else 32
 """``native_rank_nt_mm`` runs the native ``skinny_mm`` for a factor of at most this many rows
-(bench/NOTES.md "skinny_mm")."""
+(bench/NOTES.md "skinny_mm"): up to r = 32 on the AVX2 EPYC it was tuned on (1.3-3x MKL there),
+never on an AVX-512 CPU, where MKL's GEMM ran it 1.2-2x faster at r = 8-32 and 5-12x at r = 1-4
+(2 threads, 1024 tokens, k = 1024 and 2752; "skinny_mm on an AVX-512 Xeon")."""
 
 
 def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
-echo "== installing pinned dependencies (requirements/test.txt)"
-python -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+echo "== installing pinned dependencies (requirements/build.txt, requirements/test.txt)"
+python -m pip install -q -r requirements/build.txt 2>&1 | grep -v '^WARNING: Location' || true
 python -m pip install -q -r requirements/test.txt 2>&1 | grep -v '^WARNING: Location' || true
 python -c "import torch, triton, peft, transformers" # fail loudly if the install did not happen
 echo "== building and installing pypeft_fast (editable, --no-build-isolation)"

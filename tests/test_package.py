@@ -8,7 +8,7 @@ import pytest
 
 def test_info_lists_versions_and_backends_with_reasons():
     out = subprocess.run([sys.executable, "-m", "pypeft_fast", "info"], capture_output=True, text=True, check=True).stdout
-    for word in ("torch", "triton", "peft", "transformers", "lowrank", "kronecker", "phm", "sparse"):
+    for word in ("torch", "triton", "peft", "transformers", "hadamard", "lowrank", "kronecker", "phm", "sparse"):
         assert word in out
     assert "usable" in out
     assert "no — " in out  # e.g. cuda on this machine, with the reason
@@ -32,7 +32,7 @@ def test_cli_rejects_unknown_command():
     assert r.returncode != 0 and "unknown command" in r.stderr
 
 
-@pytest.mark.parametrize("family", ["lowrank", "kronecker", "phm", "sparse"])
+@pytest.mark.parametrize("family", ["hadamard", "lowrank", "kronecker", "phm", "sparse"])
 def test_every_family_is_registered_with_a_torch_path(family):
     import pypeft_fast as pf
     assert "torch" in pf.FAMILIES[family].backends
@@ -67,3 +67,31 @@ def test_csrc_shared_headers_include_no_family_header():
             target = (path.parent / inc).resolve()
             assert target.parent == csrc or target.parent.name in shared, (
                 f"{path} includes the family header {inc}")
+
+
+def test_build_tools_are_pinned_and_every_script_installs_the_pins():
+    """setuptools is pinned (requirements/build.txt), never upgraded to whatever is newest: the
+    `license = { text = ... }` table in pyproject.toml is deprecated from setuptools 77 on, and
+    its SPDX replacement fails validation before 77 (the GPU image's version is unknown). Every
+    script that makes a venv installs that file; this venv has the pinned setuptools."""
+    import pathlib
+    import re
+
+    import setuptools
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pins = {}
+    for line in (root / "requirements" / "build.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements/build.txt: {line!r} is not pinned with =="
+            pins[name] = version
+    assert {"pip", "setuptools", "wheel"} <= pins.keys(), pins
+    assert setuptools.__version__ == pins["setuptools"], (
+        f"setuptools {setuptools.__version__} in this venv, requirements/build.txt pins {pins['setuptools']}")
+    for script in ("scripts/setup_env.sh", ".ci/device_versions.sh", ".ci/build_cuda.sh"):
+        text = (root / script).read_text()
+        assert "requirements/build.txt" in text, f"{script} does not install requirements/build.txt"
+        unpinned = [ln for ln in text.splitlines()
+                    if "pip install" in ln and re.search(r"\bsetuptools\b(?![=<>])", ln)]
+        assert not unpinned, f"{script} installs an unpinned setuptools: {unpinned}"

@@ -14,7 +14,7 @@ from ..declaration import CaseFamily, FamilyDeclaration
 from ..inject.spec_tools import fail, finite, kaiming, pos_int, scaling_alpha_over_r
 from .lowrank import delta_weight, lowrank_linear
 from .lowrank_adapter import ACTIVATIONS
-from .lowrank_dora import weight_row_stats
+from .lowrank_dora import weight_row_norms
 
 
 # ------------------------------------------------------------------------------ pf.inject
@@ -64,8 +64,7 @@ class LowRankSpec:
         kaiming(t["A"])
         t["B"].zero_()
         if cfg.magnitude:  # ‖W + s·B·A‖ with B = 0, one pass over W (no W-sized copy)
-            sq, _ = weight_row_stats(weight.detach(), torch.float32)
-            t["magnitude"].copy_(sq.sqrt())
+            t["magnitude"].copy_(weight_row_norms(weight.detach(), torch.float32))
         if cfg.gate:
             bound = 1.0 / math.sqrt(t["gate_weight"].shape[0])
             t["gate_weight"].uniform_(-bound, bound)
