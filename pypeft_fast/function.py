@@ -49,6 +49,13 @@ def autocast_cast(t, dtype: torch.dtype | None):
     return t.to(dtype)
 
 
+def autocast_cast_dtype(t, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype :func:`autocast_cast` gives ``t`` (a tensor), without casting it."""
+    if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return dtype
+
+
 def without_autocast(device_type: str, fn, *args):
     """``fn(*args)`` with autocast off on ``device_type``. The context is entered only when
     autocast is on: entering and leaving it costs about as much as a small op (≈ 4 µs a call

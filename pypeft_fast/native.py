@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import _ops, registry
 from .families._layer import DeltaKernels
 from .families.kronecker import macs_per_row
+from .families._accumulate import addmm_into
 from .families.lowrank import TorchLowRank
 from .families.sparse import TorchSparse
 from .families.lowrank_dora import TorchDoRA
@@ -291,6 +292,30 @@ def _(t, x, A, seed, p):
     return A.new_empty(A.shape)
 
 
+_NO_MASK_SEED = torch.zeros((), dtype=torch.int64)
+"""The seed argument of the fused dropout ops at p = 0, where no mask is made (unused)."""
+
+
+def _reads_mixed(act: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether the p = 0 fused ops take an activation ``act`` (bf16/fp16, as autocast hands it)
+    with a float32/float64 ``factor``: CPU, a dtype pair the ops convert a row block at a time."""
+    return (act.device.type == "cpu" and act.dtype != factor.dtype and act.is_floating_point()
+            and act.dtype != torch.float64 and factor.dtype in (torch.float32, torch.float64))
+
+
+def mixed_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a·bᵀ`` (n, r) in b's dtype for an activation a (n, k) in a narrower dtype and a factor b
+    (r, k): ``lowrank_dropout_down`` at p = 0 (a converted in cache, no n × k copy)."""
+    return ops.lowrank_dropout_down(a, b, _NO_MASK_SEED, 0.0)
+
+
+def mixed_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ·b`` (r, k) in a's dtype for a skinny a (n, r) and an activation b (n, k) in a narrower
+    dtype: ``lowrank_dropout_dA`` at p = 0 (its A argument only gives the shape and dtype)."""
+    return torch.ops.pypeft_fast.lowrank_dropout_dA(a, b, a.new_empty((a.shape[1], b.shape[1])),
+                                                    _NO_MASK_SEED, 0.0)
+
+
 class NativeLowRank(TorchLowRank):
     """Low-rank family: the token sums dA = tᵀ·drop(x) and dB = (uᵀ·gy)ᵀ by the native
     ``skinny_t_mm``, u = x·Aᵀ and t = gy·B by ``skinny_mm``; with dropout the mask is generated
@@ -300,8 +325,30 @@ class NativeLowRank(TorchLowRank):
     :class:`NativeDoRA`. Declined (``supports``): parallel adapters (activation, gate)."""
 
     VARIANTS = {"dora": NativeDoRA}
-    t_mm = staticmethod(native_rank_t_mm)
-    nt_mm = staticmethod(native_rank_nt_mm)
+
+    @staticmethod
+    def operand(t, cd):
+        """x and gy as they are where the rank products read them in their own dtype (CPU,
+        bf16/fp16 beside float32 factors: autocast, a bf16 base), else converted."""
+        return t if _reads_mixed(t, torch.empty((), dtype=cd)) else t.to(cd)
+
+    @staticmethod
+    def nt_mm(a, b):
+        return mixed_rank_nt_mm(a, b) if _reads_mixed(a, b) else native_rank_nt_mm(a, b)
+
+    @staticmethod
+    def t_mm(a, b):
+        return mixed_rank_t_mm(a, b) if _reads_mixed(b, a) else native_rank_t_mm(a, b)
+
+    @staticmethod
+    def update_into(out, a, b, alpha=1.0):
+        """``out + α·a@b`` (y + s·u·Bᵀ, dx + t·A); a bf16/fp16 ``out`` updated in place by
+        ``lowrank_dropout_bwd`` at p = 0 (summed in float32, rounded once, no float32 copy of it)."""
+        if not _reads_mixed(out, a) or alpha == 0 or out.stride(-1) != 1:
+            return addmm_into(out, a, b, alpha=alpha)
+        ops.lowrank_dropout_bwd(a if alpha == 1.0 else a * alpha, out, b, _NO_MASK_SEED, 0.0,
+                                out, False)
+        return out
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -321,6 +368,8 @@ class NativeLowRank(TorchLowRank):
     @classmethod
     def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
         if hp.dropout == 0.0:
+            if dx is not None and need_dA and _reads_mixed(x2d, Ac):  # one op for both
+                return dx, ops.lowrank_dropout_bwd(t, x2d, Ac, _NO_MASK_SEED, 0.0, dx, True)
             return super().dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA)
         if dx is None:  # dA alone (see lowrank_dropout_dA)
             return None, torch.ops.pypeft_fast.lowrank_dropout_dA(t, x2d, Ac, aux[0], hp.dropout)

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from .function import autocast_cast, autocast_dtype
+from .function import autocast_cast_dtype, autocast_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -37,7 +37,7 @@ def check_base(where: str, x, weight, bias) -> tuple[int, int]:
         fail(where, f"x has shape {shape_str(x)}; expected (..., {in_f}) to match weight {shape_str(weight)}")
     # Under autocast the op casts x, weight and bias to the autocast dtype first (function.py).
     cast = autocast_dtype(x.device.type)
-    if autocast_cast(x, cast).dtype != autocast_cast(weight, cast).dtype:
+    if autocast_cast_dtype(x, cast) != autocast_cast_dtype(weight, cast):
         fail(where, f"x is {x.dtype} but weight is {weight.dtype}; expected the same dtype")
     if weight.requires_grad:
         fail(where, "weight requires grad, but the frozen weight gets no gradient here; "
@@ -45,7 +45,7 @@ def check_base(where: str, x, weight, bias) -> tuple[int, int]:
     if bias is not None:
         if bias.shape != (out_f,):
             fail(where, f"bias has shape {shape_str(bias)}; expected ({out_f},)")
-        if autocast_cast(bias, cast).dtype != autocast_cast(weight, cast).dtype:
+        if autocast_cast_dtype(bias, cast) != autocast_cast_dtype(weight, cast):
             fail(where, f"bias is {bias.dtype} but weight is {weight.dtype}; expected the same dtype")
     return out_f, in_f
 

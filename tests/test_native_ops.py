@@ -303,8 +303,9 @@ def test_dropout_keep_rate():
 @pytest.mark.parametrize("n,k,r", [(97, 37, 5), (1, 8, 1), (300, 1031, 16), (33, 7, 3)])
 @pytest.mark.parametrize("x_dtype,acc", [(torch.float32, torch.float32), (torch.float64, torch.float64),
                                          (torch.bfloat16, torch.float32)])
-def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc, philox_isa):
-    p, seed = 0.3, torch.tensor(77 + n, dtype=torch.int64)
+@pytest.mark.parametrize("p", [0.3, 0.0], ids=["p0.3", "p0-no-mask"])  # p = 0: the mixed-dtype products
+def test_lowrank_dropout_down_and_bwd(device, n, k, r, x_dtype, acc, p, philox_isa):
+    seed = torch.tensor(77 + n, dtype=torch.int64)
     x = rand(n, k, seed=1).to(device=device, dtype=x_dtype)
     A = rand(r, k, seed=2).to(device=device, dtype=acc)
     t = rand(n, r, seed=3).to(device=device, dtype=acc)

@@ -7,6 +7,9 @@
 // The products are skinny_mm.h's (drop(x)·Aᵀ, and t·A with the mask applied as it is added to dx)
 // and skinny_t_mm's (the token sum tᵀ·(…), skinny_t_mm.h);
 // the Philox loop is compiled per ISA (PPF_CPU_CLONES).
+// At p = 0 no mask is made: the same ops are then the products of an activation in its own dtype
+// (bf16/fp16 under autocast) with float32 factors, converted a block of rows at a time in cache
+// (pypeft_fast/native.py routes the mixed-dtype rank products here).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,25 +56,44 @@ acc_t* same_dtype(x_t* p) {
   else return nullptr;
 }
 
-// d[i, :] = x[i, :] ⊙ m[i, :] for a block of rows (x's rows unit-stride): drop(x) in cache.
+// d[i, :] = x[i, :] ⊙ m[i, :] for a block of rows (x's rows unit-stride): drop(x) in cache;
+// m nullptr (p = 0): x converted to acc_t.
 template <typename acc_t, typename x_t>
 PPF_INLINE void dropped_rows(const x_t* x, int64_t x0, int64_t rows, int64_t k, const acc_t* m,
                              acc_t* d) {
   for (int64_t i = 0; i < rows; ++i) {
     const x_t* xr = x + i * x0;
-    for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j]) * m[i * k + j];
+    if (m == nullptr) {
+      for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j]);
+    } else {
+      for (int64_t j = 0; j < k; ++j) d[i * k + j] = static_cast<acc_t>(xr[j]) * m[i * k + j];
+    }
   }
 }
 
-// dx[i, :] += z[i, :] ⊙ m[i, :], summed in acc_t and rounded once (dx's rows unit-stride).
+// dx[i, :] += z[i, :] ⊙ m[i, :] (m nullptr: + z), summed in acc_t and rounded once (dx's rows
+// unit-stride).
 template <typename acc_t, typename x_t>
 PPF_INLINE void masked_add_rows(x_t* dx, int64_t d0, int64_t rows, int64_t k, const acc_t* m,
                                 const acc_t* z) {
   for (int64_t i = 0; i < rows; ++i) {
     x_t* dr = dx + i * d0;
-    for (int64_t j = 0; j < k; ++j)
-      dr[j] = static_cast<x_t>(static_cast<acc_t>(dr[j]) + z[i * k + j] * m[i * k + j]);
+    if (m == nullptr) {
+      for (int64_t j = 0; j < k; ++j)
+        dr[j] = static_cast<x_t>(static_cast<acc_t>(dr[j]) + z[i * k + j]);
+    } else {
+      for (int64_t j = 0; j < k; ++j)
+        dr[j] = static_cast<x_t>(static_cast<acc_t>(dr[j]) + z[i * k + j] * m[i * k + j]);
+    }
   }
+}
+
+// The multipliers of rows [e0, e0 + count) of the flat index, or nullptr at p = 0 (no mask: the
+// ops are then the plain products with x, dx in their own dtype, read and written in place).
+template <typename acc_t>
+PPF_INLINE const acc_t* block_mask(bool masked, int64_t e0, int64_t count, const PhiloxKey& key,
+                                   uint32_t thr, acc_t scale, Scratch<acc_t>& buf) {
+  return masked ? mult_range<acc_t>(e0, count, key, thr, scale, buf) : nullptr;
 }
 
 }  // namespace
@@ -115,7 +137,7 @@ at::Tensor lowrank_dropout_down_cpu(const at::Tensor& x, const at::Tensor& A,
         acc_t* up = u.data_ptr<acc_t>();
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
-          const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
+          const acc_t* m = block_mask<acc_t>(p > 0.0, r0 * k, rows * k, key, thr, scale, mbuf);
           dropped_rows_isa(xp + r0 * s0, s0, rows, k, m, xd.data());
           skinny_mm_acc(xd.data(), k, atp, r, rows, k, r, up + r0 * r, r, false);
         }
@@ -166,7 +188,7 @@ at::Tensor lowrank_dropout_bwd_cpu(const at::Tensor& t_, const at::Tensor& x, co
           TORCH_INTERNAL_ASSERT(tid < nthreads);
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t r0 = b * RB, rows = std::min<int64_t>(RB, n - r0);
-            const acc_t* m = mult_range<acc_t>(r0 * k, rows * k, key, thr, scale, mbuf);
+            const acc_t* m = block_mask<acc_t>(p > 0.0, r0 * k, rows * k, key, thr, scale, mbuf);
             if (has_dx) {  // dx[rows] += (t[rows] · A) ⊙ m, summed in acc_t and rounded once
               if (acc_t* dxa = same_dtype<acc_t>(dxp)) {
                 rank_update_acc(tp + r0 * r, r, Ap, sA, m, k, rows, r, k, dxa + r0 * d0, d0, true);

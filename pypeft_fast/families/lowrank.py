@@ -65,10 +65,6 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> torc
     return (B @ A) * scaling
 
 
-def _dropped(x2d, aux, hp, dtype):
-    if hp.dropout == 0.0:
-        return x2d.to(dtype)
-    return dropout_rows(x2d, aux[0], hp.dropout, dtype=dtype)
 
 
 class TorchLowRank(DeltaKernels):
@@ -83,6 +79,13 @@ class TorchLowRank(DeltaKernels):
     VARIANTS = {"dora": TorchDoRA, "adapter": TorchParallelAdapter}
     t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA, dB
     nt_mm = staticmethod(rank_nt_mm)  # a·bᵀ against a factor: u = x·Aᵀ, t = gy·B
+    update_into = staticmethod(addmm_into)  # y + α·u·Bᵀ, dx + t·A in y's / dx's dtype
+
+    @staticmethod
+    def operand(t, cd):
+        """An activation (x, gy) as the rank products take it: converted to the accumulation
+        dtype ``cd`` (a native backend that reads other dtypes returns it as it is)."""
+        return t.to(cd)
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
@@ -100,7 +103,9 @@ class TorchLowRank(DeltaKernels):
     @classmethod
     def down(cls, x2d, Ac, aux, hp):
         """``u = drop(x)·Aᵀ`` (n, r) in Ac's dtype."""
-        return cls.nt_mm(_dropped(x2d, aux, hp, Ac.dtype), Ac)
+        if hp.dropout == 0.0:
+            return cls.nt_mm(cls.operand(x2d, Ac.dtype), Ac)
+        return cls.nt_mm(dropout_rows(x2d, aux[0], hp.dropout, dtype=Ac.dtype), Ac)
 
     @classmethod
     def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
@@ -109,12 +114,12 @@ class TorchLowRank(DeltaKernels):
         keep = keep_rows(aux[0], *x2d.shape, hp.dropout, device=x2d.device) if hp.dropout else None
         if dx is not None:
             if keep is None:
-                dx = addmm_into(dx, t, Ac)
+                dx = cls.update_into(dx, t, Ac)
             else:
                 dx = add_into(dx, apply_keep(t @ Ac, keep, hp.dropout, inplace=True))
         dA = None
         if need_dA:
-            xd = x2d.to(Ac.dtype) if keep is None else apply_keep(x2d.to(Ac.dtype), keep, hp.dropout)
+            xd = cls.operand(x2d, Ac.dtype) if keep is None else apply_keep(x2d.to(Ac.dtype), keep, hp.dropout)
             dA = cls.t_mm(t, xd)
         return dx, dA
 
@@ -123,10 +128,10 @@ class TorchLowRank(DeltaKernels):
         A, B = params
         return cls.down(x2d, A.to(compute_dtype(x2d, A, B)), aux, hp)
 
-    @staticmethod
-    def delta_forward(y, u, x2d, params, aux, hp):
+    @classmethod
+    def delta_forward(cls, y, u, x2d, params, aux, hp):
         B = params[1]
-        return addmm_into(y, u, B.to(u.dtype).t(), alpha=hp.scaling), (u,)
+        return cls.update_into(y, u, B.to(u.dtype).t(), alpha=hp.scaling), (u,)
 
     @classmethod
     def delta_backward(cls, dx, gy2d, x2d, params, aux, extras, hp, needs_dparams):
@@ -134,7 +139,7 @@ class TorchLowRank(DeltaKernels):
         (u,) = extras
         need_dA, need_dB = needs_dparams
         cd = compute_dtype(x2d, A, B)
-        gyc = gy2d.to(cd)
+        gyc = cls.operand(gy2d, cd)
         dA = dB = None
         if dx is not None or need_dA:
             t = cls.nt_mm(gyc, B.to(cd).t()).mul_(hp.scaling)  # (n, r)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..base_layer import linear_view
-from ..function import autocast_cast, autocast_dtype
+from ..function import autocast_cast_dtype, autocast_dtype
 from ..validate import is_dtensor
 
 SHARDED_MODULE = ("wrapped by FSDP2's fully_shard itself: its parameters stay sharded until that "
@@ -75,7 +75,7 @@ def common_reason(module, x, args, kwargs) -> str | None:
     # calls are cast (pypeft_fast/function.py, delta_linear): only what autocast leaves alone
     # (float64) must already agree.
     cast = autocast_dtype(x.device.type)
-    if autocast_cast(x, cast).dtype != autocast_cast(base.weight, cast).dtype:
+    if autocast_cast_dtype(x, cast) != autocast_cast_dtype(base.weight, cast):
         return f"input is {x.dtype} but the base weight is {base.weight.dtype}"
     return None
 
