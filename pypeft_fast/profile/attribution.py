@@ -220,7 +220,7 @@ class SavedByUnit(SavedTensors):
 
     def __init__(self, units: Units, stack: ModuleStack, producers: Producers,
                  param_storages: set[int], weight_shapes: set):
-        super().__init__(on_save=self._record)
+        super().__init__(on_save=self._record, release=False)  # MemTracker counts the tensors themselves
         self.units, self.stack, self.producers = units, stack, producers
         self.params, self.weight_shapes = param_storages, weight_shapes
         self.seen: dict[int, SavedStorage] = {}
