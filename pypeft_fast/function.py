@@ -39,21 +39,21 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def autocast_cast(t, dtype: torch.dtype | None):
-    """``t`` as autocast would hand it to ``F.linear``: floating, non-float64 tensors cast to
-    ``dtype`` (None: autocast off, ``t`` unchanged); anything else unchanged."""
-    if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        return t
-    if t.dtype in (torch.float64, dtype):
-        return t
-    return t.to(dtype)
-
-
-def autocast_cast_dtype(t, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype :func:`autocast_cast` gives ``t`` (a tensor), without casting it."""
+def autocast_cast_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype autocast hands ``t`` to ``F.linear`` in: ``dtype`` for a floating, non-float64
+    tensor (None: autocast off), else t's own. The argument checks read it without casting."""
     if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t.dtype
     return dtype
+
+
+def autocast_cast(t, dtype: torch.dtype | None):
+    """``t`` as autocast would hand it to ``F.linear`` (:func:`autocast_cast_dtype`); anything
+    that is not a tensor unchanged."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    target = autocast_cast_dtype(t, dtype)
+    return t if target == t.dtype else t.to(target)
 
 
 def without_autocast(device_type: str, fn, *args):

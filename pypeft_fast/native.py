@@ -296,11 +296,12 @@ _NO_MASK_SEED = torch.zeros((), dtype=torch.int64)
 """The seed argument of the fused dropout ops at p = 0, where no mask is made (unused)."""
 
 
-def _reads_mixed(act: torch.Tensor, factor: torch.Tensor) -> bool:
+def _reads_mixed(act: torch.Tensor, factor_dtype: torch.dtype) -> bool:
     """Whether the p = 0 fused ops take an activation ``act`` (bf16/fp16, as autocast hands it)
-    with a float32/float64 ``factor``: CPU, a dtype pair the ops convert a row block at a time."""
-    return (act.device.type == "cpu" and act.dtype != factor.dtype and act.is_floating_point()
-            and act.dtype != torch.float64 and factor.dtype in (torch.float32, torch.float64))
+    with factors in ``factor_dtype`` (float32/float64): CPU, a dtype pair the ops convert a row
+    block at a time."""
+    return (act.device.type == "cpu" and act.dtype != factor_dtype and act.is_floating_point()
+            and act.dtype != torch.float64 and factor_dtype in (torch.float32, torch.float64))
 
 
 def mixed_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -330,21 +331,21 @@ class NativeLowRank(TorchLowRank):
     def operand(t, cd):
         """x and gy as they are where the rank products read them in their own dtype (CPU,
         bf16/fp16 beside float32 factors: autocast, a bf16 base), else converted."""
-        return t if _reads_mixed(t, torch.empty((), dtype=cd)) else t.to(cd)
+        return t if _reads_mixed(t, cd) else t.to(cd)
 
     @staticmethod
     def nt_mm(a, b):
-        return mixed_rank_nt_mm(a, b) if _reads_mixed(a, b) else native_rank_nt_mm(a, b)
+        return mixed_rank_nt_mm(a, b) if _reads_mixed(a, b.dtype) else native_rank_nt_mm(a, b)
 
     @staticmethod
     def t_mm(a, b):
-        return mixed_rank_t_mm(a, b) if _reads_mixed(b, a) else native_rank_t_mm(a, b)
+        return mixed_rank_t_mm(a, b) if _reads_mixed(b, a.dtype) else native_rank_t_mm(a, b)
 
     @staticmethod
     def update_into(out, a, b, alpha=1.0):
         """``out + α·a@b`` (y + s·u·Bᵀ, dx + t·A); a bf16/fp16 ``out`` updated in place by
         ``lowrank_dropout_bwd`` at p = 0 (summed in float32, rounded once, no float32 copy of it)."""
-        if not _reads_mixed(out, a) or alpha == 0 or out.stride(-1) != 1:
+        if not _reads_mixed(out, a.dtype) or alpha == 0 or out.stride(-1) != 1:
             return addmm_into(out, a, b, alpha=alpha)
         ops.lowrank_dropout_bwd(a if alpha == 1.0 else a * alpha, out, b, _NO_MASK_SEED, 0.0,
                                 out, False)
@@ -368,7 +369,7 @@ class NativeLowRank(TorchLowRank):
     @classmethod
     def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
         if hp.dropout == 0.0:
-            if dx is not None and need_dA and _reads_mixed(x2d, Ac):  # one op for both
+            if dx is not None and need_dA and _reads_mixed(x2d, Ac.dtype):  # one op for both
                 return dx, ops.lowrank_dropout_bwd(t, x2d, Ac, _NO_MASK_SEED, 0.0, dx, True)
             return super().dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA)
         if dx is None:  # dA alone (see lowrank_dropout_dA)

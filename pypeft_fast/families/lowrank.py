@@ -65,8 +65,6 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> torc
     return (B @ A) * scaling
 
 
-
-
 class TorchLowRank(DeltaKernels):
     """The pure-PyTorch kernels: three GEMMs forward (one fused add), four backward; the DoRA
     and parallel-adapter variants run their own kernels (``VARIANTS``).
