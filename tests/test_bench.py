@@ -164,3 +164,29 @@ def test_scaling_view_runs_every_rank_and_sequence_length(tmp_path, capsys):
         bench.parse_args(["--rank", "8,x"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--seq", "0,256"])
+
+
+def test_plot_labels_do_not_overlap(tmp_path, monkeypatch):
+    """Every family's x tick label and the figure title stay apart when all seven families are
+    plotted ("dora-dropout" beside "kronecker" on one line overlapped, and the long title ran
+    off the figure)."""
+    import matplotlib.pyplot as plt
+
+    from pypeft_fast.bench import report
+
+    rows = [{"precision": p, "family": f, "impl": impl, "time_over_floor": 1.5, "saved_over_floor": 0.4}
+            for p in ("fp32", "bf16-autocast") for f in variants.VARIANTS
+            for impl in (variants.VARIANTS[f].baseline, "pypeft_fast")]
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    report.plot(rows, str(tmp_path / "p.png"), "pypeft-fast bench: " + "a long configuration line, " * 8)
+    (fig,) = figs
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+        assert len(boxes) == len(variants.VARIANTS)
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 <= right.x0, (ax.get_title(), left, right)
+    title = fig._suptitle.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.x1
+    plt.close(fig)

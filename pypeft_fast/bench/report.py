@@ -5,6 +5,8 @@ autocast); "vs peft" is the baseline's median step over pypeft_fast's, same prec
 """
 from __future__ import annotations
 
+import textwrap
+
 from .timing import Run
 from .variants import VARIANTS
 
@@ -165,12 +167,13 @@ def plot(result_rows: list[dict], path: str, title: str) -> None:
                              fontsize=8, padding=2)
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.set_xticks(range(len(fams)))
-            ax.set_xticklabels([f"{f}\n({VARIANTS[f].short})" for f in fams])
+            # "dora-dropout" beside "kronecker" overlapped on one line: names break at "-"
+            ax.set_xticklabels([f.replace("-", "-\n") + f"\n({VARIANTS[f].short})" for f in fams], fontsize=8)
             ax.set_ylabel(f"{what} over the {prec} floor (%)")
             ax.set_title(f"{prec}: {what} overhead (lower is better)")
             ax.legend(fontsize=8, loc="upper left")
             lo, hi = ax.get_ylim()
-            ax.set_ylim(min(lo, 0), hi * 1.12)
-    fig.suptitle(title, fontsize=9)
+            ax.set_ylim(min(lo, 0), hi * 1.18)
+    fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
