@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._layer import DeltaKernels
-from .families.kronecker import macs_per_row
+from .families.kronecker import TorchKroneckerFoldedA, folds_A, macs_per_row
 from .families._accumulate import addmm_into
 from .families.lowrank import TorchLowRank
 from .families.sparse import TorchSparse
@@ -61,11 +61,11 @@ SKINNY_T_MM_MAX_RANK = 32
 beyond it MKL's GEMM is as fast or faster (bench/NOTES.md "skinny_t_mm": r = 64 at 0.8–1.0×)."""
 
 
-def _skinny_native(a: torch.Tensor, b: torch.Tensor, rank: int, limit: int) -> bool:
+def _skinny_native(a: torch.Tensor, b: torch.Tensor, rank: int, ranks: range) -> bool:
     """Whether the native skinny ops take a and b: CPU, one float32/float64 dtype, the rank
-    within the op's measured limit."""
+    within the op's measured range."""
     return (a.device.type == "cpu" and a.dtype == b.dtype
-            and a.dtype in (torch.float32, torch.float64) and rank <= limit)
+            and a.dtype in (torch.float32, torch.float64) and rank in ranks)
 
 
 def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,16 +73,37 @@ def native_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``skinny_t_mm`` on CPU: at r ≤ 16 1.0–1.7× MKL's faster orientation on one thread, 1.3–2.8×
     on two, and up to 30× the slower one (gyᵀ·u at r = 8), which ``gyc.t() @ u`` hit. Other devices, dtypes, strides or a wider a:
     the torch form."""
-    if _skinny_native(a, b, a.shape[1], SKINNY_T_MM_MAX_RANK) and b.stride(-1) == 1:
+    if _skinny_native(a, b, a.shape[1], range(SKINNY_T_MM_MAX_RANK + 1)) and b.stride(-1) == 1:
         return ops.skinny_t_mm(a.contiguous(), b)
     return a.t() @ b
 
 
-SKINNY_NT_MM_MAX_RANK = 0 if _AVX512 else 32
-"""``native_rank_nt_mm`` runs the native ``skinny_mm`` for a factor of at most this many rows
-(bench/NOTES.md "skinny_mm"): up to r = 32 on the AVX2 EPYC it was tuned on (1.3-3x MKL there),
-never on an AVX-512 CPU, where MKL's GEMM ran it 1.2-2x faster at r = 8-32 and 5-12x at r = 1-4
-(2 threads, 1024 tokens, k = 1024 and 2752; "skinny_mm on an AVX-512 Xeon")."""
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The x86 vendor id ("GenuineIntel", "AuthenticAMD") from ``cpuinfo``; "" without one."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def skinny_nt_mm_ranks(capability: str, vendor: str) -> range:
+    """The factor ranks for which ``native_rank_nt_mm`` runs the native ``skinny_mm`` (bench/NOTES.md
+    "skinny_mm", 2 threads, 1024 tokens, k = 1024 and 2752): r ≤ 32 on the AVX2 EPYC it was tuned
+    on (1.3-3x MKL there); never on an AVX-512 Xeon, where MKL's GEMM ran it 1.2-2x faster at
+    r = 8-32 and 5-12x at r = 1-4 ("skinny_mm on an AVX-512 Xeon"); r = 8-64 on an AVX-512 AMD
+    CPU, where it ran 1.9-3.4x faster than MKL there and 5-11x slower at r = 1-4 (also at
+    4096 tokens, k = 256: "Session 11")."""
+    if not capability.upper().startswith("AVX512"):
+        return range(1, 33)
+    return range(8, 65) if vendor == "AuthenticAMD" else range(0)
+
+
+SKINNY_NT_MM_RANKS = skinny_nt_mm_ranks(CPU_CAPABILITY, cpu_vendor())
+"""This CPU's :func:`skinny_nt_mm_ranks`."""
 
 
 def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,7 +111,7 @@ def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``skinny_mm`` on CPU, which takes bᵀ (k, r) with unit-stride rows: B for t = gy·B as it is,
     A for u = x·Aᵀ transposed into a copy (r × k values). Other devices, dtypes, a
     column-strided a or a b of more rows: the torch form."""
-    if _skinny_native(a, b, b.shape[0], SKINNY_NT_MM_MAX_RANK) and a.stride(-1) == 1:
+    if _skinny_native(a, b, b.shape[0], SKINNY_NT_MM_RANKS) and a.stride(-1) == 1:
         return ops.skinny_mm(a, b.t().contiguous())
     return a @ b.t()
 
@@ -159,7 +180,10 @@ class NativeDoRA(TorchDoRA):
         ``sparse``; ``saved``/``recompute`` run the torch kernels' sources), for a frozen W in
         the accumulation dtype (a bf16 W — a bf16 base, or autocast's cast — would need a
         weight-sized converted copy for the SpMM; those calls run the "saved" source, whose
-        frozen GEMMs run in W's dtype as peft's do). Not under torch.compile: the path is
+        frozen GEMMs run in W's dtype as peft's do). Under bf16 autocast the path was tried with
+        the float32 W (the norm's, in aux) for its sparse products: 1.19× and 1.18× slower than
+        the saved source's two bf16 GEMMs at 1024 → 1024 and 1024 → 2752, 0.97× at 2752 → 1024
+        (1024 tokens, AVX512-BF16 CPU, bench/NOTES.md "Session 11"): not taken. Not under torch.compile: the path is
         data-dependent (the c − p check, the CSR of the dropped entries from ``nonzero``), so a
         compiled graph runs the "saved" source too — the same numbers to rounding, peft's second
         frozen GEMM (README "torch.compile")."""
@@ -189,7 +213,7 @@ class NativeDoRA(TorchDoRA):
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
-        scaled = cls.scale(x2d, weight, params, hp)
+        scaled = cls.scale(x2d, weight, params, aux, hp)
         cd, Ac, Bc, bBc, norm, c = scaled
         s, p = hp.scaling, hp.dropout
         if not cls._sparse_ok(x2d, weight, p, c):   # the torch kernels' sources, the same norm
@@ -378,15 +402,26 @@ class NativeLowRank(TorchLowRank):
         return dx, dA if need_dA else None
 
 
+class NativeKroneckerFoldedA(TorchKroneckerFoldedA):
+    """B as rank-k factors with A folded (``families/kronecker.py``: Compacter's PHM at rank 1),
+    its skinny products by the native ``skinny_mm``/``skinny_t_mm`` where they are measured
+    faster (:func:`native_rank_nt_mm`, :func:`native_rank_t_mm`; MKL otherwise)."""
+
+    nt_mm = staticmethod(native_rank_nt_mm)
+    t_mm = staticmethod(native_rank_t_mm)
+
+
 class NativeKronecker(DeltaKernels):
     """Kronecker and PHM families: y += s·Σₕ (Aₕ ⊗ Bₕ)·x a token at a time by the native
     structured apply (each token's small products in cache, ΔW never formed), accumulated into
     the frozen GEMM's output; one native pass for dx, dA and dB.
 
+    B as rank-k factors with A folded (``folds_A``) runs :class:`NativeKroneckerFoldedA`.
+
     Declined (``supports``; auto then runs the torch path's kernels, both exact): a dense B stack
     larger than ``MAX_B_ELEMENTS`` — there the per-token products stream B from memory for every
     token and the torch path's one GEMM over all tokens wins — and B given as rank-k factors
-    (S, T), which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense B would
+    (S, T) that do not fold, which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense B would
     not be served natively, or its multiply-adds exceed ``DENSE_OVER_FACTORED`` × the factored
     ones. Both limits were measured per CPU (bench/NOTES.md "Kronecker on AVX2"): on an AVX-512
     Xeon the native dense products ran 2.5× as many multiply-adds per second as the factored
@@ -406,13 +441,15 @@ class NativeKronecker(DeltaKernels):
 
     @classmethod
     def supports(cls, x, weight, params, aux, hp) -> str | None:
-        """Declines B as rank-k factors, a B stack over MAX_B_ELEMENTS, on CUDA a U tile over
-        the shared memory."""
+        """Declines B as rank-k factors that do not fold, a B stack over MAX_B_ELEMENTS, on CUDA
+        a U tile over the shared memory."""
         A3 = params[0]
         h, ao = A3.shape[0], A3.shape[1]
         if len(params) == 3:
             S, T = params[1:]
             k, b_shape = S.shape[2], (S.shape[1], T.shape[2])
+            if folds_A(A3.shape, k):
+                return None
             dense, factored = macs_per_row(A3.shape, b_shape, k)
             n_b = h * b_shape[0] * b_shape[1]
             why = (f"the dense B stack would have {n_b} elements > MAX_B_ELEMENTS = {cls.MAX_B_ELEMENTS}"
@@ -429,6 +466,19 @@ class NativeKronecker(DeltaKernels):
             return (f"a U = A·X tile of {tile} bytes > the CUDA kernel's {cls.CUDA_SHARED_BYTES} "
                     "bytes of shared memory")
         return None
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
+        if len(params) == 3:  # B as rank-k factors, A folded (supports)
+            return NativeKroneckerFoldedA.forward(x2d, weight, bias, params, aux, hp)
+        return super().forward(x2d, weight, bias, params, aux, hp)
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+        if len(params) == 3:
+            return NativeKroneckerFoldedA.backward(gy2d, x2d, weight, params, aux, extras, hp,
+                                                   needs_dx, needs_dparams)
+        return super().backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams)
 
     @staticmethod
     def delta_forward(y, pre, x2d, params, aux, hp):

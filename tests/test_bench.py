@@ -74,6 +74,26 @@ def test_bench_tiny_end_to_end_fp32_and_bf16_autocast(tmp_path, capsys):
                 assert 0 < r["flop_share"] < 5, r["label"]
     assert "FLOP share" in out
 
+    # under autocast, pypeft_fast's rows also carry the limit of a float32-accumulated delta:
+    # share × ρ, ρ = a float32 GEMM's time over a bf16 one's, measured in the run
+    for r in rows:
+        if r["impl"] != "pypeft_fast":
+            assert r["fp32_rate_ratio"] is None and r["flop_share_at_fp32_rate"] is None, r["label"]
+        elif r["precision"] == "fp32":
+            assert r["fp32_rate_ratio"] == 1.0
+            assert r["flop_share_at_fp32_rate"] == pytest.approx(r["flop_share"])
+        else:
+            assert math.isfinite(r["fp32_rate_ratio"]) and r["fp32_rate_ratio"] > 0
+            # DoRA with dropout: peft's extra base(drop(x)) GEMMs run in bf16, priced at 1
+            frozen = (2 * sum(4 * tokens * i * o for i, o in shapes) if r["family"] == "dora-dropout"
+                      else 0)
+            delta = r["adapter_flops"] - frozen
+            assert r["flop_share_at_fp32_rate"] == pytest.approx(
+                (delta * r["fp32_rate_ratio"] + frozen) / r["floor_step_flops"])
+    rho = {r["fp32_rate_ratio"] for r in rows if r["precision"] == "bf16-autocast" and r["impl"] == "pypeft_fast"}
+    assert len(rho) == 1  # one measurement per precision, shared by its rows
+    assert "at fp32 rate" in out
+
     for r in rows:  # the printed table has every row
         assert r["label"] in out
     assert "time over floor" in out and "saved MiB" in out and "bf16-autocast" in out
@@ -190,3 +210,24 @@ def test_plot_labels_do_not_overlap(tmp_path, monkeypatch):
     title = fig._suptitle.get_window_extent(renderer)
     assert 0 <= title.x0 and title.x1 <= fig.bbox.x1
     plt.close(fig)
+
+
+def test_fp32_rate_ratio_is_the_median_time_ratio(monkeypatch):
+    """ρ is the float32 GEMM's median time over the low-precision one's (the timer replaced by
+    fixed times: 3 × slower in float32, an outlier in each list that the median ignores)."""
+    from types import SimpleNamespace
+
+    from pypeft_fast import measure
+    from pypeft_fast.bench import flops
+
+    seen = {}
+
+    def fake_times(fns, *, warmup, reps, device):
+        for fn in fns.values():
+            seen.setdefault("dtypes", []).append(fn().dtype)
+        return {"fp32": [6.0, 60.0, 6.0, 5.0, 7.0], "low": [2.0, 2.0, 0.1, 2.5, 1.5]}
+
+    monkeypatch.setattr(measure, "interleaved_times", fake_times)
+    a = SimpleNamespace(batch=2, seq=8, hidden=16, intermediate=24)
+    assert flops.fp32_rate_ratio(a, torch.device("cpu"), torch.bfloat16) == pytest.approx(3.0)
+    assert seen["dtypes"] == [torch.float32, torch.bfloat16]

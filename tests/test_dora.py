@@ -169,6 +169,45 @@ def test_dora_forms_the_weight_norm_once_per_forward(monkeypatch, backend, p):
     assert len(calls) == 1  # the backward reuses the saved norm
 
 
+@pytest.mark.parametrize("backend, p", [(b, p) for p in (0.0, 0.1)
+                                        for b in serving_backends(LowRankHP(1.0, p, magnitude=True))])
+def test_dora_norm_under_autocast_reads_the_float32_weight(monkeypatch, backend, p):
+    """Under bf16 autocast the frozen GEMMs take W's bf16 cast; the norm ‖W + s·B·A‖ reads the
+    float32 W itself (peft's norm for a float32 x), to float32 precision, where the cast's norm
+    is ≈ 1e-4 off at this width. Its ‖Wᵢ‖² is formed once, not per call: the cast is a new
+    tensor every step, which missed the cache (and was converted back to float32 for W·Aᵀ)."""
+    stats = []
+    real = lowrank_dora._row_stats
+    monkeypatch.setattr(lowrank_dora, "_row_stats", lambda *a: stats.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    n_out, n_in, r, s = 61, 97, 4, 0.7
+    W = torch.randn(n_out, n_in, generator=g)
+    A = (torch.randn(r, n_in, generator=g) * 0.3).requires_grad_()
+    B = (torch.randn(n_out, r, generator=g) * 0.3).requires_grad_()
+    m = (torch.linalg.vector_norm(W, dim=1) * (0.9 + 0.2 * torch.rand(n_out, generator=g))).requires_grad_()
+    x = torch.randn(2, 9, n_in, generator=g, requires_grad=True)
+    norms = []
+
+    def pack(t):
+        if t.shape == (n_out,) and t.dtype == torch.float32 and t is not m:
+            norms.append(t)
+        return t
+
+    for _ in range(2):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pf.lowrank_linear(x, W, None, A, B, s, p, 5, backend, magnitude=m)
+        y.float().sum().backward()
+    want = torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1)
+    cast = torch.linalg.vector_norm(W.bfloat16().double() + s * (B.double() @ A.double()), dim=1)
+    assert ((cast - want).abs() / want).max() > 2e-5  # the test tells the two weights apart
+    assert len(norms) == 2, f"{len(norms)} (out,) float32 tensors saved; expected the norm once per call"
+    for got in norms:
+        err = ((got.double() - want).abs() / want).max().item()
+        assert err < 2e-6, f"norm {err:.1e} off the float32 weight's"
+    assert len(stats) == 1  # ‖Wᵢ‖² once for both calls
+
+
 N, IN, OUT, R = 16, 512, 384, 4
 
 

@@ -490,12 +490,41 @@ def test_native_rank_nt_mm_serves_what_the_op_cannot_with_the_torch_form():
     column-strided a — the same numbers."""
     a = rand(50, 9, seed=3).float()
     for aa, b in [(a, rand(4, 9, seed=1)), (a, rand(9, 4, seed=1).t()),
-                  (a, rand(native.SKINNY_NT_MM_MAX_RANK + 1, 9, seed=2)),
+                  (a, rand(max(native.SKINNY_NT_MM_RANKS, default=0) + 1, 9, seed=2)),
                   (rand(9, 50, seed=4).float().t(), rand(4, 9, seed=1))]:
         b = b.float()
         got = native.native_rank_nt_mm(aa, b)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), aa.double() @ b.double().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_skinny_nt_mm_ranks_follow_the_measured_cpus(monkeypatch, tmp_path):
+    """The native skinny_mm serves a·bᵀ where it measured faster than MKL: r ≤ 32 with AVX2,
+    never on an AVX-512 Xeon, r = 8-64 on an AVX-512 AMD CPU (5-11× slower than MKL at r ≤ 4
+    there); native_rank_nt_mm follows the range."""
+    assert native.skinny_nt_mm_ranks("AVX2", "AuthenticAMD") == range(1, 33)
+    assert native.skinny_nt_mm_ranks("AVX512", "GenuineIntel") == range(0)
+    assert native.skinny_nt_mm_ranks("AVX512", "AuthenticAMD") == range(8, 65)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert native.cpu_vendor(str(info)) == "AuthenticAMD"
+    assert native.cpu_vendor(str(tmp_path / "missing")) == ""
+    calls = []
+    real = ops.skinny_mm
+
+    class Spy:
+        def __getattr__(self, name):
+            return (lambda *a: calls.append(name) or real(*a)) if name == "skinny_mm" else getattr(ops, name)
+
+    monkeypatch.setattr(native, "ops", Spy())
+    a = rand(40, 24, seed=5).float()
+    for r, ranks, served in ((8, range(8, 65), True), (4, range(8, 65), False), (8, range(0), False)):
+        monkeypatch.setattr(native, "SKINNY_NT_MM_RANKS", ranks)
+        calls.clear()
+        b = rand(r, 24, seed=6).float()
+        torch.testing.assert_close(native.native_rank_nt_mm(a, b).double(), a.double() @ b.double().t(),
+                                   rtol=1e-5, atol=1e-5)
+        assert calls == (["skinny_mm"] if served else []), (r, ranks)
 
 
 # ---------------------------------------------------------------- Kronecker / PHM structured apply
@@ -707,11 +736,14 @@ def test_cpp_backend_compiles_fullgraph(family):
 
 
 def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
-    """Dense B up to MAX_B_ELEMENTS runs the native op; a larger B stack and rank-k (S, T)
-    factors kept factored are declined: backend="cpp" raises, "auto" (were cpp its choice)
-    runs the torch path's kernels, no native op (both exact: the family tests check the numbers)."""
+    """Dense B up to MAX_B_ELEMENTS runs the native op; rank-k (S, T) factors with A folded
+    (``folds_A``) run the folded kernels' skinny products natively; a larger B stack and
+    factors kept factored that do not fold are declined: backend="cpp" raises, "auto" (were cpp
+    its choice) runs the torch path's kernels, no native op (both exact: the family tests check
+    the numbers)."""
     import pypeft_fast as pf
     from pypeft_fast import registry
+    from pypeft_fast.families import kronecker
     calls = []
 
     class Spy:
@@ -727,7 +759,13 @@ def test_kron_cpp_backend_routes_by_factor_layout(monkeypatch):
     assert calls == ["kronecker_apply_acc", "kronecker_apply_bwd"]
     calls.clear()
     monkeypatch.setattr(registry.FAMILIES["phm"].backends["cpp"], "auto", True)
-    factored = (torch.randn(2, 8, 1), torch.randn(2, 1, 6))
+    factored = (torch.randn(2, 8, 1, requires_grad=True), torch.randn(2, 1, 6, requires_grad=True))
+    pf.phm_linear(x, W, None, torch.randn(2, 3, 5, requires_grad=True), factored, 0.5,
+                  "cpp").sum().backward()  # folds: a_out·h·k = 3·2·1 = 6
+    assert "skinny_t_mm" in calls and "kronecker_apply_acc" not in calls
+    calls.clear()
+    monkeypatch.setattr(kronecker, "FOLD_MAX_RANK", 0)  # the same factors, not folded
+    factored = tuple(t.detach() for t in factored)
     with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot serve B as rank-1 factors"):
         pf.phm_linear(x, W, None, torch.randn(2, 3, 5), factored, 0.5, "cpp")
     pf.phm_linear(x, W, None, torch.randn(2, 3, 5), factored, 0.5, "auto").sum().backward()

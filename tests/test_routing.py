@@ -40,9 +40,10 @@ def adapter_call():
 
 def factored_kronecker_call():
     """B as rank-1 factors (S (64, 1), T (1, 64)) that the cpp kernels keep factored (forming B
-    costs > 2× the factored multiply-adds), which they then do not serve."""
-    x, W = _randn(3, 128, seed=1), _randn(128, 128, seed=2)
-    A, S, T = _randn(2, 2, seed=3), _randn(64, 1, seed=4), _randn(1, 64, seed=5)
+    costs > 2× the factored multiply-adds) beside an A of 33 rows, too many to fold into T
+    (a_out·h·k = 33 > FOLD_MAX_RANK), which they then do not serve."""
+    x, W = _randn(3, 128, seed=1), _randn(33 * 64, 128, seed=2)
+    A, S, T = _randn(33, 2, seed=3), _randn(64, 1, seed=4), _randn(1, 64, seed=5)
     return lambda backend: pf.kronecker_linear(x, W, None, A, (S, T), 0.5, backend, name="l.k"), (x, A, S, T)
 
 
@@ -65,8 +66,8 @@ DECLINED = {  # family, call, what the error must say
                                                  r"params \(2, 8\), \(6, 2\)\]"),
     "kronecker-factored-B": ("kronecker", factored_kronecker_call,
                              r"kronecker \(l\.k\): backend 'cpp' cannot serve B as rank-1 factors \(S, T\), "
-                             r"kept factored \(forming B costs 8448 multiply-adds per row > "
-                             rf"{DENSE_OVER_FACTORED:g}× the factored 260\)"),
+                             r"kept factored \(forming B costs 139392 multiply-adds per row > "
+                             rf"{DENSE_OVER_FACTORED:g}× the factored 2306\)"),
     "kronecker-big-B": ("kronecker", big_b_kronecker_call,
                         r"kronecker \(l\.k\): backend 'cpp' cannot serve a B stack of 40000 elements > "
                         rf"MAX_B_ELEMENTS = {MAX_B_ELEMENTS}"

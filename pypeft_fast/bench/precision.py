@@ -14,6 +14,11 @@ class Precision:
     base_dtype: torch.dtype          # the frozen model's dtype (adapters stay fp32)
     autocast: torch.dtype | None     # the autocast dtype of the forward, or None
 
+    @property
+    def frozen_gemm_dtype(self) -> torch.dtype:
+        """The dtype the floor's GEMMs run in: the autocast dtype, else the base model's."""
+        return self.autocast or self.base_dtype
+
     def context(self, device: torch.device):
         if self.autocast is None:
             return contextlib.nullcontext()

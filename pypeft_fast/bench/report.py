@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import textwrap
 
+import torch
+
 from .timing import Run
 from .variants import VARIANTS
 
@@ -53,16 +55,28 @@ def rows(runs: list[Run], env: dict) -> list[dict]:
 
 def add_flop_shares(result_rows: list[dict], a, runs, batch, device) -> None:
     """``flop_share`` per row: the adapter's FLOPs over the floor step's (:mod:`.flops`), the
-    limit printed beside the measured time over the floor."""
-    from .flops import adapter_step_flops, step_flops
+    limit printed beside the measured time over the floor; for pypeft_fast's rows under autocast
+    also ``fp32_rate_ratio`` (ρ) and ``flop_share_at_fp32_rate``, the delta's FLOPs priced at ρ
+    (the extra frozen GEMMs of DoRA with dropout at 1): the limit of a delta accumulated in
+    float32 beside frozen GEMMs in bf16/fp16 (:mod:`.flops`; ρ = 1 for a float32 floor)."""
+    from .flops import adapter_step_flops, fp32_rate_ratio, step_flops
 
     floor_flops = {r.precision.name: step_flops(r.variant.model, batch, r.precision.context(device))
                    for r in runs if r.variant.impl == "floor" and r.variant.error is None}
+    ratios = {p.name: (1.0 if p.frozen_gemm_dtype == torch.float32 else
+                       fp32_rate_ratio(a, device, p.frozen_gemm_dtype))
+              for p in dict.fromkeys(r.precision for r in runs)}
     for row in result_rows:
         extra = adapter_step_flops(row["family"], a) if row["impl"] != "floor" else None
         total = floor_flops.get(row["precision"])
         row["adapter_flops"], row["floor_step_flops"] = extra, total
-        row["flop_share"] = extra / total if (extra is not None and total) else None
+        row["flop_share"] = share = extra / total if (extra is not None and total) else None
+        fast = row["impl"] == "pypeft_fast"
+        rho = row["fp32_rate_ratio"] = ratios[row["precision"]] if fast else None
+        row["flop_share_at_fp32_rate"] = None
+        if fast and share:
+            frozen = adapter_step_flops(row["family"], a, "frozen")
+            row["flop_share_at_fp32_rate"] = ((extra - frozen) * rho + frozen) / total
 
 
 def _pct(x) -> str:
@@ -70,7 +84,7 @@ def _pct(x) -> str:
 
 
 HEAD = ("precision", "variant", "step s", "vs peft", "time over floor", "(min-based)", "FLOP share",
-        "saved MiB", "mem over floor", "excl. weights", "trainable")
+        "at fp32 rate", "saved MiB", "mem over floor", "excl. weights", "trainable")
 
 
 def table(result_rows: list[dict]) -> str:
@@ -78,7 +92,7 @@ def table(result_rows: list[dict]) -> str:
     for r in result_rows:
         floor = r["impl"] == "floor"
         if r.get("error"):
-            body.append((r["precision"], r["label"], "failed", "—", "—", "—", "—", "—", "—", "—",
+            body.append((r["precision"], r["label"], "failed", "—", "—", "—", "—", "—", "—", "—", "—",
                          f"{r['trainable_params']:,}"))
             continue
         body.append((
@@ -87,6 +101,7 @@ def table(result_rows: list[dict]) -> str:
             "—" if floor else _pct(r["time_over_floor"]),
             f"{r['step_s_min']:.3f} s" if floor else _pct(r["time_over_floor_min"]),
             _pct(r.get("flop_share")),
+            _pct(r.get("flop_share_at_fp32_rate")) if r.get("fp32_rate_ratio", 1.0) != 1.0 else "—",
             f"{r['saved_bytes'] / 2**20:.1f}",
             "—" if floor else _pct(r["saved_over_floor"]),
             f"{r['saved_nonparam_bytes'] / 2**20:.1f}" + ("" if floor else
@@ -108,7 +123,8 @@ def table(result_rows: list[dict]) -> str:
 def scaling_table(sweep_rows: list[dict]) -> str:
     """The scaling view: per precision and variant, time over the floor beside the FLOP share at
     every (r, seq) of the sweep, and their ratio (how far from the arithmetic limit)."""
-    head = ("precision", "variant", "r", "seq", "time over floor", "FLOP share", "time / share", "mem over floor")
+    head = ("precision", "variant", "r", "seq", "time over floor", "FLOP share", "time / share",
+            "at fp32 rate", "mem over floor")
     body = []
     for r in sweep_rows:
         if r["impl"] == "floor":
@@ -116,8 +132,9 @@ def scaling_table(sweep_rows: list[dict]) -> str:
         short = VARIANTS[r["family"]].short if r["family"] in VARIANTS else r["family"]
         t, share = r.get("time_over_floor"), r.get("flop_share")
         ratio = f"{t / share:.2f}" if (t is not None and share) else "—"
+        at32 = r.get("flop_share_at_fp32_rate") if r.get("fp32_rate_ratio", 1.0) != 1.0 else None
         body.append((r["precision"], f"{r['impl']} {short}", str(r["rank"]), str(r["seq"]), _pct(t),
-                     _pct(share), ratio, _pct(r.get("saved_over_floor"))))
+                     _pct(share), ratio, _pct(at32), _pct(r.get("saved_over_floor"))))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..validate import check_base, check_same_device, check_scaling, compute_dtype, fail
-from ._accumulate import add_into, addmm_into
+from ._accumulate import add_into, addmm_into, rank_nt_mm, rank_t_mm
 from .factors import check_factor, compose_factor, factor_shape, factor_tensors
 
 
@@ -229,7 +229,16 @@ class TorchKroneckerFoldedA:
     r ≤ ``FOLD_MAX_RANK`` (``folds_A``): there x @ Rᵀ is bound by reading x, like the factored
     path's first GEMM, and the n-batched A product and its copies are gone (Compacter's PHM,
     n = 4, rank 1: r = 16). Cost per row: h·k·a_out·(in + b_out) multiply-adds.
+
+    The skinny products go through ``nt_mm`` (a·bᵀ, b of r rows: x·Rᵀ, gY·S_cols) and ``t_mm``
+    (aᵀ·b over tokens: uᵀ·gY, Gᵀ·x), LoRA's forms (``_accumulate.rank_nt_mm``/``rank_t_mm``),
+    so that the cpp backend runs them natively (``native.NativeKroneckerFoldedA``). gY·S_cols
+    reads S_cols column-major (bᵀ of a row-major (h·k, b_out) copy): MKL ran the row-major
+    S_cols 3.4× slower at h·k = 4 (bench/NOTES.md "Session 11").
     """
+
+    nt_mm = staticmethod(rank_nt_mm)
+    t_mm = staticmethod(rank_t_mm)
 
     @staticmethod
     def _R(A3, T3, dtype):
@@ -245,7 +254,7 @@ class TorchKroneckerFoldedA:
         n = x2d.shape[0]
         cd = compute_dtype(x2d, *params)
         S_cols, _ = TorchKroneckerFactoredB._rows_cols(S3, T3, cd, 1.0)
-        u = x2d.to(cd) @ cls._R(A3, T3, cd).t()
+        u = cls.nt_mm(x2d.to(cd), cls._R(A3, T3, cd))
         y = F.linear(x2d, weight, bias)
         y = addmm_into(y.view(n * a_out, b_out), u.view(n * a_out, -1), S_cols.t(), alpha=hp.scaling)
         return y.view(n, -1), ()
@@ -263,14 +272,14 @@ class TorchKroneckerFoldedA:
         R = cls._R(A3, T3, cd)
         xc = x2d.to(cd)
         gY = gy2d.to(cd).reshape(n * a_out, b_out)
-        G = (gY @ S_cols).view(n, a_out * h * k)  # s inside S_cols
+        G = cls.nt_mm(gY, S_cols.t().contiguous()).view(n, a_out * h * k)  # s inside S_cols
         dx = dA = dS = dT = None
         if need_dS:
-            u = (xc @ R.t()).view(n * a_out, h * k)
-            dS_rows = (u.t() @ gY).mul_(hp.scaling)  # (h·k, b_out), factor-sized
+            u = cls.nt_mm(xc, R).view(n * a_out, h * k)
+            dS_rows = cls.t_mm(u, gY).mul_(hp.scaling)  # (h·k, b_out), factor-sized
             dS = dS_rows.view(h, k, b_out).transpose(1, 2).to(S3.dtype)
         if need_dA or need_dT:
-            dR = (G.t() @ xc).view(a_out, h, k, a_in, b_in)
+            dR = cls.t_mm(G, xc).view(a_out, h, k, a_in, b_in)
             if need_dA:
                 dA = torch.einsum("ihcjl,hcl->hij", dR, T3.to(cd)).to(A3.dtype)
             if need_dT:

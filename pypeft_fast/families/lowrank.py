@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import registry
-from ..function import delta_linear
+from ..function import autocast_cast_dtype, autocast_dtype, delta_linear
 from ..philox import apply_keep, draw_seed, dropout_rows, keep_rows
 from ..validate import (
     check_base, check_dropout, check_param, check_same_device, check_scaling, check_seed,
@@ -182,9 +182,17 @@ def lowrank_linear(x, weight, bias, A, B, scaling=1.0, dropout=0.0, seed=None, b
     aux = ()
     if dropout > 0.0:  # a caller's seed is copied (it may reuse its tensor before backward)
         aux = (draw_seed() if seed is None else check_seed(where, seed),)
+    if magnitude is not None and _autocast_casts(weight):  # DoRA's norm reads W, not the cast
+        aux = (*aux, weight)                                # (lowrank_dora.norm_weight)
     hp = LowRankHP(scaling, dropout, magnitude is not None, activation, gate is not None)
     kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (A, B, *extra), aux, hp)
     return delta_linear(kernels, hp, 2 + len(extra), x, weight, bias, A, B, *extra, *aux)
+
+
+def _autocast_casts(weight) -> bool:
+    """Whether autocast, if on, hands the frozen GEMMs a cast of ``weight`` (another tensor)."""
+    dtype = autocast_dtype(weight.device.type)
+    return dtype is not None and autocast_cast_dtype(weight, dtype) != weight.dtype
 
 
 def _variant_params(where, out_f, in_f, magnitude, lora_bias, activation, gate) -> tuple:

@@ -16,6 +16,9 @@ backward.) The norm never forms W + s·B·A:
 
 ‖Wᵢ‖² and ΣWᵢ are cached per frozen weight (its identity, view geometry and ``_version``);
 W·Aᵀ (out × r) is one pass over W, r·in·out multiply-adds (the frozen GEMM's n·in·out, r/n of it).
+The norm reads W as the caller passed it (:func:`norm_weight`): under autocast the float32
+Parameter (peft's norm for a float32 x), while the frozen GEMMs take autocast's bf16 cast — a
+new tensor every step, which missed the cache and was converted back to float32 for W·Aᵀ.
 
 Backward, with z = x·Wᵀ + s·u·Bᵀ + s·b_B (p = 0; x̃·Wᵀ in place of x·Wᵀ for p > 0),
 g = c ⊙ gy, P = gyᵀ·u (out × r), t = s·g·B (n × r)::
@@ -131,6 +134,14 @@ def weight_row_norms(weight: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     return sq.sqrt().to(cd)
 
 
+def norm_weight(weight, aux, hp) -> torch.Tensor:
+    """The frozen weight DoRA's norm reads: W as the caller gave it. Under autocast
+    ``lowrank_linear`` passes it last in aux (the float32 Parameter, where the kernels'
+    ``weight`` is its bf16 cast); otherwise it is ``weight`` itself (not passed twice: dynamo
+    cannot trace an autograd.Function given one tensor as two inputs)."""
+    return aux[-1] if len(aux) > (hp.dropout > 0.0) else weight
+
+
 def factored_norm(weight, A, B, scaling, b_B, cd) -> torch.Tensor:
     """‖W + s·B·A (+ s·b_B·1ᵀ)‖ per output row (out,), in ``cd``, from factor-sized products
     and one pass over W (module docstring); A, B, b_B already in ``cd``."""
@@ -203,20 +214,21 @@ class TorchDoRA:
         return gyc * c, gyc.sum(0), None if y is None else (gyc * y.to(c.dtype)).sum(0)
 
     @staticmethod
-    def scale(x2d, weight, params, hp):
-        """(cd, A, B, b_B in cd, ‖V‖, c = m / ‖V‖): what every forward source starts from."""
+    def scale(x2d, weight, params, aux, hp):
+        """(cd, A, B, b_B in cd, ‖V‖, c = m / ‖V‖): what every forward source starts from; the
+        norm from :func:`norm_weight`."""
         A, B, m = params[:3]
         b_B = params[3] if len(params) > 3 else None
         cd = compute_dtype(x2d, A, B, m)
         Ac, Bc = A.to(cd), B.to(cd)
         bBc = None if b_B is None else b_B.to(cd)
-        norm = factored_norm(weight, Ac, Bc, hp.scaling, bBc, cd)
+        norm = factored_norm(norm_weight(weight, aux, hp), Ac, Bc, hp.scaling, bBc, cd)
         return cd, Ac, Bc, bBc, norm, m.to(cd) / norm
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp, scaled=None):
         """``scaled``: :meth:`scale`'s result when the caller (a subclass) has it already."""
-        cd, Ac, Bc, bBc, norm, c = scaled or cls.scale(x2d, weight, params, hp)
+        cd, Ac, Bc, bBc, norm, c = scaled or cls.scale(x2d, weight, params, aux, hp)
         s = hp.scaling
         src = dm_source(hp.dropout)
         if hp.dropout == 0.0:
