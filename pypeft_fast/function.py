@@ -9,13 +9,13 @@ Backward (gy: (..., out))::
     dx2d, dparams = kernels.backward(gy2d, x2d, W, params, aux, extras, hp, needs...)
     db = Σ_rows gy2d
 
-What is saved: the caller's ``x`` (the same tensor, never a reshaped copy), the parameters and
-the factor-sized ``extras`` the family kernels return; the frozen weight only when x needs a
-gradient (as ``F.linear`` does). ``aux`` tensors — a dropout seed, a mask's cached CSR layout,
-under autocast DoRA's uncast frozen W — are per-mask constants shared by every step, not
-activations: they ride on ``ctx`` like the hyperparameters. Everything n×in that the backward needs beyond x (a dropped copy of x, a
-reshaped x) is rebuilt there. When dx is not needed the kernels get a shape-only stand-in for
-the weight (a stride-0 view of one element): they read its shape, never its data.
+What is saved: the caller's ``x`` (the same tensor, never a reshaped copy), the parameters and the
+factor-sized ``extras`` the family kernels return; the frozen weight only when x needs a gradient
+(as ``F.linear`` does). ``aux`` tensors — a dropout seed, a mask's cached CSR layout, under autocast
+DoRA's uncast frozen W — are per-mask constants shared by every step, not activations: they ride on
+``ctx`` like the hyperparameters. Everything n×in that the backward needs beyond x (a dropped copy
+of x, a reshaped x) is rebuilt there. When dx is not needed the kernels get a shape-only stand-in
+for the weight (a stride-0 view of one element): they read its shape, never its data.
 
 Autocast (``torch.autocast``, any device): :func:`delta_linear` — the entry every family's public
 function calls — does what autocast does to the frozen ``F.linear``: x, W and b (float32/float16/

@@ -177,13 +177,13 @@ class NativeDoRA(TorchDoRA):
     @classmethod
     def _sparse_ok(cls, x2d, weight, p, c) -> bool:
         """The dropped-set path: the default at p > 0 on CPU (``PYPEFT_FAST_DORA_DM`` unset or
-        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources), for a frozen W in
-        the accumulation dtype (a bf16 W — a bf16 base, or autocast's cast — would need a
-        weight-sized converted copy for the SpMM; those calls run the "saved" source, whose
-        frozen GEMMs run in W's dtype as peft's do). Under bf16 autocast the path was tried with
-        the float32 W (the norm's, in aux) for its sparse products: 1.19× and 1.18× slower than
-        the saved source's two bf16 GEMMs at 1024 → 1024 and 1024 → 2752, 0.97× at 2752 → 1024
-        (1024 tokens, AVX512-BF16 CPU, bench/NOTES.md "Session 11"): not taken. Not under torch.compile: the path is
+        ``sparse``; ``saved``/``recompute`` run the torch kernels' sources), for a frozen W in the
+        accumulation dtype (a bf16 W — a bf16 base, or autocast's cast — would need a weight-sized
+        converted copy for the SpMM; those calls run the "saved" source, whose frozen GEMMs run in
+        W's dtype as peft's do). Under bf16 autocast the path was tried with the float32 W (the
+        norm's, in aux) for its sparse products: 1.19× and 1.18× slower than the saved source's two
+        bf16 GEMMs at 1024 → 1024 and 1024 → 2752, 0.97× at 2752 → 1024 (1024 tokens, AVX512-BF16
+        CPU, bench/NOTES.md "Session 11"): not taken. Not under torch.compile: the path is
         data-dependent (the c − p check, the CSR of the dropped entries from ``nonzero``), so a
         compiled graph runs the "saved" source too — the same numbers to rounding, peft's second
         frozen GEMM (README "torch.compile")."""
@@ -420,11 +420,11 @@ class NativeKronecker(DeltaKernels):
 
     Declined (``supports``; auto then runs the torch path's kernels, both exact): a dense B stack
     larger than ``MAX_B_ELEMENTS`` — there the per-token products stream B from memory for every
-    token and the torch path's one GEMM over all tokens wins — and B given as rank-k factors
-    (S, T) that do not fold, which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense B would
-    not be served natively, or its multiply-adds exceed ``DENSE_OVER_FACTORED`` × the factored
-    ones. Both limits were measured per CPU (bench/NOTES.md "Kronecker on AVX2"): on an AVX-512
-    Xeon the native dense products ran 2.5× as many multiply-adds per second as the factored
+    token and the torch path's one GEMM over all tokens wins — and B given as rank-k factors (S, T)
+    that do not fold, which ``apply_kronecker`` keeps factored when ``prefers_factored``: the dense
+    B would not be served natively, or its multiply-adds exceed ``DENSE_OVER_FACTORED`` × the
+    factored ones. Both limits were measured per CPU (bench/NOTES.md "Kronecker on AVX2"): on an
+    AVX-512 Xeon the native dense products ran 2.5× as many multiply-adds per second as the factored
     path's skinny GEMMs and beat the torch path up to 32 K B values; on an AVX2 EPYC (32-byte
     vectors) about as many, and the crossover is ≈ 16 K. On CUDA also a token's U = A·X tile
     (ao·h·bi values) must fit the kernel's shared memory."""

@@ -7,12 +7,12 @@ frozen W, b and the adapter tensors are cast to bf16 (the casts are the only rou
 *definition*), the output comes back in bf16 (peft's LoKr: in the input's dtype). peft also rounds
 its adapter term to bf16 (LoRA's A and B, LoKr's formed ΔW, SHiRA's W + ΔW); pypeft_fast keeps the
 adapter in its float32 and accumulates the delta in float32, so that rounding is counted as peft's
-error, not as the definition. (DoRA's norm ‖W + s·B·A‖ reads the float32 W itself, as peft's does for a float32 x:
-test_dora's ``test_dora_norm_under_autocast_reads_the_float32_weight``; within the tolerance
-below either way.) The float64 reference is the same expression in float64 with x, W
-and b rounded to bf16 and the adapter tensors as they are, and the tolerance
-rule is the project's (tests/numerics.py): our error at most twice plain PyTorch's — the
-materialising reference / unpatched peft, run under the same autocast — plus a few ulps.
+error, not as the definition. (DoRA's norm ‖W + s·B·A‖ reads the float32 W itself, as peft's does
+for a float32 x: test_dora's ``test_dora_norm_under_autocast_reads_the_float32_weight``; within the
+tolerance below either way.) The float64 reference is the same expression in float64 with x, W and b
+rounded to bf16 and the adapter tensors as they are, and the tolerance rule is the project's
+(tests/numerics.py): our error at most twice plain PyTorch's — the materialising reference /
+unpatched peft, run under the same autocast — plus a few ulps.
 """
 from __future__ import annotations
 

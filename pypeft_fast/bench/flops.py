@@ -12,11 +12,12 @@ that the arithmetic alone predicts: a variant whose extra FLOPs ran as efficient
 GEMMs would be that far over the floor.
 
 Under autocast the frozen GEMMs run in bf16/fp16 while pypeft_fast's delta accumulates in float32
-from the float32 parameters (``pypeft_fast/function.py``: the parameter gradients are float32
-sums, never rounded to bf16), so its FLOPs cost a float32 GEMM's time each. ``share at fp32 rate
-= (delta FLOPs × ρ + extra frozen FLOPs) / floor step FLOPs``, with ρ = a float32 GEMM's time over the autocast dtype's at the bench's MLP shape,
-timed side by side in the same run (:func:`fp32_rate_ratio`), is the limit for that contract:
-the overhead a delta would show whose FLOPs ran as efficiently as a float32 GEMM.
+from the float32 parameters (``pypeft_fast/function.py``: the parameter gradients are float32 sums,
+never rounded to bf16), so its FLOPs cost a float32 GEMM's time each. The share at fp32 rate, (delta
+FLOPs × ρ + extra frozen FLOPs) / floor step FLOPs, with ρ = a float32 GEMM's time over the autocast
+dtype's at the bench's MLP shape, timed side by side in the same run (:func:`fp32_rate_ratio`), is
+the limit for that contract: the overhead a delta would show whose FLOPs ran as efficiently as a
+float32 GEMM.
 """
 from __future__ import annotations
 
