@@ -404,11 +404,14 @@ class NativeLowRank(TorchLowRank):
 
 class NativeKroneckerFoldedA(TorchKroneckerFoldedA):
     """B as rank-k factors with A folded (``families/kronecker.py``: Compacter's PHM at rank 1),
-    its skinny products by the native ``skinny_mm``/``skinny_t_mm`` where they are measured
-    faster (:func:`native_rank_nt_mm`, :func:`native_rank_t_mm`; MKL otherwise)."""
+    a rank a_out·h·k LoRA whose products are :class:`NativeLowRank`'s: the native
+    ``skinny_mm``/``skinny_t_mm`` where they are measured faster (MKL otherwise), a bf16/fp16 x
+    and dx read and updated in their own dtype by the fused ops (autocast)."""
 
-    nt_mm = staticmethod(native_rank_nt_mm)
-    t_mm = staticmethod(native_rank_t_mm)
+    nt_mm = staticmethod(NativeLowRank.nt_mm)
+    t_mm = staticmethod(NativeLowRank.t_mm)
+    update_into = staticmethod(NativeLowRank.update_into)
+    operand = staticmethod(NativeLowRank.operand)
 
 
 class NativeKronecker(DeltaKernels):

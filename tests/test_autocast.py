@@ -137,6 +137,25 @@ def test_autocast_casts_x_and_weight_once_per_call(name):
             f"{w_casts} of weight {w_shape}")
 
 
+@pytest.mark.skipif("cpp" not in cpu_backends("phm"), reason="the native extension is not built")
+def test_cpp_folded_phm_reads_x_and_updates_dx_in_bf16():
+    """Compacter's PHM at rank 1 folds A into T (a rank a_out·n·k LoRA): on cpp under autocast
+    its products read the bf16 x and update the bf16 dx in their own dtype (NativeLowRank's
+    fused ops), so no x-sized tensor is converted to float32, forward or backward (before: the
+    rank products took x.to(float32) twice and dx went float32 and back, 1.8 ms a cast at
+    1024 × 2752)."""
+    case = phm_case(rank=1)
+    leaves = _leaves(case, torch.float32, torch.float32)
+    x2d_shape = (leaves["x"].numel() // leaves["x"].shape[-1], leaves["x"].shape[-1])
+    counter = _CastCounter()
+    with counter:
+        with autocast():
+            y = case.op(backend="cpp", **leaves, **case.fixed)
+        y.float().square().sum().backward()
+    assert leaves["x"].grad is not None and leaves["S"].grad is not None
+    assert x2d_shape not in counter.casts, f"casts per shape {counter.casts}"
+
+
 def _is_cast_of(t, state):
     return any(t.dtype == BF16 and t.shape == s.shape and torch.equal(t, s.detach().to(BF16))
                for s in state)

@@ -40,6 +40,7 @@ from .. import registry
 from ..validate import check_base, check_same_device, check_scaling, compute_dtype, fail
 from ._accumulate import add_into, addmm_into, rank_nt_mm, rank_t_mm
 from .factors import check_factor, compose_factor, factor_shape, factor_tensors
+from .lowrank import TorchLowRank
 
 
 @dataclass(frozen=True)
@@ -230,15 +231,19 @@ class TorchKroneckerFoldedA:
     path's first GEMM, and the n-batched A product and its copies are gone (Compacter's PHM,
     n = 4, rank 1: r = 16). Cost per row: h·k·a_out·(in + b_out) multiply-adds.
 
-    The skinny products go through ``nt_mm`` (a·bᵀ, b of r rows: x·Rᵀ, gY·S_cols) and ``t_mm``
-    (aᵀ·b over tokens: uᵀ·gY, Gᵀ·x), LoRA's forms (``_accumulate.rank_nt_mm``/``rank_t_mm``),
-    so that the cpp backend runs them natively (``native.NativeKroneckerFoldedA``). gY·S_cols
+    The skinny products go through ``nt_mm`` (a·bᵀ, b of r rows: x·Rᵀ, gY·S_cols), ``t_mm``
+    (aᵀ·b over tokens: uᵀ·gY, Gᵀ·x) and ``update_into`` (y + u·S_colsᵀ, dx + G·R), with x as
+    ``operand`` gives it: :class:`~.lowrank.TorchLowRank`'s forms, so that the cpp backend runs
+    them as LoRA's (``native.NativeKroneckerFoldedA``: a bf16 x or dx under autocast read and
+    updated in its own dtype, no converted n × in copy). gY·S_cols
     reads S_cols column-major (bᵀ of a row-major (h·k, b_out) copy): MKL ran the row-major
     S_cols 3.4× slower at h·k = 4 (bench/NOTES.md "Session 11").
     """
 
     nt_mm = staticmethod(rank_nt_mm)
     t_mm = staticmethod(rank_t_mm)
+    update_into = staticmethod(addmm_into)
+    operand = staticmethod(TorchLowRank.operand)
 
     @staticmethod
     def _R(A3, T3, dtype):
@@ -254,9 +259,10 @@ class TorchKroneckerFoldedA:
         n = x2d.shape[0]
         cd = compute_dtype(x2d, *params)
         S_cols, _ = TorchKroneckerFactoredB._rows_cols(S3, T3, cd, 1.0)
-        u = cls.nt_mm(x2d.to(cd), cls._R(A3, T3, cd))
+        u = cls.nt_mm(cls.operand(x2d, cd), cls._R(A3, T3, cd))
         y = F.linear(x2d, weight, bias)
-        y = addmm_into(y.view(n * a_out, b_out), u.view(n * a_out, -1), S_cols.t(), alpha=hp.scaling)
+        y = cls.update_into(y.view(n * a_out, b_out), u.view(n * a_out, -1), S_cols.t(),
+                            alpha=hp.scaling)
         return y.view(n, -1), ()
 
     @classmethod
@@ -270,8 +276,8 @@ class TorchKroneckerFoldedA:
         cd = compute_dtype(x2d, *params)
         S_cols, _ = TorchKroneckerFactoredB._rows_cols(S3, T3, cd, hp.scaling)
         R = cls._R(A3, T3, cd)
-        xc = x2d.to(cd)
-        gY = gy2d.to(cd).reshape(n * a_out, b_out)
+        xc = cls.operand(x2d, cd)
+        gY = gy2d.to(cd).reshape(n * a_out, b_out)  # converted: MKL's GEMM takes gY·S_cols (r = h·k)
         G = cls.nt_mm(gY, S_cols.t().contiguous()).view(n, a_out * h * k)  # s inside S_cols
         dx = dA = dS = dT = None
         if need_dS:
@@ -285,7 +291,7 @@ class TorchKroneckerFoldedA:
             if need_dT:
                 dT = torch.einsum("ihcjl,hij->hcl", dR, A3.to(cd)).to(T3.dtype)
         if needs_dx:
-            dx = addmm_into(gy2d @ weight, G, R)
+            dx = cls.update_into(gy2d @ weight, G, R)
         return dx, (dA, dS, dT)
 
 
