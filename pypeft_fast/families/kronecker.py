@@ -231,13 +231,12 @@ class TorchKroneckerFoldedA:
     path's first GEMM, and the n-batched A product and its copies are gone (Compacter's PHM,
     n = 4, rank 1: r = 16). Cost per row: h·k·a_out·(in + b_out) multiply-adds.
 
-    The skinny products go through ``nt_mm`` (a·bᵀ, b of r rows: x·Rᵀ, gY·S_cols), ``t_mm``
-    (aᵀ·b over tokens: uᵀ·gY, Gᵀ·x) and ``update_into`` (y + u·S_colsᵀ, dx + G·R), with x as
-    ``operand`` gives it: :class:`~.lowrank.TorchLowRank`'s forms, so that the cpp backend runs
-    them as LoRA's (``native.NativeKroneckerFoldedA``: a bf16 x or dx under autocast read and
-    updated in its own dtype, no converted n × in copy). gY·S_cols
-    reads S_cols column-major (bᵀ of a row-major (h·k, b_out) copy): MKL ran the row-major
-    S_cols 3.4× slower at h·k = 4 (bench/NOTES.md "Session 11").
+    The skinny products go through ``nt_mm`` (a·bᵀ, b of r rows: x·Rᵀ, gY·S_cols), ``t_mm`` (aᵀ·b
+    over tokens: uᵀ·gY, Gᵀ·x) and ``update_into`` (y + u·S_colsᵀ, dx + G·R), with x as ``operand``
+    gives it: :class:`~.lowrank.TorchLowRank`'s forms, so that the cpp backend runs them as LoRA's
+    (``native.NativeKroneckerFoldedA``: a bf16 x or dx under autocast read and updated in its own
+    dtype, no converted n × in copy). gY·S_cols reads S_cols column-major (bᵀ of a row-major (h·k,
+    b_out) copy): MKL ran the row-major S_cols 3.4× slower at h·k = 4 (bench/NOTES.md "Session 11").
     """
 
     nt_mm = staticmethod(rank_nt_mm)
