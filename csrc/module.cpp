@@ -3,6 +3,8 @@
 // Plain CPython API: no pybind11, no torch/extension.h (about 40 s of compile time each).
 #include <Python.h>
 
+#include "ops.h"
+
 #ifndef PPF_TORCH_VERSION
 #define PPF_TORCH_VERSION "unknown"
 #endif
@@ -29,16 +31,18 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* openmp = Py_False;
 #endif
-  return Py_BuildValue("{s:i,s:s,s:O,s:s,s:s,s:s,s:O}", "abi", PPF_ABI_VERSION, "torch_version",
-                       PPF_TORCH_VERSION, "with_cuda", with_cuda, "cuda_version", PPF_CUDA_VERSION,
-                       "cuda_archs", PPF_CUDA_ARCHS, "compiler", "gcc " __VERSION__, "openmp",
-                       openmp);
+  PyObject* gemm_bf16_f32 = pypeft_fast::gemm_bf16_f32_available() ? Py_True : Py_False;
+  return Py_BuildValue("{s:i,s:s,s:O,s:s,s:s,s:s,s:O,s:O}", "abi", PPF_ABI_VERSION,
+                       "torch_version", PPF_TORCH_VERSION, "with_cuda", with_cuda, "cuda_version",
+                       PPF_CUDA_VERSION, "cuda_archs", PPF_CUDA_ARCHS, "compiler",
+                       "gcc " __VERSION__, "openmp", openmp, "mkl_gemm_bf16_f32", gemm_bf16_f32);
 }
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "build_info() -> dict: abi, torch_version built against, with_cuda, cuda_version, "
-     "cuda_archs, compiler, openmp."},
+     "cuda_archs, compiler, openmp, mkl_gemm_bf16_f32 (whether the torch it loaded exports "
+     "MKL's cblas_gemm_bf16bf16f32, which gemm_bf16_f32 runs)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

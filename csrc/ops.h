@@ -45,4 +45,14 @@ std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cpu(const at::Tensor& gy,
                                                     const std::optional<at::Tensor>& dx,
                                                     bool need_dA, bool need_dB);
 
+// the Hadamard family's dense form (csrc/hadamard/)
+at::Tensor hadamard_weight_cpu(const at::Tensor& W, const at::Tensor& W1a, const at::Tensor& W1b,
+                               const at::Tensor& W2a, const at::Tensor& W2b, double scaling);
+at::Tensor hadamard_grad_operands_cpu(at::Tensor& G, const at::Tensor& W1a, const at::Tensor& W1b,
+                                      const at::Tensor& W2a, const at::Tensor& W2b);
+
+// bf16 operands, float32 products and sums (csrc/gemm/)
+at::Tensor gemm_bf16_f32_cpu(const at::Tensor& a, const at::Tensor& b, double alpha);
+bool gemm_bf16_f32_available();  // whether this torch exports MKL's cblas_gemm_bf16bf16f32
+
 }  // namespace pypeft_fast

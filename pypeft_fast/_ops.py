@@ -45,6 +45,18 @@ CSR, nnz stored entries)::
         dx += gy · (s·Σₕ Aₕ ⊗ Bₕ) in place (if dx given); dA, dB shaped like A, B (each (0,)
         when not asked for), in A's dtype.
 
+    gemm_bf16_f32(a (m, k), b (k, n), alpha=1.0) -> (m, n) float32          [CPU]
+        alpha · a·b for bfloat16 a and b (any strides), products and sums in float32: nothing
+        rounded (a bf16 product is exact in float32). MKL's cblas_gemm_bf16bf16f32; raises when
+        the torch it runs in has none (``_C.build_info()["mkl_gemm_bf16_f32"]``).
+
+    hadamard_weight(W (out, in), W1a (out, r1), W1b (r1, in), W2a (out, r2), W2b (r2, in), scaling)
+            -> (out, in) in W's dtype                                       [CPU]
+        W + s·(W1a·W1b)⊙(W2a·W2b), summed in the factors' dtype (float32/float64), rounded once to
+        W's; the products are never stored.
+    hadamard_grad_operands(G (out, in)!, W1a, W1b, W2a, W2b) -> G1 (out, in)  [CPU]
+        G1 = G⊙(W2a·W2b) and G ← G⊙(W1a·W1b) in place, G contiguous in the factors' dtype.
+
 ``seed`` is a 0-d int64 CPU tensor; ``p`` in [0, 1). Index tensors are trusted beyond their
 shapes: the sparse family validates a mask once, when it builds its layout.
 """
@@ -54,10 +66,10 @@ import torch
 
 from .validate import compute_dtype
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
 schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
-6: skinny_t_mm; 7: skinny_mm)."""
+6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_grad_operands)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
@@ -75,6 +87,9 @@ SCHEMAS = {
     "skinny_mm": "skinny_mm(Tensor a, Tensor b) -> Tensor",
     "kronecker_apply_acc": "kronecker_apply_acc(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> ()",
     "kronecker_apply_bwd": "kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
+    "gemm_bf16_f32": "gemm_bf16_f32(Tensor a, Tensor b, float alpha=1.) -> Tensor",
+    "hadamard_weight": "hadamard_weight(Tensor W, Tensor W1a, Tensor W1b, Tensor W2a, Tensor W2b, float scaling) -> Tensor",
+    "hadamard_grad_operands": "hadamard_grad_operands(Tensor(a!) G, Tensor W1a, Tensor W1b, Tensor W2a, Tensor W2b) -> Tensor",
 }
 
 
@@ -204,6 +219,31 @@ def _register_fakes(library: torch.library.Library) -> None:
                      lambda: f"skinny_mm: a {tuple(a.shape)} and b {tuple(b.shape)} must be 2-D "
                              "with a's columns equal to b's rows")
         return a.new_empty((a.shape[0], b.shape[1]))
+
+    @register_fake(lib + "gemm_bf16_f32")
+    def _(a, b, alpha=1.0):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                     lambda: f"gemm_bf16_f32: a {tuple(a.shape)} and b {tuple(b.shape)} must be "
+                             "2-D with a's columns equal to b's rows")
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+    def _hadamard_check(op, big, W1a, W1b, W2a, W2b):
+        o, i = big.shape
+        r1, r2 = W1a.shape[1], W2a.shape[1]
+        torch._check(tuple(W1a.shape) == (o, r1) and tuple(W1b.shape) == (r1, i)
+                     and tuple(W2a.shape) == (o, r2) and tuple(W2b.shape) == (r2, i),
+                     lambda: f"{op}: W1a {tuple(W1a.shape)}, W1b {tuple(W1b.shape)}, W2a "
+                             f"{tuple(W2a.shape)}, W2b {tuple(W2b.shape)} do not match {tuple(big.shape)}")
+
+    @register_fake(lib + "hadamard_weight")
+    def _(W, W1a, W1b, W2a, W2b, scaling):
+        _hadamard_check("hadamard_weight", W, W1a, W1b, W2a, W2b)
+        return W.new_empty(W.shape)
+
+    @register_fake(lib + "hadamard_grad_operands")
+    def _(G, W1a, W1b, W2a, W2b):
+        _hadamard_check("hadamard_grad_operands", G, W1a, W1b, W2a, W2b)
+        return G.new_empty(G.shape)
 
     def _kron_check(op, x, A, B, **acts):
         torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],

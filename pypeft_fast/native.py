@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import _ops, registry
 from .families._layer import DeltaKernels
+from .families.hadamard import DenseCosts, TorchHadamard
 from .families.kronecker import TorchKroneckerFoldedA, folds_A, macs_per_row
 from .families._accumulate import addmm_into
 from .families.lowrank import TorchLowRank
@@ -114,6 +115,78 @@ def native_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _skinny_native(a, b, b.shape[0], SKINNY_NT_MM_RANKS) and a.stride(-1) == 1:
         return ops.skinny_mm(a, b.t().contiguous())
     return a @ b.t()
+
+
+def gemm_bf16_f32_fast(has_mkl: bool, amx: bool) -> bool:
+    """Whether ``gemm_bf16_f32`` (MKL's bf16 × bf16 → float32 GEMM) beats the float32 GEMM of the
+    upcast operands on a CPU: with AMX, 2 threads, session 12's Xeon (bench/NOTES.md "Session
+    12"): 1024³ 1.3 against 7.4 ms, gyᵀ·x of 1024 tokens × 2752 × 1024 3.0 against 18.5 ms with
+    the casts. Without AMX it ran at the float32 rate (the AVX512-BF16 EPYC of session 11: 14.2
+    against 13.0 ms); CPUs with neither were not measured."""
+    return has_mkl and amx
+
+
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+GEMM_BF16_F32_FAST = gemm_bf16_f32_fast(bool(BUILD_INFO.get("mkl_gemm_bf16_f32")), _has_amx())
+"""This CPU's :func:`gemm_bf16_f32_fast`."""
+
+GEMM_BF16_F32_SPEEDUP = 6.0
+"""How many times faster ``gemm_bf16_f32`` ran than the float32 GEMM with its casts where it is
+fast (:func:`gemm_bf16_f32_fast`: 5.7-6.2× at 1024-2752 wide, 1024 tokens): the cost models'
+price of one of its FLOPs is 1/this of a float32 one."""
+
+
+def bf16_gemm_serves(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> bool:
+    """Whether ``gemm_bf16_f32`` computes a·b for float32 ``cd``: two bf16 CPU operands on a CPU
+    where it is fast."""
+    return (GEMM_BF16_F32_FAST and cd == torch.float32 and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.bfloat16)
+
+
+class NativeHadamard(TorchHadamard):
+    """Hadamard family on CPU: the dense form's weight-sized passes in one native pass each
+    (``hadamard_weight``: W' = W + s·M1⊙M2 in the GEMM's dtype; ``hadamard_grad_operands``:
+    G⊙M2 and G⊙M1), M1 and M2 never stored; and G = s·gyᵀ·x for a bf16 x and gy (bf16 autocast,
+    a bf16 base) by ``gemm_bf16_f32`` — products and sums in float32, nothing rounded — where
+    this CPU runs it at bf16 speed (:func:`gemm_bf16_f32_fast`); the plan is priced for these
+    passes (:meth:`dense_costs`). The factored form is the torch kernels'."""
+
+    @staticmethod
+    def dense_weight(weight, params, cd, s, dtype):
+        if weight.device.type != "cpu" or weight.dtype != dtype:
+            return TorchHadamard.dense_weight(weight, params, cd, s, dtype)
+        return ops.hadamard_weight(weight, *(p.to(cd) for p in params), s)
+
+    @staticmethod
+    def grad_operands(G, params):
+        if G.device.type != "cpu" or not G.is_contiguous():
+            return TorchHadamard.grad_operands(G, params)
+        return ops.hadamard_grad_operands(G, *(p.to(G.dtype) for p in params)), G
+
+    @staticmethod
+    def gram(gy2d, x2d, cd, s):
+        if bf16_gemm_serves(gy2d, x2d, cd):
+            return ops.gemm_bf16_f32(gy2d.t(), x2d, s)
+        return TorchHadamard.gram(gy2d, x2d, cd, s)
+
+    @staticmethod
+    def dense_costs(dtype: torch.dtype) -> DenseCosts:
+        """For a bf16/fp16 x: one float32-sized pass to form W' (W read and W' written, both in
+        x's 2-byte dtype) and three for the gradients (G read, G⊙M2 and G⊙M1 written), G at
+        1/GEMM_BF16_F32_SPEEDUP for bf16 where ``gemm_bf16_f32`` is fast. For a float32/float64
+        x the torch kernels' prices, whose plans were the fastest measured there. Measured, one
+        decoder layer's projections, 1024 tokens, AMX Xeon (bench/NOTES.md "Session 12"): bf16
+        autocast r = 8 (dense, dense, factored) 53 ms over the frozen layers against 91 ms for
+        all factored, r = 16 all dense; fp32 r = 8 all factored 61 ms against 66-77 ms with a
+        dense forward, r = 16 (dense, dense or factored, factored)."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            return DenseCosts()
+        gram = 1.0 / GEMM_BF16_F32_SPEEDUP if GEMM_BF16_F32_FAST and dtype == torch.bfloat16 else 1.0
+        return DenseCosts(gram=gram, form_passes=1, grad_passes=3)
 
 
 class NativeSparse(TorchSparse):
@@ -523,21 +596,22 @@ def cpp_auto_families(capability: str) -> frozenset[str]:
     (``torch.backends.cpu.get_cpu_capability()``) is ``capability``: where bench/NOTES.md
     measured them faster than the torch path.
 
-    AVX-512 (a Xeon) and AVX2 (an AMD EPYC): all four, since the sparse and Kronecker loops run
+    AVX-512 (a Xeon) and AVX2 (an AMD EPYC): all five, since the sparse and Kronecker loops run
     32-byte vectors on AVX2 (csrc/common/cpu_width.h; with the 64-byte vectors they had before,
-    sparse ran at 0.5× and Kronecker at 1/20–1/80 of the torch path there). Per call the
+    sparse ran at 0.5× and Kronecker at 1/20–1/80 of the torch path there; hadamard's 32-byte
+    loops were measured on the AVX-512 Xeon with PYPEFT_FAST_CPU_VECTOR_BYTES=32). Per call the
     Kronecker kernels still decline what they would lose (``NativeKronecker.supports``: the
     limits are per CPU). Elsewhere (baseline x86-64, other architectures: not measured) lowrank
     only; there ``auto`` keeps the others on torch and says so once, and ``backend="cpp"``
     still runs them."""
     cap = capability.upper()
     if cap.startswith("AVX512") or cap.startswith("AVX2"):
-        return frozenset({"lowrank", "sparse", "kronecker", "phm"})
+        return frozenset({"lowrank", "sparse", "kronecker", "phm", "hadamard"})
     return frozenset({"lowrank"})
 
 
 _CPP_AUTO = cpp_auto_families(CPU_CAPABILITY)
-for _family in ("sparse", "kronecker", "phm"):
+for _family in ("sparse", "kronecker", "phm", "hadamard"):
     if _family not in _CPP_AUTO:
         log.info("pypeft_fast %s: auto keeps the torch path on this %s CPU (the cpp kernels were "
                  "not measured faster here; backend='cpp' still runs them)", _family, CPU_CAPABILITY)
@@ -556,6 +630,8 @@ registry.register_kernels("lowrank", "cpp", NativeLowRank, auto=True)
 # bench/bench_kronecker.py, bench/bench_phm.py: see the registration of kronecker below.
 registry.register_kernels("kronecker", "cpp", NativeKronecker, auto="kronecker" in _CPP_AUTO)
 registry.register_kernels("phm", "cpp", NativeKronecker, auto="phm" in _CPP_AUTO)
+# bench/NOTES.md "Session 12": the dense form's passes 3-10x faster than the torch path's.
+registry.register_kernels("hadamard", "cpp", NativeHadamard, auto="hadamard" in _CPP_AUTO)
 if WITH_CUDA:
     # Not measured on a GPU yet: the Triton kernels stay auto's choice on CUDA.
     registry.register_kernels("sparse", "cuda", NativeSparse, auto=False)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pypeft_fast as pf
-from pypeft_fast.families.hadamard import HadamardPlan, delta_weight, plan_for
+from pypeft_fast.families.hadamard import DenseCosts, HadamardPlan, delta_weight, plan_for
 from pypeft_fast.measure import LargestAllocation, LiveBytes, saved_bytes
 from pypeft_fast.reference import reference_linear
 from numerics import DTYPE_CASES, Case, assert_within, check_case, cpu_backends, rand
@@ -178,6 +178,74 @@ def test_plan_follows_the_cost_model():
     # few tokens: building M1, M2 (out·in·(r1+r2) each way) costs more than any n-sized product
     assert plan_for(8, 1024, 1024, 16, 16) == HadamardPlan("factored", "factored", "factored")
     assert plan_for(1024, 1024, 1024, 64, 64) == HadamardPlan("dense", "dense", "dense")
+
+
+def test_plan_prices_the_native_passes_and_the_bf16_gram():
+    """The plans measured best on the AMX Xeon under bf16 autocast (bench/NOTES.md "Session
+    12", 1024 tokens): with the native passes (W read and W' written in bf16: one float32-sized
+    pass; 3 for the gradients) the
+    dense forward and dx win at r = 8 too; with G = gyᵀ·x at bf16 speed (``gemm_bf16_f32``: 1/6
+    of a float32 FLOP) so do the dense gradients at r = 16, where the float32 G loses to
+    Khatri–Rao. float32 keeps the torch prices (r = 8 all factored: measured fastest there)."""
+    native = pytest.importorskip("pypeft_fast.native")
+    native_bf16 = DenseCosts(1 / 6, 1, 3)
+    for in_f, out_f in ((1024, 1024), (1024, 2752), (2752, 1024)):
+        assert plan_for(1024, in_f, out_f, 8, 8) == HadamardPlan("factored", "factored", "factored")
+        plan = plan_for(1024, in_f, out_f, 8, 8, native_bf16)
+        assert (plan.forward, plan.grads) == ("dense", "factored")
+        # dx: dense for a square layer; for 1024 → 2752 the factored dx reuses t (a tie measured)
+        assert plan.dx == "dense" or in_f < out_f
+        assert plan_for(1024, in_f, out_f, 16, 16, native_bf16) == HadamardPlan("dense", "dense", "dense")
+        assert plan_for(1024, in_f, out_f, 16, 16).grads == "factored"
+    assert native.NativeHadamard.dense_costs(torch.float32) == DenseCosts()
+    gram = 1 / native.GEMM_BF16_F32_SPEEDUP if native.GEMM_BF16_F32_FAST else 1.0
+    assert native.NativeHadamard.dense_costs(torch.bfloat16) == DenseCosts(gram, 1, 3)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpp_dense_form_runs_the_native_passes_and_the_bf16_gram(monkeypatch, fast):
+    """cpp's dense form under bf16 autocast: W' by ``hadamard_weight`` (forward and dx), G⊙M2 and
+    G⊙M1 by ``hadamard_grad_operands``, and G = s·gyᵀ·x by ``gemm_bf16_f32`` where it is fast
+    (forced here either way, so that any CPU with MKL runs both paths); every output and
+    gradient within the tolerance rule of the torch kernels' error against float64."""
+    native = pytest.importorskip("pypeft_fast.native")
+    if fast and not native.BUILD_INFO.get("mkl_gemm_bf16_f32"):
+        pytest.skip("torch without MKL's bf16 GEMM")
+    monkeypatch.setattr(native, "GEMM_BF16_F32_FAST", fast)
+    calls, real = [], native.ops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            return lambda *a: calls.append(name) or op(*a)
+
+    monkeypatch.setattr(native, "ops", Spy())
+    case = hada_case(method="dense", lead=(3, 29))
+    names = list(case.grads)
+
+    def run(backend):
+        leaves = {k: v.float().requires_grad_(k in names) for k, v in {**case.frozen, **case.params}.items()}
+        with torch.autocast("cpu", torch.bfloat16):
+            y = case.op(backend=backend, **leaves)
+        y.backward(rand(*y.shape, seed=11).to(y.dtype))
+        return [y.detach()] + [leaves[k].grad for k in names]
+
+    got = run("cpp")
+    assert calls.count("hadamard_weight") == 2 and calls.count("hadamard_grad_operands") == 1
+    assert calls.count("gemm_bf16_f32") == (1 if fast else 0)
+    calls.clear()
+    base = run("torch")
+    assert calls == []
+    leaves64 = {k: v.float().double().requires_grad_(k in names)
+                for k, v in {**case.frozen, **case.params}.items()}
+    # the float64 reference sees what autocast hands the Function: x, W, b rounded to bf16
+    for k in ("x", "weight", "bias"):
+        leaves64[k] = leaves64[k].to(torch.bfloat16).double().detach().requires_grad_(k in names)
+    y64 = case.ref(**leaves64)
+    y64.backward(rand(*y64.shape, seed=11).to(torch.bfloat16).double())
+    ref = [y64.detach()] + [leaves64[k].grad for k in names]
+    for name, g, r, b in zip(["y"] + names, got, ref, base):
+        assert_within(name, g, r, b, b.dtype)
 
 
 @pytest.mark.parametrize("args, match", [

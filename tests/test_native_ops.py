@@ -624,6 +624,112 @@ def test_kronecker_ops_name_the_bad_argument_and_shapes():
         ops.kronecker_apply_bwd(torch.randn(7, 15), torch.randn(7, 24), A, B, 1.0, torch.zeros(7, 20), True, True)
 
 
+# ---------------------------------------------------------------- Hadamard's dense-form passes
+
+# (out, in, r1, r2): in across the two-vector, one-vector, half-vector and single-column tiles of
+# both widths (129 = 4·32 + 1, 70, 33, 13, 1); out across the 3/6/8-row tiles, their tails and
+# several 48-row blocks (101); r1 ≠ r2, rank 1.
+HADAMARD_SHAPES = [(7, 13, 3, 5), (37, 70, 1, 2), (101, 33, 16, 16), (96, 129, 8, 4), (1, 1, 2, 1),
+                   (50, 1024, 4, 3)]
+
+
+def _hadamard_factors(out, in_, r1, r2, dtype, seed):
+    return [rand(*shape, seed=seed + k).to(dtype)
+            for k, shape in enumerate(((out, r1), (r1, in_), (out, r2), (r2, in_)))]
+
+
+@pytest.mark.parametrize("out,in_,r1,r2", HADAMARD_SHAPES)
+@pytest.mark.parametrize("w_dtype,f_dtype", [(torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32),
+                                             (torch.float64, torch.float64),
+                                             (torch.float32, torch.float64)])
+def test_hadamard_weight_matches_float64(out, in_, r1, r2, w_dtype, f_dtype, cpu_width):
+    W = rand(out, in_ + 2, seed=out)[:, 1:in_ + 1].to(w_dtype)  # strided rows: a view
+    f = _hadamard_factors(out, in_, r1, r2, f_dtype, seed=in_)
+    got = ops.hadamard_weight(W, *f, 0.7)
+    ref = W.double() + 0.7 * (f[0].double() @ f[1].double()) * (f[2].double() @ f[3].double())
+    base = (W.to(f_dtype) + 0.7 * (f[0] @ f[1]) * (f[2] @ f[3])).to(w_dtype)
+    assert_within("W + s·M1⊙M2", got, ref, base, w_dtype)
+
+
+@pytest.mark.parametrize("out,in_,r1,r2", HADAMARD_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hadamard_grad_operands_match_float64(out, in_, r1, r2, dtype, cpu_width):
+    G = rand(out, in_, seed=out + 1).to(dtype)
+    f = _hadamard_factors(out, in_, r1, r2, dtype, seed=in_ + 1)
+    M1, M2 = f[0].double() @ f[1].double(), f[2].double() @ f[3].double()
+    G0 = G.double().clone()  # G is updated in place (and is G.double() in float64)
+    base1, base2 = G * (f[2] @ f[3]), G * (f[0] @ f[1])
+    G1 = ops.hadamard_grad_operands(G, *f)
+    assert_within("G⊙M2", G1, G0 * M2, base1, dtype)
+    assert_within("G⊙M1 (in place)", G, G0 * M1, base2, dtype)
+
+
+def test_hadamard_ops_do_not_depend_on_the_thread_count():
+    W, f = rand(300, 70, seed=3), _hadamard_factors(300, 70, 8, 8, torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.hadamard_weight(W, *f, 0.5)
+        torch.set_num_threads(2)
+        assert torch.equal(ops.hadamard_weight(W, *f, 0.5), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_hadamard_ops_errors():
+    f = _hadamard_factors(6, 5, 2, 3, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match=r"hadamard_weight: W1a \[6, 2\], W1b \[2, 5\], W2a \[6, 3\], "
+                                           r"W2b \[3, 5\] do not match W \[6, 4\]"):
+        ops.hadamard_weight(torch.randn(6, 4), *f, 1.0)
+    with pytest.raises(RuntimeError, match=r"hadamard_weight: W1b has dtype Double; expected Float"):
+        ops.hadamard_weight(torch.randn(6, 5), f[0], f[1].double(), f[2], f[3], 1.0)
+    with pytest.raises(RuntimeError, match=r"hadamard_grad_operands: G has dtype BFloat16; expected Float"):
+        ops.hadamard_grad_operands(torch.randn(6, 5).bfloat16(), *f)
+    with pytest.raises(RuntimeError, match=r"hadamard_grad_operands: G \(strides \[1, 6\]\) must be contiguous"):
+        ops.hadamard_grad_operands(torch.randn(5, 6).t(), *f)
+    assert ops.hadamard_weight(torch.randn(0, 5), torch.randn(0, 2), f[1], torch.randn(0, 3), f[3], 1.0).shape == (0, 5)
+
+
+# ---------------------------------------------------------------- gemm_bf16_f32
+
+@pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (1, 9, 4), (33, 1, 2), (130, 257, 61)])
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "strided"])
+def test_gemm_bf16_f32_sums_exact_products_in_float32(m, k, n, layout):
+    a, b = rand(m, k, seed=m).bfloat16(), rand(k, n, seed=n).bfloat16()
+    if layout == "tn":
+        a = a.t().contiguous().t()
+    elif layout == "nt":
+        b = b.t().contiguous().t()
+    elif layout == "strided":
+        a = rand(m, 2 * k, seed=1).bfloat16()[:, ::2]  # neither layout BLAS reads: copied
+    got = ops.gemm_bf16_f32(a, b, 0.5)
+    ref = 0.5 * (a.double() @ b.double())
+    # float32 sums of exact products: the float32 GEMM of the upcast operands is the baseline
+    assert_within("a·b", got, ref, 0.5 * (a.float() @ b.float()), torch.float32)
+    # and nothing was rounded to bf16 (the bf16 GEMM's error is ~100x larger)
+    if k > 1:
+        assert (got.double() - ref).abs().max() < 1e-2 * (0.5 * (a @ b)).double().sub(ref).abs().max() + 1e-6
+
+
+@pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
+def test_gemm_bf16_f32_edges_and_errors():
+    assert torch.equal(ops.gemm_bf16_f32(torch.randn(3, 0).bfloat16(), torch.randn(0, 4).bfloat16()),
+                       torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: b has dtype Float; expected BFloat16"):
+        ops.gemm_bf16_f32(torch.randn(3, 2).bfloat16(), torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: a \[3, 2\] and b \[3, 4\] do not chain"):
+        ops.gemm_bf16_f32(torch.randn(3, 2).bfloat16(), torch.randn(3, 4).bfloat16())
+
+
+def test_gemm_bf16_f32_fast_only_where_measured():
+    assert native.gemm_bf16_f32_fast(True, True)
+    assert not native.gemm_bf16_f32_fast(True, False)   # the AVX512-BF16 EPYC: float32 rate
+    assert not native.gemm_bf16_f32_fast(False, True)   # no MKL in this torch
+
+
 # ---------------------------------------------------------------- opcheck on every op
 
 
@@ -652,6 +758,9 @@ def _opcheck_cases():
         "kronecker_apply_acc": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5),
         "kronecker_apply_bwd": (torch.randn(13, 35), torch.randn(13, 22), KA, KB, 0.5,
                                torch.randn(13, 22), True, True),
+        "gemm_bf16_f32": (x.bfloat16().t(), gy.bfloat16(), 0.5),
+        "hadamard_weight": (torch.randn(9, 11).bfloat16(), *_hadamard_factors(9, 11, 2, 3, torch.float32, 5), 0.5),
+        "hadamard_grad_operands": (torch.randn(9, 11), *_hadamard_factors(9, 11, 2, 3, torch.float32, 6)),
     }
 
 
@@ -782,12 +891,12 @@ def test_auto_uses_the_native_kernels_where_they_were_measured_faster():
     than the torch path there too (with 64-byte ones they lost 2x and 20-80x): auto picks
     them on AVX-512 and AVX2, lowrank only elsewhere; explicit backend="cpp" always runs."""
     native = pytest.importorskip("pypeft_fast.native")
-    assert native.cpp_auto_families("AVX512") == {"lowrank", "sparse", "kronecker", "phm"}
-    assert native.cpp_auto_families("AVX2") == {"lowrank", "sparse", "kronecker", "phm"}
+    assert native.cpp_auto_families("AVX512") == {"lowrank", "sparse", "kronecker", "phm", "hadamard"}
+    assert native.cpp_auto_families("AVX2") == {"lowrank", "sparse", "kronecker", "phm", "hadamard"}
     assert native.cpp_auto_families("DEFAULT") == {"lowrank"}
     from pypeft_fast import registry
     expected = native.cpp_auto_families(torch.backends.cpu.get_cpu_capability())
-    for family in ("lowrank", "sparse", "kronecker", "phm"):
+    for family in ("lowrank", "sparse", "kronecker", "phm", "hadamard"):
         name, _ = registry.resolve(family, "auto", torch.device("cpu"))
         assert (name == "cpp") == (family in expected), (family, name)
         assert registry.resolve(family, "cpp", torch.device("cpu"))[0] == "cpp"

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from ..function import delta_linear
+from ..function import autocast_cast_dtype, autocast_dtype, delta_linear
 from ..validate import check_base, check_param, check_same_device, check_scaling, compute_dtype, fail
 from ._accumulate import addmm_into
 
@@ -75,28 +75,46 @@ the dense form's passes over out×in transients ran 5–20× slower per byte tha
 r = 16); on an idle machine (0.5–1) the r = 8 forward would tip to dense, by ≈ 1–2 ms a layer."""
 
 
-def part_costs(n: int, in_f: int, out_f: int, r1: int, r2: int) -> dict[str, dict[str, float]]:
+@dataclass(frozen=True)
+class DenseCosts:
+    """What the kernels' dense form costs beyond its GEMM FLOPs, in the units of
+    :func:`part_costs`: ``gram`` — one FLOP of G = s·gyᵀ·x in float32-GEMM FLOPs (1: the operands
+    upcast; 1/6 for ``gemm_bf16_f32`` on bf16 operands); ``form_passes`` — weight-sized passes of
+    forming W', in float32 sizes (torch: M1, M2 written, W, M1, M2 read, W' written); ``grad_passes`` —
+    those of the gradients' elementwise work (torch: M1, M2, G⊙M2, G⊙M1 and their reads)."""
+
+    gram: float = 1.0
+    form_passes: int = 5
+    grad_passes: int = 11
+
+
+def part_costs(n: int, in_f: int, out_f: int, r1: int, r2: int,
+               costs: DenseCosts = DenseCosts()) -> dict[str, dict[str, float]]:
     """``{part: {method: cost}}`` for forward, dx and grads (FLOPs, bytes weighted by BYTE_WEIGHT).
 
     factored: the Khatri–Rao GEMMs (R = r1·r2 wide). dense: forming M1, M2 (2·out·in·(r1+r2)),
-    the elementwise passes over out×in fp32 transients, and for grads the n×out×in GEMM G = gyᵀ·x
-    plus the four rank-r products. The frozen GEMMs (x·Wᵀ, gy·W) are the same in both forms and
-    left out. The factored dx reuses t = s·gy·Ka of the factored grads.
+    the elementwise passes over out×in transients (``costs``: the kernels'
+    :meth:`~TorchHadamard.dense_costs`), and for grads the n×out×in GEMM G = gyᵀ·x (each FLOP at
+    ``costs.gram``) plus the four rank-r products. The frozen GEMMs (x·Wᵀ, gy·W) are the same in
+    both forms and left out. The factored dx reuses t = s·gy·Ka of the factored grads.
     """
     R, oi, b = r1 * r2, out_f * in_f, 4 * BYTE_WEIGHT
-    form = 2.0 * oi * (r1 + r2) + b * oi * 5          # M1, M2 written; W, M1, M2 read, W' written
+    products = 2.0 * oi * (r1 + r2)                   # M1 and M2
+    form = products + b * oi * costs.form_passes
     return {
         "forward": {"factored": 2.0 * n * R * (in_f + out_f), "dense": form},
         "dx": {"factored": 2.0 * n * R * (in_f + out_f), "dense": form},
         "grads": {"factored": 4.0 * n * R * (in_f + out_f),
-                  "dense": 2.0 * n * oi + 4.0 * oi * (r1 + r2) + form + b * oi * 6},
+                  "dense": 2.0 * n * oi * costs.gram + 4.0 * oi * (r1 + r2) + products
+                  + b * oi * costs.grad_passes},
     }
 
 
-def plan_for(n: int, in_f: int, out_f: int, r1: int, r2: int) -> HadamardPlan:
+def plan_for(n: int, in_f: int, out_f: int, r1: int, r2: int,
+             costs: DenseCosts = DenseCosts()) -> HadamardPlan:
     """The cheaper form of each part by :func:`part_costs`. When the grads are factored, t is
     already there, so the factored dx costs only its last GEMM (2·n·R·in)."""
-    c = part_costs(n, in_f, out_f, r1, r2)
+    c = part_costs(n, in_f, out_f, r1, r2, costs)
     pick = {part: min(METHODS, key=lambda m: c[part][m]) for part in c}
     if pick["grads"] == "factored":
         dx_factored = 2.0 * n * r1 * r2 * in_f
@@ -129,57 +147,69 @@ def _effective_weight(weight, M1, M2, scaling):
     return torch.addcmul(weight.to(M1.dtype), M1, M2, value=scaling)
 
 
-def _linear_in(x2d, W_eff, bias):
-    """``x·W'ᵀ + b`` with W' rounded once to x's dtype: the one GEMM runs in the frozen GEMM's
-    dtype (bf16 stays a bf16 GEMM), within the tolerance rule in every dtype case (tests)."""
-    return F.linear(x2d, W_eff.to(x2d.dtype), bias)
-
-
 class TorchHadamard:
     """The pure-PyTorch kernels, both forms (see the module docstring)."""
 
     @staticmethod
-    def forward(x2d, weight, bias, params, aux, hp):
+    def dense_weight(weight, params, cd, s, dtype):
+        """The transient W' = W + s·M1⊙M2 rounded once to ``dtype`` (the GEMM's), summed in ``cd``."""
+        M1, M2 = _products(params, cd)
+        return _effective_weight(weight, M1, M2, s).to(dtype)
+
+    @staticmethod
+    def grad_operands(G, params):
+        """(G⊙M2, G⊙M1) for the dense grads; G is consumed (the second is G, updated in place)."""
+        M1, M2 = _products(params, G.dtype)
+        G1 = G * M2
+        del M2
+        return G1, G.mul_(M1)
+
+    @classmethod
+    def forward(cls, x2d, weight, bias, params, aux, hp):
         cd = compute_dtype(x2d, *params)
         if hp.plan.forward == "dense":
-            M1, M2 = _products(params, cd)
-            return _linear_in(x2d, _effective_weight(weight, M1, M2, hp.scaling), bias), ()
+            return F.linear(x2d, cls.dense_weight(weight, params, cd, hp.scaling, x2d.dtype), bias), ()
         Ka, Kb = khatri_rao(*params, cd)
         u = x2d.to(cd) @ Kb.t()
         y = F.linear(x2d, weight, bias)
         return addmm_into(y, u, Ka.t(), alpha=hp.scaling), ()
 
     @staticmethod
-    def backward(gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
+    def gram(gy2d, x2d, cd, s):
+        """G = s·gyᵀ·x (out, in) in ``cd``: the dense grads' one n-sized GEMM."""
+        return (gy2d.to(cd).t() @ x2d.to(cd)).mul_(s)
+
+    @staticmethod
+    def dense_costs(dtype: torch.dtype) -> DenseCosts:
+        """The dense form's costs (:class:`DenseCosts`) for an x and gy of ``dtype``: these
+        kernels' five and eleven float32 passes, G from upcast operands."""
+        return DenseCosts()
+
+    @classmethod
+    def backward(cls, gy2d, x2d, weight, params, aux, extras, hp, needs_dx, needs_dparams):
         W1a, W1b, W2a, W2b = params
         n_a, n_b = needs_dparams[0] or needs_dparams[2], needs_dparams[1] or needs_dparams[3]
         cd = compute_dtype(x2d, *params)
         s, plan = hp.scaling, hp.plan
-        gyc = gy2d.to(cd)
         dx = None
         grads = (None,) * 4
         if plan.grads == "factored" and (n_a or n_b):
-            grads, t, Kb = _factored_grads(gyc, x2d.to(cd), params, s, n_a, n_b,
+            grads, t, Kb = _factored_grads(gy2d.to(cd), x2d.to(cd), params, s, n_a, n_b,
                                            want_t=needs_dx and plan.dx == "factored")
             if t is not None:
                 dx = addmm_into(gy2d @ weight, t, Kb)
         elif n_a or n_b:
-            grads = _dense_grads(gyc, x2d.to(cd), params, s, needs_dparams)
+            G1, G2 = cls.grad_operands(cls.gram(gy2d, x2d, cd, s), params)
+            grads = _dense_grads(G1, G2, params, needs_dparams)
         if needs_dx and dx is None:
             if plan.dx == "dense":
-                M1, M2 = _products(params, cd)
-                dx = _matmul_in(gy2d, _effective_weight(weight, M1, M2, s))
+                dx = gy2d @ cls.dense_weight(weight, params, cd, s, gy2d.dtype)
             else:
                 Ka, Kb = khatri_rao(*params, cd)
-                dx = addmm_into(gy2d @ weight, gyc @ Ka, Kb, alpha=s)
+                dx = addmm_into(gy2d @ weight, gy2d.to(cd) @ Ka, Kb, alpha=s)
         grads = tuple(None if g is None or not need else g.to(p.dtype)
                       for g, need, p in zip(grads, needs_dparams, params))
         return dx, grads
-
-
-def _matmul_in(gy2d, W_eff):
-    """``gy·W'`` with W' rounded once to gy's dtype (as :func:`_linear_in`)."""
-    return gy2d @ W_eff.to(gy2d.dtype)
 
 
 def _factored_grads(gyc, xc, params, s, need_a, need_b, want_t):
@@ -204,33 +234,23 @@ def _factored_grads(gyc, xc, params, s, need_a, need_b, want_t):
     return (dW1a, dW1b, dW2a, dW2b), (t if want_t else None), Kb
 
 
-def _dense_grads(gyc, xc, params, s, needs):
-    """(dW1a, dW1b, dW2a, dW2b) from the dense G = s·gyᵀ·x (out, in), a transient."""
-    W1a, W1b, W2a, W2b = (p.to(gyc.dtype) for p in params)
-    M1, M2 = W1a @ W1b, W2a @ W2b
-    G = (gyc.t() @ xc).mul_(s)
-    dW1a = dW1b = dW2a = dW2b = None
-    if needs[0] or needs[1]:
-        G1 = G * M2
-        dW1a = G1 @ W1b.t() if needs[0] else None
-        dW1b = W1a.t() @ G1 if needs[1] else None
-        del G1
-    if needs[2] or needs[3]:
-        G2 = G.mul_(M1)
-        dW2a = G2 @ W2b.t() if needs[2] else None
-        dW2b = W2a.t() @ G2 if needs[3] else None
-    return dW1a, dW1b, dW2a, dW2b
+def _dense_grads(G1, G2, params, needs):
+    """(dW1a, dW1b, dW2a, dW2b) from G1 = G⊙M2 and G2 = G⊙M1, G = s·gyᵀ·x (weight-sized
+    transients): dW1a = G1·W1bᵀ, dW1b = W1aᵀ·G1, dW2a = G2·W2bᵀ, dW2b = W2aᵀ·G2."""
+    W1a, W1b, W2a, W2b = (p.to(G1.dtype) for p in params)
+    return (G1 @ W1b.t() if needs[0] else None, W1a.t() @ G1 if needs[1] else None,
+            G2 @ W2b.t() if needs[2] else None, W2a.t() @ G2 if needs[3] else None)
 
 
 registry.register_family(FAMILY, delta_weight)
 registry.register_kernels(FAMILY, "torch", TorchHadamard)
 
 
-def _resolve_plan(where, method, n, in_f, out_f, r1, r2) -> HadamardPlan:
+def _resolve_plan(where, method, n, in_f, out_f, r1, r2, costs) -> HadamardPlan:
     if isinstance(method, HadamardPlan):
         return method
     if method == "auto":
-        return plan_for(n, in_f, out_f, r1, r2)
+        return plan_for(n, in_f, out_f, r1, r2, costs)
     if method in METHODS:
         return HadamardPlan(method, method, method)
     fail(where, f"method must be 'auto', 'factored', 'dense' or a HadamardPlan, got {method!r}")
@@ -257,11 +277,15 @@ def hadamard_linear(x, weight, bias, W1a, W1b, W2a, W2b, scaling=1.0, backend="a
     check_same_device(where, x=x, weight=weight, bias=bias, W1a=W1a, W1b=W1b, W2a=W2a, W2b=W2b)
     scaling = check_scaling(where, scaling)
     n = x.numel() // in_f if in_f else 0
-    plan = _resolve_plan(where, method, n, in_f, out_f, r1, r2)
+    params = (W1a, W1b, W2a, W2b)
+    # The Hadamard kernels serve every call (no ``supports``), so they are chosen before the plan,
+    # which reads their dense_costs for the dtype x will have in the Function (autocast's cast).
+    kernels = registry.kernels_for(FAMILY, backend, where, x, weight, params, (), None)
+    x_dtype = autocast_cast_dtype(x, autocast_dtype(x.device.type))
+    plan = _resolve_plan(where, method, n, in_f, out_f, r1, r2, kernels.dense_costs(x_dtype))
     hp = HadamardHP(scaling, plan)
-    kernels = registry.kernels_for(FAMILY, backend, where, x, weight, (W1a, W1b, W2a, W2b), (), hp)
     return delta_linear(kernels, hp, 4, x, weight, bias, W1a, W1b, W2a, W2b)
 
 
-__all__ = ["hadamard_linear", "delta_weight", "HadamardHP", "HadamardPlan", "TorchHadamard",
+__all__ = ["hadamard_linear", "delta_weight", "DenseCosts", "HadamardHP", "HadamardPlan", "TorchHadamard",
            "plan_for", "part_costs", "khatri_rao"]
