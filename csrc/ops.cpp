@@ -31,5 +31,5 @@ TORCH_LIBRARY_IMPL(pypeft_fast, CPU, m) {
   m.impl("kronecker_apply_bwd", &kronecker_apply_bwd_cpu);
   m.impl("gemm_bf16_f32", &gemm_bf16_f32_cpu);
   m.impl("hadamard_weight", &hadamard_weight_cpu);
-  m.impl("hadamard_grad_operands", &hadamard_grad_operands_cpu);
+  m.impl("hadamard_factor_grads", &hadamard_factor_grads_cpu);
 }

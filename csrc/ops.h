@@ -48,8 +48,9 @@ std::tuple<at::Tensor, at::Tensor> kronecker_apply_bwd_cpu(const at::Tensor& gy,
 // the Hadamard family's dense form (csrc/hadamard/)
 at::Tensor hadamard_weight_cpu(const at::Tensor& W, const at::Tensor& W1a, const at::Tensor& W1b,
                                const at::Tensor& W2a, const at::Tensor& W2b, double scaling);
-at::Tensor hadamard_grad_operands_cpu(at::Tensor& G, const at::Tensor& W1a, const at::Tensor& W1b,
-                                      const at::Tensor& W2a, const at::Tensor& W2b);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hadamard_factor_grads_cpu(
+    const at::Tensor& G, const at::Tensor& W1a, const at::Tensor& W1b, const at::Tensor& W2a,
+    const at::Tensor& W2b);
 
 // bf16 operands, float32 products and sums (csrc/gemm/)
 at::Tensor gemm_bf16_f32_cpu(const at::Tensor& a, const at::Tensor& b, double alpha);

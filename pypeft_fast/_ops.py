@@ -54,8 +54,9 @@ CSR, nnz stored entries)::
             -> (out, in) in W's dtype                                       [CPU]
         W + s·(W1a·W1b)⊙(W2a·W2b), summed in the factors' dtype (float32/float64), rounded once to
         W's; the products are never stored.
-    hadamard_grad_operands(G (out, in)!, W1a, W1b, W2a, W2b) -> G1 (out, in)  [CPU]
-        G1 = G⊙(W2a·W2b) and G ← G⊙(W1a·W1b) in place, G contiguous in the factors' dtype.
+    hadamard_factor_grads(G (out, in), W1a, W1b, W2a, W2b) -> (dW1a, dW1b, dW2a, dW2b)  [CPU]
+        dW1a = (G⊙M2)·W1bᵀ, dW1b = W1aᵀ·(G⊙M2), dW2a = (G⊙M1)·W2bᵀ, dW2b = W2aᵀ·(G⊙M1) in one
+        read of G (M1 = W1a·W1b, M2 = W2a·W2b), in the factors' dtype.
 
 ``seed`` is a 0-d int64 CPU tensor; ``p`` in [0, 1). Index tensors are trusted beyond their
 shapes: the sparse family validates a mask once, when it builds its layout.
@@ -69,7 +70,7 @@ from .validate import compute_dtype
 ABI_VERSION = 8
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
 schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
-6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_grad_operands)."""
+6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_factor_grads)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
@@ -89,7 +90,7 @@ SCHEMAS = {
     "kronecker_apply_bwd": "kronecker_apply_bwd(Tensor gy, Tensor x, Tensor A, Tensor B, float scaling, Tensor(a!)? dx, bool need_dA, bool need_dB) -> (Tensor, Tensor)",
     "gemm_bf16_f32": "gemm_bf16_f32(Tensor a, Tensor b, float alpha=1.) -> Tensor",
     "hadamard_weight": "hadamard_weight(Tensor W, Tensor W1a, Tensor W1b, Tensor W2a, Tensor W2b, float scaling) -> Tensor",
-    "hadamard_grad_operands": "hadamard_grad_operands(Tensor(a!) G, Tensor W1a, Tensor W1b, Tensor W2a, Tensor W2b) -> Tensor",
+    "hadamard_factor_grads": "hadamard_factor_grads(Tensor G, Tensor W1a, Tensor W1b, Tensor W2a, Tensor W2b) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -240,10 +241,10 @@ def _register_fakes(library: torch.library.Library) -> None:
         _hadamard_check("hadamard_weight", W, W1a, W1b, W2a, W2b)
         return W.new_empty(W.shape)
 
-    @register_fake(lib + "hadamard_grad_operands")
+    @register_fake(lib + "hadamard_factor_grads")
     def _(G, W1a, W1b, W2a, W2b):
-        _hadamard_check("hadamard_grad_operands", G, W1a, W1b, W2a, W2b)
-        return G.new_empty(G.shape)
+        _hadamard_check("hadamard_factor_grads", G, W1a, W1b, W2a, W2b)
+        return W1a.new_empty(W1a.shape), W1b.new_empty(W1b.shape), W2a.new_empty(W2a.shape), W2b.new_empty(W2b.shape)
 
     def _kron_check(op, x, A, B, **acts):
         torch._check(A.dim() == 3 and B.dim() == 3 and A.shape[0] == B.shape[0],

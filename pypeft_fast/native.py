@@ -149,8 +149,9 @@ def bf16_gemm_serves(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype) -> bool:
 
 class NativeHadamard(TorchHadamard):
     """Hadamard family on CPU: the dense form's weight-sized passes in one native pass each
-    (``hadamard_weight``: W' = W + s·M1⊙M2 in the GEMM's dtype; ``hadamard_grad_operands``:
-    G⊙M2 and G⊙M1), M1 and M2 never stored; and G = s·gyᵀ·x for a bf16 x and gy (bf16 autocast,
+    (``hadamard_weight``: W' = W + s·M1⊙M2 in the GEMM's dtype; ``hadamard_factor_grads``: the
+    four factor gradients from one read of G), M1, M2, G⊙M2 and G⊙M1 never stored; and
+    G = s·gyᵀ·x for a bf16 x and gy (bf16 autocast,
     a bf16 base) by ``gemm_bf16_f32`` — products and sums in float32, nothing rounded — where
     this CPU runs it at bf16 speed (:func:`gemm_bf16_f32_fast`); the plan is priced for these
     passes (:meth:`dense_costs`). The factored form is the torch kernels'."""
@@ -162,10 +163,11 @@ class NativeHadamard(TorchHadamard):
         return ops.hadamard_weight(weight, *(p.to(cd) for p in params), s)
 
     @staticmethod
-    def grad_operands(G, params):
-        if G.device.type != "cpu" or not G.is_contiguous():
-            return TorchHadamard.grad_operands(G, params)
-        return ops.hadamard_grad_operands(G, *(p.to(G.dtype) for p in params)), G
+    def dense_factor_grads(G, params, needs):
+        if G.device.type != "cpu":
+            return TorchHadamard.dense_factor_grads(G, params, needs)
+        grads = ops.hadamard_factor_grads(G, *(p.to(G.dtype) for p in params))
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
     @staticmethod
     def gram(gy2d, x2d, cd, s):
@@ -176,7 +178,8 @@ class NativeHadamard(TorchHadamard):
     @staticmethod
     def dense_costs(dtype: torch.dtype) -> DenseCosts:
         """For a bf16/fp16 x: one float32-sized pass to form W' (W read and W' written, both in
-        x's 2-byte dtype) and three for the gradients (G read, G⊙M2 and G⊙M1 written), G at
+        x's 2-byte dtype) and three for the gradients (G written and read, the dW1b/dW2b block
+        partials), G at
         1/GEMM_BF16_F32_SPEEDUP for bf16 where ``gemm_bf16_f32`` is fast. For a float32/float64
         x the torch kernels' prices, whose plans were the fastest measured there. Measured, one
         decoder layer's projections, 1024 tokens, AMX Xeon (bench/NOTES.md "Session 12"): bf16

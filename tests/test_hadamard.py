@@ -204,9 +204,9 @@ def test_plan_prices_the_native_passes_and_the_bf16_gram():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_cpp_dense_form_runs_the_native_passes_and_the_bf16_gram(monkeypatch, fast):
-    """cpp's dense form under bf16 autocast: W' by ``hadamard_weight`` (forward and dx), G⊙M2 and
-    G⊙M1 by ``hadamard_grad_operands``, and G = s·gyᵀ·x by ``gemm_bf16_f32`` where it is fast
-    (forced here either way, so that any CPU with MKL runs both paths); every output and
+    """cpp's dense form under bf16 autocast: W' by ``hadamard_weight`` (forward and dx), the
+    four factor gradients by ``hadamard_factor_grads``, and G = s·gyᵀ·x by ``gemm_bf16_f32``
+    where it is fast (forced here either way, so that any CPU with MKL runs both paths); every output and
     gradient within the tolerance rule of the torch kernels' error against float64."""
     native = pytest.importorskip("pypeft_fast.native")
     if fast and not native.BUILD_INFO.get("mkl_gemm_bf16_f32"):
@@ -231,7 +231,7 @@ def test_cpp_dense_form_runs_the_native_passes_and_the_bf16_gram(monkeypatch, fa
         return [y.detach()] + [leaves[k].grad for k in names]
 
     got = run("cpp")
-    assert calls.count("hadamard_weight") == 2 and calls.count("hadamard_grad_operands") == 1
+    assert calls.count("hadamard_weight") == 2 and calls.count("hadamard_factor_grads") == 1
     assert calls.count("gemm_bf16_f32") == (1 if fast else 0)
     calls.clear()
     base = run("torch")

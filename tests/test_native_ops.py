@@ -653,27 +653,31 @@ def test_hadamard_weight_matches_float64(out, in_, r1, r2, w_dtype, f_dtype, cpu
     assert_within("W + s·M1⊙M2", got, ref, base, w_dtype)
 
 
-@pytest.mark.parametrize("out,in_,r1,r2", HADAMARD_SHAPES)
+@pytest.mark.parametrize("out,in_,r1,r2", HADAMARD_SHAPES + [(200, 40, 5, 6)])  # 3 row blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hadamard_grad_operands_match_float64(out, in_, r1, r2, dtype, cpu_width):
-    G = rand(out, in_, seed=out + 1).to(dtype)
+def test_hadamard_factor_grads_match_float64(out, in_, r1, r2, dtype, cpu_width):
+    G = rand(out, in_ + 3, seed=out + 1)[:, 2:in_ + 2].to(dtype)  # strided rows: a view
     f = _hadamard_factors(out, in_, r1, r2, dtype, seed=in_ + 1)
-    M1, M2 = f[0].double() @ f[1].double(), f[2].double() @ f[3].double()
-    G0 = G.double().clone()  # G is updated in place (and is G.double() in float64)
-    base1, base2 = G * (f[2] @ f[3]), G * (f[0] @ f[1])
-    G1 = ops.hadamard_grad_operands(G, *f)
-    assert_within("G⊙M2", G1, G0 * M2, base1, dtype)
-    assert_within("G⊙M1 (in place)", G, G0 * M1, base2, dtype)
+    F = [t.double() for t in f]
+    G1, G2 = G.double() * (F[2] @ F[3]), G.double() * (F[0] @ F[1])
+    refs = (G1 @ F[1].t(), F[0].t() @ G1, G2 @ F[3].t(), F[2].t() @ G2)
+    b1, b2 = G * (f[2] @ f[3]), G * (f[0] @ f[1])
+    bases = (b1 @ f[1].t(), f[0].t() @ b1, b2 @ f[3].t(), f[2].t() @ b2)
+    got = ops.hadamard_factor_grads(G, *f)
+    for name, g, ref, base in zip(("dW1a", "dW1b", "dW2a", "dW2b"), got, refs, bases):
+        assert_within(name, g, ref, base, dtype)
 
 
 def test_hadamard_ops_do_not_depend_on_the_thread_count():
-    W, f = rand(300, 70, seed=3), _hadamard_factors(300, 70, 8, 8, torch.float32, seed=4)
+    W, f = rand(300, 70, seed=3).float(), _hadamard_factors(300, 70, 8, 8, torch.float32, seed=4)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = ops.hadamard_weight(W, *f, 0.5)
+        grads = ops.hadamard_factor_grads(W, *f)
         torch.set_num_threads(2)
         assert torch.equal(ops.hadamard_weight(W, *f, 0.5), one)
+        assert all(torch.equal(a, b) for a, b in zip(ops.hadamard_factor_grads(W, *f), grads))
     finally:
         torch.set_num_threads(threads)
 
@@ -685,10 +689,11 @@ def test_hadamard_ops_errors():
         ops.hadamard_weight(torch.randn(6, 4), *f, 1.0)
     with pytest.raises(RuntimeError, match=r"hadamard_weight: W1b has dtype Double; expected Float"):
         ops.hadamard_weight(torch.randn(6, 5), f[0], f[1].double(), f[2], f[3], 1.0)
-    with pytest.raises(RuntimeError, match=r"hadamard_grad_operands: G has dtype BFloat16; expected Float"):
-        ops.hadamard_grad_operands(torch.randn(6, 5).bfloat16(), *f)
-    with pytest.raises(RuntimeError, match=r"hadamard_grad_operands: G \(strides \[1, 6\]\) must be contiguous"):
-        ops.hadamard_grad_operands(torch.randn(5, 6).t(), *f)
+    with pytest.raises(RuntimeError, match=r"hadamard_factor_grads: G has dtype BFloat16; expected Float"):
+        ops.hadamard_factor_grads(torch.randn(6, 5).bfloat16(), *f)
+    empty = ops.hadamard_factor_grads(torch.randn(0, 5), torch.randn(0, 2), f[1], torch.randn(0, 3), f[3])
+    assert [tuple(g.shape) for g in empty] == [(0, 2), (2, 5), (0, 3), (3, 5)]
+    assert not empty[1].any() and not empty[3].any()
     assert ops.hadamard_weight(torch.randn(0, 5), torch.randn(0, 2), f[1], torch.randn(0, 3), f[3], 1.0).shape == (0, 5)
 
 
@@ -760,7 +765,7 @@ def _opcheck_cases():
                                torch.randn(13, 22), True, True),
         "gemm_bf16_f32": (x.bfloat16().t(), gy.bfloat16(), 0.5),
         "hadamard_weight": (torch.randn(9, 11).bfloat16(), *_hadamard_factors(9, 11, 2, 3, torch.float32, 5), 0.5),
-        "hadamard_grad_operands": (torch.randn(9, 11), *_hadamard_factors(9, 11, 2, 3, torch.float32, 6)),
+        "hadamard_factor_grads": (torch.randn(9, 11), *_hadamard_factors(9, 11, 2, 3, torch.float32, 6)),
     }
 
 

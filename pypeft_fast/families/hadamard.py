@@ -157,12 +157,17 @@ class TorchHadamard:
         return _effective_weight(weight, M1, M2, s).to(dtype)
 
     @staticmethod
-    def grad_operands(G, params):
-        """(G⊙M2, G⊙M1) for the dense grads; G is consumed (the second is G, updated in place)."""
-        M1, M2 = _products(params, G.dtype)
+    def dense_factor_grads(G, params, needs):
+        """(dW1a, dW1b, dW2a, dW2b) from the dense G = s·gyᵀ·x (out, in), a transient it
+        consumes: G1 = G⊙M2, G2 = G⊙M1 (in place), dW1a = G1·W1bᵀ, dW1b = W1aᵀ·G1,
+        dW2a = G2·W2bᵀ, dW2b = W2aᵀ·G2 (None where not needed)."""
+        W1a, W1b, W2a, W2b = (p.to(G.dtype) for p in params)
+        M1, M2 = W1a @ W1b, W2a @ W2b
         G1 = G * M2
         del M2
-        return G1, G.mul_(M1)
+        G2 = G.mul_(M1)
+        return (G1 @ W1b.t() if needs[0] else None, W1a.t() @ G1 if needs[1] else None,
+                G2 @ W2b.t() if needs[2] else None, W2a.t() @ G2 if needs[3] else None)
 
     @classmethod
     def forward(cls, x2d, weight, bias, params, aux, hp):
@@ -199,8 +204,7 @@ class TorchHadamard:
             if t is not None:
                 dx = addmm_into(gy2d @ weight, t, Kb)
         elif n_a or n_b:
-            G1, G2 = cls.grad_operands(cls.gram(gy2d, x2d, cd, s), params)
-            grads = _dense_grads(G1, G2, params, needs_dparams)
+            grads = cls.dense_factor_grads(cls.gram(gy2d, x2d, cd, s), params, needs_dparams)
         if needs_dx and dx is None:
             if plan.dx == "dense":
                 dx = gy2d @ cls.dense_weight(weight, params, cd, s, gy2d.dtype)
@@ -232,14 +236,6 @@ def _factored_grads(gyc, xc, params, s, need_a, need_b, want_t):
         dW1b = torch.einsum("pqj,qj->pj", dKb, W2b)
         dW2b = torch.einsum("pqj,pj->qj", dKb, W1b)
     return (dW1a, dW1b, dW2a, dW2b), (t if want_t else None), Kb
-
-
-def _dense_grads(G1, G2, params, needs):
-    """(dW1a, dW1b, dW2a, dW2b) from G1 = G⊙M2 and G2 = G⊙M1, G = s·gyᵀ·x (weight-sized
-    transients): dW1a = G1·W1bᵀ, dW1b = W1aᵀ·G1, dW2a = G2·W2bᵀ, dW2b = W2aᵀ·G2."""
-    W1a, W1b, W2a, W2b = (p.to(G1.dtype) for p in params)
-    return (G1 @ W1b.t() if needs[0] else None, W1a.t() @ G1 if needs[1] else None,
-            G2 @ W2b.t() if needs[2] else None, W2a.t() @ G2 if needs[3] else None)
 
 
 registry.register_family(FAMILY, delta_weight)
