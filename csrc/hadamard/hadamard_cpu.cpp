@@ -60,39 +60,36 @@ struct Factors {
 template <int NV, int VB>
 constexpr int tile_rows() { return VB == 64 ? (NV == 2 ? 6 : 8) : (NV == 2 ? 3 : 6); }
 
+// m = a[rows, 0:r]·panel[0:r, tile] for one tile, summed from zero over the rank steps in order.
+template <int MR, int NV, typename L, typename T>
+PPF_INLINE void rank_product(const T* a, int64_t sa, const T* panel, int64_t r, int64_t sp,
+                             L (&m)[MR][NV]) {
+  constexpr int W = sizeof(typename L::V) / sizeof(T);
+  PPF_UNROLL
+  for (int i = 0; i < MR; ++i) {
+    PPF_UNROLL
+    for (int v = 0; v < NV; ++v) m[i][v] = L(T(0));
+  }
+  for (int64_t p = 0; p < r; ++p) {
+    L b[NV];
+    PPF_UNROLL
+    for (int v = 0; v < NV; ++v) b[v] = L::load(panel + p * sp + v * W);
+    PPF_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const T s = a[i * sa + p];
+      PPF_UNROLL
+      for (int v = 0; v < NV; ++v) m[i][v] = m[i][v] + b[v] * s;
+    }
+  }
+}
+
 // The factor products of one tile: m1 = W1a[rows]·panel1, m2 = W2a[rows]·panel2.
 template <int MR, int NV, typename L, typename T>
 PPF_INLINE void tile_products(const T* a1, int64_t sa1, const T* p1, int64_t r1, const T* a2,
                               int64_t sa2, const T* p2, int64_t r2, int64_t sp, L (&m1)[MR][NV],
                               L (&m2)[MR][NV]) {
-  constexpr int W = sizeof(typename L::V) / sizeof(T);
-  PPF_UNROLL
-  for (int i = 0; i < MR; ++i) {
-    PPF_UNROLL
-    for (int v = 0; v < NV; ++v) m1[i][v] = m2[i][v] = L(T(0));
-  }
-  for (int64_t p = 0; p < r1; ++p) {
-    L b[NV];
-    PPF_UNROLL
-    for (int v = 0; v < NV; ++v) b[v] = L::load(p1 + p * sp + v * W);
-    PPF_UNROLL
-    for (int i = 0; i < MR; ++i) {
-      const T s = a1[i * sa1 + p];
-      PPF_UNROLL
-      for (int v = 0; v < NV; ++v) m1[i][v] = m1[i][v] + b[v] * s;
-    }
-  }
-  for (int64_t q = 0; q < r2; ++q) {
-    L b[NV];
-    PPF_UNROLL
-    for (int v = 0; v < NV; ++v) b[v] = L::load(p2 + q * sp + v * W);
-    PPF_UNROLL
-    for (int i = 0; i < MR; ++i) {
-      const T s = a2[i * sa2 + q];
-      PPF_UNROLL
-      for (int v = 0; v < NV; ++v) m2[i][v] = m2[i][v] + b[v] * s;
-    }
-  }
+  rank_product<MR, NV, L>(a1, sa1, p1, r1, sp, m1);
+  rank_product<MR, NV, L>(a2, sa2, p2, r2, sp, m2);
 }
 
 // hadamard_factor_grads' epilogue: with g1 = g⊙m2 and g2 = g⊙m1 of the tile (never stored),
