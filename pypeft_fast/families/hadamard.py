@@ -27,6 +27,9 @@ transient is allowed: it never outlives the op and is never saved; backward rebu
 
 The three parts — forward, dx, factor gradients — are chosen independently
 (:class:`HadamardPlan`). Saved for backward: x and the four factors, nothing else.
+On CPU the cpp kernels (``pypeft_fast.native.NativeHadamard``) run the dense form's W' and its
+four factor gradients in one native pass each, and G on MKL's bf16 → float32 GEMM for a bf16 x
+where the CPU has AMX; the plan reads each kernels' prices (:class:`DenseCosts`).
 """
 from __future__ import annotations
 
