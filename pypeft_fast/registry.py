@@ -119,7 +119,7 @@ def why_unavailable(family: str, backend: str, device: torch.device) -> str | No
     if backend not in fam.backends:
         if any(backend in other.backends for other in FAMILIES.values()):
             return (f"backend {backend!r} has no {family} kernels (the backend is loaded; "
-                    f"{family} is implemented on the torch path only)")
+                    f"{family}'s kernels: {', '.join(sorted(fam.backends)) or 'none'})")
         reason = _UNREGISTERED_REASON.get(backend, "no kernels registered")
         return f"backend {backend!r} has no {family} kernels: {reason}"
     probe = _AVAILABILITY.get(backend)

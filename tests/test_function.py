@@ -61,3 +61,7 @@ def test_a_loaded_backend_without_kernels_for_a_family_says_so_not_that_it_is_mi
     monkeypatch.setitem(registry.FAMILIES, "torch_only", registry.Family("torch_only", lambda *a: None))
     reason = registry.why_unavailable("torch_only", "cpp", torch.device("cpu"))
     assert reason is not None and "is loaded" in reason and "not built" not in reason
+    assert "torch_only's kernels: none" in reason  # none registered here
+    hadamard = registry.why_unavailable("hadamard", "triton", torch.device("cpu"))
+    if hadamard is not None and "is loaded" in hadamard:
+        assert "hadamard's kernels: cpp, torch" in hadamard
