@@ -151,21 +151,19 @@ class NativeHadamard(TorchHadamard):
     """Hadamard family on CPU: the dense form's weight-sized passes in one native pass each
     (``hadamard_weight``: W' = W + s·M1⊙M2 in the GEMM's dtype; ``hadamard_factor_grads``: the
     four factor gradients from one read of G), M1, M2, G⊙M2 and G⊙M1 never stored; and
-    G = s·gyᵀ·x for a bf16 x and gy (bf16 autocast,
-    a bf16 base) by ``gemm_bf16_f32`` — products and sums in float32, nothing rounded — where
-    this CPU runs it at bf16 speed (:func:`gemm_bf16_f32_fast`); the plan is priced for these
-    passes (:meth:`dense_costs`). The factored form is the torch kernels'."""
+    G = s·gyᵀ·x for a bf16 x and gy (bf16 autocast, a bf16 base) by ``gemm_bf16_f32`` —
+    products and sums in float32, nothing rounded — where this CPU runs it at bf16 speed
+    (:func:`gemm_bf16_f32_fast`); the plan is priced for these passes (:meth:`dense_costs`).
+    The factored form is the torch kernels'. (The cpp backend serves CPU tensors only.)"""
 
     @staticmethod
     def dense_weight(weight, params, cd, s, dtype):
-        if weight.device.type != "cpu" or weight.dtype != dtype:
+        if weight.dtype != dtype:  # the op returns W's dtype; the GEMM needs x's
             return TorchHadamard.dense_weight(weight, params, cd, s, dtype)
         return ops.hadamard_weight(weight, *(p.to(cd) for p in params), s)
 
     @staticmethod
     def dense_factor_grads(G, params, needs):
-        if G.device.type != "cpu":
-            return TorchHadamard.dense_factor_grads(G, params, needs)
         grads = ops.hadamard_factor_grads(G, *(p.to(G.dtype) for p in params))
         return tuple(g if need else None for g, need in zip(grads, needs))
 
@@ -179,13 +177,12 @@ class NativeHadamard(TorchHadamard):
     def dense_costs(dtype: torch.dtype) -> DenseCosts:
         """For a bf16/fp16 x: one float32-sized pass to form W' (W read and W' written, both in
         x's 2-byte dtype) and three for the gradients (G written and read, the dW1b/dW2b block
-        partials), G at
-        1/GEMM_BF16_F32_SPEEDUP for bf16 where ``gemm_bf16_f32`` is fast. For a float32/float64
-        x the torch kernels' prices, whose plans were the fastest measured there. Measured, one
-        decoder layer's projections, 1024 tokens, AMX Xeon (bench/NOTES.md "Session 12"): bf16
-        autocast r = 8 (dense, dense, factored) 53 ms over the frozen layers against 91 ms for
-        all factored, r = 16 all dense; fp32 r = 8 all factored 61 ms against 66-77 ms with a
-        dense forward, r = 16 (dense, dense or factored, factored)."""
+        partials), G at 1/GEMM_BF16_F32_SPEEDUP for bf16 where ``gemm_bf16_f32`` is fast. For a
+        float32/float64 x the torch kernels' prices, whose plans were the fastest measured there.
+        Measured, one decoder layer's projections, 1024 tokens, AMX Xeon (bench/NOTES.md
+        "Session 12"): bf16 autocast r = 8 (dense, dense, factored) 53 ms over the frozen layers
+        against 91 ms for all factored, r = 16 all dense; fp32 r = 8 all factored 61 ms against
+        66-77 ms with a dense forward, r = 16 (dense, dense or factored, factored)."""
         if dtype not in (torch.bfloat16, torch.float16):
             return DenseCosts()
         gram = 1.0 / GEMM_BF16_F32_SPEEDUP if GEMM_BF16_F32_FAST and dtype == torch.bfloat16 else 1.0
