@@ -22,17 +22,17 @@
 namespace pypeft_fast {
 namespace {
 
-// At vector width VB bytes: W values per vector; tokens per block: for SpMM two vectors at 32
-// bytes (each stored entry's column index and value are loaded once for both; one vector ran
-// 1.0-1.6x slower on AVX2, bench/NOTES.md "SpMM: two vectors per entry") and one at 64 bytes
-// (as measured on AVX-512 in session 4; two zmm per entry have not been timed: no AVX-512
-// machine since); 256 bytes of tokens for SDDMM (64 floats: 4 vectors at 64 bytes, 8 at 32),
-// over which each entry's lane sum is amortised. (At 32 bytes, 4 vectors ran 1.15-1.4x slower
-// than 8; 2 vectors 1.5x slower; 16 no faster: bench/NOTES.md "SDDMM token block".)
+// At vector width VB bytes: W values per vector; tokens per block: for SpMM two vectors (each
+// stored entry's column index and value are loaded once for both; one vector ran 1.0-1.6x slower
+// on AVX2, bench/NOTES.md "SpMM: two vectors per entry", and 1.03-1.15x slower on an AVX-512
+// Xeon, where four ran as fast as two: "Session 13"); 256 bytes of tokens for SDDMM (64 floats:
+// 4 vectors at 64 bytes, 8 at 32), over which each entry's lane sum is amortised. (At 32 bytes,
+// 4 vectors ran 1.15-1.4x slower than 8; 2 vectors 1.5x slower; 16 no faster: bench/NOTES.md
+// "SDDMM token block".)
 template <typename acc_t, int VB>
 struct Blocking {
   static constexpr int W = VB / static_cast<int>(sizeof(acc_t));
-  static constexpr int kSpmmVectors = VB == 64 ? 1 : 2;
+  static constexpr int kSpmmVectors = 2;
   static constexpr int kSpmm = kSpmmVectors * W, kSddmm = 256 / static_cast<int>(sizeof(acc_t));
 };
 // SDDMM reduces the entries of this many CSR rows at a time (an L1-sized parking buffer).
