@@ -25,7 +25,8 @@ namespace {
 // At vector width VB bytes: W values per vector; tokens per block: for SpMM two vectors (each
 // stored entry's column index and value are loaded once for both; one vector ran 1.0-1.6x slower
 // on AVX2, bench/NOTES.md "SpMM: two vectors per entry", and 1.03-1.15x slower on an AVX-512
-// Xeon, where four ran as fast as two: "Session 13"); 256 bytes of tokens for SDDMM (64 floats:
+// Xeon, where four ran as fast as two; but 1.04-1.08x faster at 14336 columns of x, where
+// two vectors of xT outgrow L2: "Session 13"); 256 bytes of tokens for SDDMM (64 floats:
 // 4 vectors at 64 bytes, 8 at 32), over which each entry's lane sum is amortised. (At 32 bytes,
 // 4 vectors ran 1.15-1.4x slower than 8; 2 vectors 1.5x slower; 16 no faster: bench/NOTES.md
 // "SDDMM token block".)
