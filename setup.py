@@ -37,7 +37,7 @@ from setuptools import find_packages, setup
 PACKAGES = find_packages(include=["pypeft_fast", "pypeft_fast.*"]) + ["pypeft_fast.kernels"]
 PACKAGE_DIR = {"pypeft_fast.kernels": "kernels"}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ABI_VERSION = 8  # bump with any schema or registration change; pypeft_fast/_ops.py checks it
+ABI_VERSION = 9  # bump with any schema or registration change; pypeft_fast/_ops.py checks it
 
 
 def _flag(name: str) -> bool:

@@ -47,8 +47,12 @@ CSR, nnz stored entries)::
 
     gemm_bf16_f32(a (m, k), b (k, n), alpha=1.0) -> (m, n) float32          [CPU]
         alpha · a·b for bfloat16 a and b (any strides), products and sums in float32: nothing
-        rounded (a bf16 product is exact in float32). MKL's cblas_gemm_bf16bf16f32; raises when
-        the torch it runs in has none (``_C.build_info()["mkl_gemm_bf16_f32"]``).
+        rounded (a bf16 product is exact in float32). One of a, b may be float32: it is split
+        exactly into three bf16 parts (bf16x3: 3 × 8 significant bits) for one GEMM three times
+        as wide, the parts' products summed: the float32 GEMM's accuracy at the bf16 GEMM's
+        speed (a bf16 activation times a float32 factor, ``native.bf16x3_serves``).
+        MKL's cblas_gemm_bf16bf16f32; raises when the torch it runs in has none
+        (``_C.build_info()["mkl_gemm_bf16_f32"]``).
 
     hadamard_weight(W (out, in), W1a (out, r1), W1b (r1, in), W2a (out, r2), W2b (r2, in), scaling)
             -> (out, in) in W's dtype                                       [CPU]
@@ -67,10 +71,11 @@ import torch
 
 from .validate import compute_dtype
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
 schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
-6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_factor_grads)."""
+6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_factor_grads; 9: gemm_bf16_f32 takes one float32
+operand)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {

@@ -240,12 +240,24 @@ class NativeDoRA(TorchDoRA):
     # amplifies y's rounding by 1/(c − p). A call with any c − p < SPARSE_MIN_GAP (never near
     # peft's init c = 1 at p ≤ 0.3) takes the torch kernels' path (one more frozen GEMM).
     SPARSE_MIN_GAP = 0.5
-    t_mm = staticmethod(native_rank_t_mm)
+
     # u = x·Aᵀ and t = s·(c ⊙ gy)·B stay MKL's (not native_rank_nt_mm): with skinny_mm's
     # running sum over k (at k = 32, below its 64-step blocks, twice MKL's rounding) one-step
     # gradients of a fp32 DoRA model were 1.17× peft's error (median over tensors; 5× the
     # worst) against 0.88× with MKL's, and a 4-step AdamW Trainer run ended one weight beyond
-    # the rule.
+    # the rule. A bf16 x or gy (autocast) is read as it is by bf16x3 where that serves
+    # (MKL's bf16 GEMM, float32 sums: bf16x3_serves), not converted to a float32 n-sized copy.
+    @staticmethod
+    def operand(t, cd):
+        return t if bf16x3_serves(t, cd) else t.to(cd)
+
+    @staticmethod
+    def nt_mm(a, b):
+        return mixed_rank_nt_mm(a, b) if bf16x3_serves(a, b.dtype) else a @ b.t()
+
+    @staticmethod
+    def t_mm(a, b):
+        return mixed_rank_t_mm(a, b) if bf16x3_serves(b, a.dtype) else native_rank_t_mm(a, b)
 
     @classmethod
     def _sparse_ok(cls, x2d, weight, p, c) -> bool:
@@ -401,15 +413,33 @@ def _reads_mixed(act: torch.Tensor, factor_dtype: torch.dtype) -> bool:
             and act.dtype != torch.float64 and factor_dtype in (torch.float32, torch.float64))
 
 
+def bf16x3_serves(act: torch.Tensor, factor_dtype: torch.dtype) -> bool:
+    """Whether a rank product of a bf16 activation ``act`` with float32 operands runs as
+    ``gemm_bf16_f32`` with the float32 operand split exactly into three bf16 parts (bf16x3): on a
+    CPU where the bf16 GEMM is fast (:data:`GEMM_BF16_F32_FAST`: AMX). Session 15's Xeon, 2
+    threads, 1024 tokens, r = 16: u = x·Aᵀ 0.13 against 0.22 ms for ``lowrank_dropout_down``
+    at k = 1024 (0.38 against 0.56 at 2752), dA = tᵀ·x 0.19 against 0.20 (0.44 against 0.59)
+    (bench/NOTES.md "Session 15"). float32 sums of exact products, like the native kernels;
+    float64 factors keep the native kernels (three bf16 parts hold 24 bits, not 53)."""
+    return (GEMM_BF16_F32_FAST and act.device.type == "cpu" and act.dtype == torch.bfloat16
+            and factor_dtype == torch.float32)
+
+
 def mixed_rank_nt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a·bᵀ`` (n, r) in b's dtype for an activation a (n, k) in a narrower dtype and a factor b
-    (r, k): ``lowrank_dropout_down`` at p = 0 (a converted in cache, no n × k copy)."""
+    (r, k): bf16x3 where it serves (:func:`bf16x3_serves`), else ``lowrank_dropout_down`` at
+    p = 0 (a converted in cache, no n × k copy)."""
+    if bf16x3_serves(a, b.dtype):
+        return ops.gemm_bf16_f32(a, b.t())
     return ops.lowrank_dropout_down(a, b, _NO_MASK_SEED, 0.0)
 
 
 def mixed_rank_t_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``aᵀ·b`` (r, k) in a's dtype for a skinny a (n, r) and an activation b (n, k) in a narrower
-    dtype: ``lowrank_dropout_dA`` at p = 0 (its A argument only gives the shape and dtype)."""
+    dtype: bf16x3 where it serves, else ``lowrank_dropout_dA`` at p = 0 (its A argument only
+    gives the shape and dtype)."""
+    if bf16x3_serves(b, a.dtype):
+        return ops.gemm_bf16_f32(a.t(), b)
     return torch.ops.pypeft_fast.lowrank_dropout_dA(a, b, a.new_empty((a.shape[1], b.shape[1])),
                                                     _NO_MASK_SEED, 0.0)
 
@@ -466,7 +496,8 @@ class NativeLowRank(TorchLowRank):
     @classmethod
     def dropout_grads(cls, dx, t, x2d, Ac, aux, hp, need_dA):
         if hp.dropout == 0.0:
-            if dx is not None and need_dA and _reads_mixed(x2d, Ac.dtype):  # one op for both
+            if (dx is not None and need_dA and _reads_mixed(x2d, Ac.dtype)
+                    and not bf16x3_serves(x2d, Ac.dtype)):  # one op for both
                 return dx, ops.lowrank_dropout_bwd(t, x2d, Ac, _NO_MASK_SEED, 0.0, dx, True)
             return super().dropout_grads(dx, t, x2d, Ac, aux, hp, need_dA)
         if dx is None:  # dA alone (see lowrank_dropout_dA)

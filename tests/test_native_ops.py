@@ -720,11 +720,82 @@ def test_gemm_bf16_f32_sums_exact_products_in_float32(m, k, n, layout):
 
 
 @pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (1, 9, 4), (33, 1, 2), (130, 257, 61), (1000, 300, 16)])
+@pytest.mark.parametrize("split", ["a", "b"])
+@pytest.mark.parametrize("layout", ["nn", "t", "strided"])
+def test_gemm_bf16_f32_splits_a_float32_operand_exactly(m, k, n, split, layout):
+    """One float32 operand (bf16x3: three exact bf16 parts): the float32 GEMM's accuracy, not
+    bf16's, for any layout of that operand."""
+    a, b = rand(m, k, seed=m + 1).float(), rand(k, n, seed=n + 2).float()
+    a, b = (a, b.bfloat16()) if split == "a" else (a.bfloat16(), b)
+    f = a if split == "a" else b
+    if layout == "t":
+        f = f.t().contiguous().t()
+    elif layout == "strided":
+        f = torch.cat([f, f], 1)[:, ::2]
+    a, b = (f, b) if split == "a" else (a, f)
+    got = ops.gemm_bf16_f32(a, b, 0.5)
+    assert got.shape == (m, n) and got.dtype == torch.float32 and got.is_contiguous()
+    ref = 0.5 * (a.double() @ b.double())
+    assert_within("a·b", got, ref, 0.5 * (a.float() @ b.float()), torch.float32)
+    if k > 1:  # the float32 operand was not rounded to bf16 (that error is ~100x larger)
+        rounded = 0.5 * (a.bfloat16().double() @ b.bfloat16().double())
+        assert (got.double() - ref).abs().max() < 1e-2 * (rounded - ref).abs().max() + 1e-6
+
+
+@pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
+def test_gemm_bf16_f32_split_keeps_infinities_and_extremes():
+    """A non-finite float32 entry stays in the first part (inf − inf would make NaN), and a
+    value near float32's maximum is truncated, not rounded up to infinity."""
+    a = rand(6, 5, seed=3).abs().add_(0.5).bfloat16()  # positive: a·inf = inf
+    b = rand(5, 4, seed=4).float()
+    b[1, 2], b[3, 0], b[0, 3] = float("inf"), -float("inf"), 3.3e38 / 8
+    got = ops.gemm_bf16_f32(a, b)
+    want = a.double() @ b.double()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not torch.isnan(got).any()
+    assert torch.equal(got[:, 2][torch.isinf(want[:, 2])], want[:, 2][torch.isinf(want[:, 2])].float())
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-6, atol=1e-6)
+
+
+def test_bf16x3_serves_bf16_activations_with_float32_factors_where_the_bf16_gemm_is_fast(monkeypatch):
+    x, f32 = torch.randn(4, 3).bfloat16(), torch.float32
+    monkeypatch.setattr(native, "GEMM_BF16_F32_FAST", True)
+    assert native.bf16x3_serves(x, f32)
+    assert not native.bf16x3_serves(x, torch.float64)      # 3 × 8 bits hold float32, not float64
+    assert not native.bf16x3_serves(x.half(), f32)         # MKL's kernel is bf16's
+    assert not native.bf16x3_serves(x.float(), f32)
+    monkeypatch.setattr(native, "GEMM_BF16_F32_FAST", False)
+    assert not native.bf16x3_serves(x, f32)                # without AMX: the float32 rate, × 3
+
+
+@pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
+@pytest.mark.parametrize("n,k,r", [(37, 130, 8), (300, 257, 16), (5, 64, 3)])
+def test_mixed_rank_products_by_bf16x3_match_the_native_kernels(monkeypatch, n, k, r):
+    """The rank products of a bf16 activation with float32 operands (u = x·Aᵀ, dA = tᵀ·x) by
+    bf16x3 and by the native mixed kernels: both float32 sums of exact products."""
+    x, A, t = rand(n, k, seed=n).bfloat16(), rand(r, k, seed=r).float(), rand(n, r, seed=k).float()
+    got = {}
+    for fast in (True, False):
+        monkeypatch.setattr(native, "GEMM_BF16_F32_FAST", fast)
+        got[fast] = native.mixed_rank_nt_mm(x, A), native.mixed_rank_t_mm(t, x)
+    refs = (x.double() @ A.double().t(), t.double().t() @ x.double())
+    for name, g3, gn, ref in zip(("x·Aᵀ", "tᵀ·x"), got[True], got[False], refs):
+        assert g3.dtype == torch.float32
+        assert_within(name + " (bf16x3)", g3, ref, gn, torch.float32)
+
+
+@pytest.mark.skipif(not native.BUILD_INFO.get("mkl_gemm_bf16_f32"), reason="torch without MKL's bf16 GEMM")
 def test_gemm_bf16_f32_edges_and_errors():
     assert torch.equal(ops.gemm_bf16_f32(torch.randn(3, 0).bfloat16(), torch.randn(0, 4).bfloat16()),
                        torch.zeros(3, 4))
-    with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: b has dtype Float; expected BFloat16"):
-        ops.gemm_bf16_f32(torch.randn(3, 2).bfloat16(), torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: b has dtype Double; expected BFloat16 "
+                                           r"\(or Float for one operand\)"):
+        ops.gemm_bf16_f32(torch.randn(3, 2).bfloat16(), torch.randn(2, 4).double())
+    with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: a and b are both Float"):
+        ops.gemm_bf16_f32(torch.randn(3, 2), torch.randn(2, 4))
+    assert torch.equal(ops.gemm_bf16_f32(torch.randn(3, 0), torch.randn(0, 4).bfloat16()),
+                       torch.zeros(3, 4))
     with pytest.raises(RuntimeError, match=r"gemm_bf16_f32: a \[3, 2\] and b \[3, 4\] do not chain"):
         ops.gemm_bf16_f32(torch.randn(3, 2).bfloat16(), torch.randn(3, 4).bfloat16())
 

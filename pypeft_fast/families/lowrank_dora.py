@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..philox import apply_keep, dropout_rows, keep_rows
 from ..validate import compute_dtype
-from ._accumulate import gemm_into, rank_t_mm
+from ._accumulate import gemm_into, rank_nt_mm, rank_t_mm
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20
 """W is read in blocks of rows of at most this many elements (a low-precision W is converted to
@@ -183,6 +183,13 @@ class TorchDoRA:
     ``dropped_t_x``: the same Philox mask) and token sums (``t_mm``) by subclassing."""
 
     t_mm = staticmethod(rank_t_mm)  # aᵀ·b over tokens: dA = tᵀ·x, (gyᵀ·u)ᵀ
+    nt_mm = staticmethod(rank_nt_mm)  # a·bᵀ against a factor: u = x·Aᵀ, t = s·(c ⊙ gy)·B
+
+    @staticmethod
+    def operand(t, cd):
+        """x or gy as the rank products take it: in the accumulation dtype ``cd`` (a backend whose
+        products read a narrower activation dtype returns it as it is)."""
+        return t.to(cd)
 
     @staticmethod
     def supports(x, weight, params, aux, hp) -> str | None:
@@ -199,7 +206,7 @@ class TorchDoRA:
     @classmethod
     def scaled_linear(cls, x2d, weight, A, B, s, c, shift):
         """(y = c ⊙ (x·Wᵀ + s·u·Bᵀ) + shift, u = x·Aᵀ): DoRA's p = 0 forward."""
-        u = x2d.to(A.dtype) @ A.t()
+        u = cls.nt_mm(cls.operand(x2d, A.dtype), A)
         return cls.scaled_epilogue(F.linear(x2d, weight), u, B, s, c, shift), u
 
     @staticmethod
@@ -287,18 +294,18 @@ class TorchDoRA:
         # kept y (p = 0) or x̃·Wᵀ (p > 0, "saved")) from the same read of gy.
         dm_rows = kept[1] if (need_dm and len(kept) in (2, 3)) else None
         g, colsum, coldot = cls.grad_prologue(gy2d, c if p == 0 else c - 1, dm_rows)
-        gyc = gy2d.to(cd)
+        gyc = cls.operand(gy2d, cd)
         dx = dA = dB = dm = dbB = None
         t = None
         if needs_dx or need_dA:
-            t = gyc @ (Bc * (c * s).unsqueeze(1))          # s·(c ⊙ gy)·B: (n, r)
+            t = cls.nt_mm(gyc, (Bc * (c * s).unsqueeze(1)).t())  # s·(c ⊙ gy)·B: (n, r)
         if needs_dx:
             h = gemm_into(t @ Ac, g, weight)               # (n, in) in cd
             if p:
                 h = gemm_into(cls.masked(h, seed, p), gy2d, weight)
             dx = h.to(gy2d.dtype)
         if need_dA:
-            dA = (cls.t_mm(t, x2d.to(cd)) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
+            dA = (cls.t_mm(t, cls.operand(x2d, cd)) if p == 0 else cls.dropped_t_x(t, x2d, Ac, seed, p)).to(A.dtype)
         P = cls.t_mm(u, gyc).t() if (need_dB or (need_dm and len(kept) != 3)) else None  # (out, r)
         if need_dB:
             dB = (P * (c * s).unsqueeze(1)).contiguous().to(B.dtype)
