@@ -74,8 +74,8 @@ from .validate import compute_dtype
 ABI_VERSION = 9
 """Matches setup.py's ABI_VERSION, compiled into ``_C.build_info()["abi"]``. Bump both with any
 schema change, and whenever the C++ registration changes (5: C++ no longer defines schemas;
-6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_factor_grads; 9: gemm_bf16_f32 takes one float32
-operand)."""
+6: skinny_t_mm; 7: skinny_mm; 8: gemm_bf16_f32, hadamard_weight, hadamard_factor_grads;
+9: gemm_bf16_f32 takes one float32 operand)."""
 
 # The one definition of every native op's schema (C++ only implements them: csrc/README.md).
 SCHEMAS = {
